@@ -1,0 +1,135 @@
+"""Probability paths x_t = alpha(t) x0 + sigma(t) x1, t in [0, 1], t = 0 data, t = 1 prior.
+
+Every formulation of the toolkit is one of these paths; everything else (SDE drift and
+diffusion, reverse SDE, probability-flow ODE) is derived from alpha, sigma and their derivatives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import DiffcliError
+
+
+def expand(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-sample (B,) or scalar coefficient against x of shape (B, ...)."""
+    c = torch.as_tensor(c, device=x.device)
+    if c.ndim == 1:
+        c = c.reshape(-1, *([1] * (x.ndim - 1)))
+    return c.to(x.dtype) if c.is_floating_point() else c
+
+
+class Path:
+    """Base class: subclasses define alpha, sigma, d_alpha, d_sigma as functions of t."""
+
+    prior = "gaussian"  # x1 ~ N(0, I)
+    T: int | None = None  # number of discrete training steps; None for continuous time
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def d_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def d_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def f(self, t: torch.Tensor) -> torch.Tensor:
+        """SDE drift coefficient f(t) = alpha'/alpha of dx = f x dt + g dw (Kingma et al. 2021, eq. 33)."""
+        return self.d_alpha(t) / self.alpha(t)
+
+    def g2(self, t: torch.Tensor) -> torch.Tensor:
+        """Squared diffusion g(t)^2 = 2 sigma sigma' - 2 f sigma^2, the SDE with these marginals."""
+        sigma = self.sigma(t)
+        return 2 * sigma * self.d_sigma(t) - 2 * self.f(t) * sigma**2
+
+    def marginal(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = alpha(t) x0 + sigma(t) x1."""
+        return expand(self.alpha(t), x0) * x0 + expand(self.sigma(t), x0) * x1
+
+    def sample_prior(self, shape, generator: torch.Generator | None, device) -> torch.Tensor:
+        """x1 ~ N(0, I)."""
+        return torch.randn(shape, generator=generator, device=device)
+
+    def sample_t(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """Training times: uniform on the grid {1/T, ..., 1} for discrete paths."""
+        i = torch.randint(0, self.T, (n,), generator=generator, device=device)
+        return (i + 1).float() / self.T
+
+
+def _linear_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """DDPM's linear schedule (Ho et al. 2020, sec. 4)."""
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def _cosine_betas(T: int, beta_start: float, beta_end: float, s: float = 0.008) -> torch.Tensor:
+    """Cosine schedule (Nichol & Dhariwal 2021, eq. 17), betas clipped at 0.999 as there."""
+    alpha_bar = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+BETA_SCHEDULES = {"linear": _linear_betas, "cosine": _cosine_betas}
+
+
+class DDPMPath(Path):
+    """DDPM's discrete VP path: alpha_bar_i = prod_{j<=i} (1 - beta_j), step i at t = (i + 1) / T.
+
+    Between grid points log alpha_bar is interpolated linearly, so the path is defined for every
+    t in [0, 1] (alpha(0) = 1) and continuous-time samplers apply to it too.
+    """
+
+    def __init__(self, T: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
+                 beta_end: float = 0.02):
+        if int(T) != T or T < 2:
+            raise DiffcliError(f"model.path.T must be an integer >= 2, got {T}")
+        if schedule not in BETA_SCHEDULES:
+            raise DiffcliError(f"model.path.schedule={schedule} is unknown; choose one of {sorted(BETA_SCHEDULES)}")
+        if not 0 < beta_start < beta_end < 1:
+            raise DiffcliError(f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
+        self.T, self.schedule = int(T), schedule
+        self.betas = BETA_SCHEDULES[schedule](self.T, beta_start, beta_end)
+        # log alpha_bar on the grid t_k = k / T, k = 0..T, with alpha_bar(0) = 1 (clean data)
+        self.log_alpha_bar = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-self.betas), 0)])
+
+    def _segment(self, t: torch.Tensor):
+        """Grid segment index i, offset w in [0, 1], for u = t T in [i, i + 1]."""
+        u = torch.as_tensor(t).double() * self.T
+        i = u.floor().clamp(0, self.T - 1)
+        return i.long(), u - i
+
+    def _log_alpha_bar(self, t):
+        table = self.log_alpha_bar.to(torch.as_tensor(t).device)
+        i, w = self._segment(t)
+        return (1 - w) * table[i] + w * table[i + 1], (table[i + 1] - table[i]) * self.T
+
+    def alpha(self, t):
+        la, _ = self._log_alpha_bar(t)
+        return torch.exp(0.5 * la).to(_dtype(t))
+
+    def sigma(self, t):
+        la, _ = self._log_alpha_bar(t)
+        return torch.sqrt(-torch.expm1(la)).to(_dtype(t))
+
+    def d_alpha(self, t):
+        la, dla = self._log_alpha_bar(t)
+        return (0.5 * dla * torch.exp(0.5 * la)).to(_dtype(t))
+
+    def d_sigma(self, t):
+        la, dla = self._log_alpha_bar(t)
+        # sigma^2 = 1 - alpha_bar  =>  sigma' = -alpha_bar' / (2 sigma) = -dla alpha_bar / (2 sigma)
+        return (-0.5 * dla * torch.exp(la) / torch.sqrt(-torch.expm1(la))).to(_dtype(t))
+
+    def timestep_to_t(self, i: torch.Tensor) -> torch.Tensor:
+        """DDPM's integer step i in {0..T-1} (diffusers' `timestep`) as path time t = (i + 1) / T."""
+        return (torch.as_tensor(i, dtype=torch.float64) + 1) / self.T
+
+
+def _dtype(t) -> torch.dtype:
+    t = torch.as_tensor(t)
+    return t.dtype if t.is_floating_point() else torch.get_default_dtype()
