@@ -1,0 +1,412 @@
+"""Datasets: 2D toys generated on the fly, and image sets held on the device as uint8."""
+
+from __future__ import annotations
+
+import gzip
+import inspect
+import math
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffcli import DiffcliError
+
+# ---------------------------------------------------------------------------- 2D toys
+# Draws come from the generator's own device and are then moved, so a CPU generator works
+# with a CUDA device too (torch refuses a generator on another device).
+
+
+def _rand(shape, generator, device):
+    """Uniform [0, 1) draws from `generator`, placed on `device`."""
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
+def _randn(shape, generator, device):
+    """Standard normal draws from `generator`, placed on `device`."""
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+def _randint(high, n, generator, device):
+    """Uniform integers in [0, high) from `generator`, placed on `device`."""
+    return torch.randint(high, (n,), generator=generator, device=generator.device).to(device)
+
+
+def moons(n, *, generator, device, noise=0.05, scale=2.0):
+    """Two interleaving half circles (sklearn's make_moons), centred, then scaled."""
+    theta = math.pi * _rand(n, generator, device)
+    # make_moons' outer moon is (cos, sin), its inner one (1 - cos, 0.5 - sin); shifted by the
+    # centre (0.5, 0.25) of their union, the inner moon is exactly the outer one mirrored: -outer
+    outer = torch.stack([torch.cos(theta) - 0.5, torch.sin(theta) - 0.25], 1)
+    sign = 2 * _randint(2, n, generator, device)[:, None].float() - 1
+    return scale * (sign * outer + noise * _randn((n, 2), generator, device))
+
+
+def swissroll(n, *, generator, device, noise=0.03, scale=3.0):
+    """2D Swiss roll t (cos t, sin t), t in [1.5 pi, 4.5 pi], normalised to the unit disc, then scaled."""
+    t = 1.5 * math.pi * (1 + 2 * _rand(n, generator, device))
+    x = torch.stack([t * torch.cos(t), t * torch.sin(t)], 1) / (4.5 * math.pi)
+    return scale * (x + noise * _randn((n, 2), generator, device))
+
+
+def eight_gaussians_modes(radius=2.0, std=0.1):
+    """Centres radius (cos, sin)(2 pi k / 8) and the per-mode std of `eight_gaussians`."""
+    angle = 2 * math.pi * torch.arange(8, dtype=torch.float32) / 8
+    return radius * torch.stack([torch.cos(angle), torch.sin(angle)], 1), float(std)
+
+
+def eight_gaussians(n, *, generator, device, radius=2.0, std=0.1):
+    """Equal mixture of 8 isotropic Gaussians on a circle of the given radius."""
+    # centres computed on the device from k (same formula as eight_gaussians_modes): no host copy
+    angle = (2 * math.pi / 8) * _randint(8, n, generator, device).float()
+    centres = radius * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
+    return centres + std * _randn((n, 2), generator, device)
+
+
+def checkerboard(n, *, generator, device, scale=2.0):
+    """Uniform on the black squares ((col + row) even) of a 4x4 board spanning [-scale, scale]^2."""
+    col = _randint(4, n, generator, device)
+    # an even row offset plus the column's parity keeps col + row even
+    row = 2 * _randint(2, n, generator, device) + col % 2
+    corner = torch.stack([col, row], 1).float()
+    return (corner + _rand((n, 2), generator, device) - 2) * (scale / 2)
+
+
+def rings(n, *, generator, device, n_rings=4, noise=0.05, scale=2.5):
+    """Concentric circles of radii k / n_rings (k = 1..n_rings, equally likely), then scaled."""
+    radius = (_randint(n_rings, n, generator, device) + 1).float() / n_rings
+    theta = 2 * math.pi * _rand(n, generator, device)
+    x = radius[:, None] * torch.stack([torch.cos(theta), torch.sin(theta)], 1)
+    return scale * (x + noise * _randn((n, 2), generator, device))
+
+
+TOYS = {
+    "moons": moons,
+    "swissroll": swissroll,
+    "eight_gaussians": eight_gaussians,
+    "checkerboard": checkerboard,
+    "rings": rings,
+}
+
+# Toys that are Gaussian mixtures: name -> fn(**params) -> (modes (K, 2), mode_std)
+TOY_MODES = {"eight_gaussians": eight_gaussians_modes}
+
+
+class ToyData:
+    """A 2D toy distribution; every batch is a fresh draw from the caller's generator."""
+
+    shape = (2,)
+    is_image = False
+
+    def __init__(self, name, params, device):
+        self.name, self.params, self.device = name, dict(params), torch.device(device)
+        self.fn = TOYS[name]
+        mixture = TOY_MODES.get(name)
+        self.modes, self.mode_std = None, None
+        if mixture is not None:
+            modes, self.mode_std = mixture(**self.params)
+            self.modes = modes.to(self.device)
+
+    def sample(self, n, generator):
+        """n fresh points (n, 2) on the device."""
+        return self.fn(n, generator=generator, device=self.device, **self.params)
+
+    def batch(self, step, batch_size, generator):
+        """A training batch; the step is unused because the generator is seeded per step."""
+        return self.sample(batch_size, generator)
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def _epoch_seed(seed, epoch):
+    """A well-mixed 63-bit seed from (seed, epoch), so nearby pairs give unrelated permutations."""
+    entropy = [int(seed) % 2**64, int(epoch)]  # SeedSequence takes non-negative ints only
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
+
+class ImageData:
+    """A whole image set as uint8 (N, C, H, W) on the device, served in seeded epoch order."""
+
+    is_image = True
+
+    def __init__(self, name, images, labels=None, *, device, seed=0, hflip=False):
+        self.name, self.device, self.seed, self.hflip = name, torch.device(device), seed, bool(hflip)
+        self.images = images.to(self.device)
+        self.labels = None if labels is None else labels.to(torch.int64).to(self.device)
+        self.shape = tuple(self.images.shape[1:])
+        self._perm = (None, None)  # (epoch, permutation) of the last epoch used
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    def _permutation(self, epoch):
+        """The order of epoch `epoch`: a function of (seed, epoch) only."""
+        if self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+            self._perm = (epoch, torch.randperm(len(self), generator=g))
+        return self._perm[1]
+
+    def indices(self, step, batch_size):
+        """Dataset indices of batch `step`: positions step*B .. step*B+B-1 of the epoch stream."""
+        n, pos, end, parts = len(self), step * batch_size, (step + 1) * batch_size, []
+        while pos < end:  # a batch may straddle one (or, for B > N, several) epoch boundaries
+            epoch, offset = divmod(pos, n)
+            take = min(n - offset, end - pos)
+            parts.append(self._permutation(epoch)[offset : offset + take])
+            pos += take
+        return torch.cat(parts)
+
+    def _to_float(self, x):
+        """uint8 [0, 255] -> float32 [-1, 1]."""
+        return x.float() / 127.5 - 1
+
+    def batch(self, step, batch_size, generator):
+        """Batch `step` as float32 in [-1, 1]; a random half mirrored when hflip is on."""
+        x = self._to_float(self.images[self.indices(step, batch_size).to(self.device)])
+        if self.hflip:
+            flip = _rand(batch_size, generator, self.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x
+
+    def sample(self, n, generator):
+        """n reference images in [-1, 1], chosen at random (without repeats while n <= N)."""
+        perm = torch.randperm(len(self), generator=generator, device=generator.device)
+        idx = perm[:n] if n <= len(self) else _randint(len(self), n, generator, generator.device)
+        return self._to_float(self.images[idx.to(self.device)])
+
+
+def _to_nchw(images, source):
+    """uint8 numpy/torch (N, H, W) or (N, H, W, C) -> torch uint8 (N, C, H, W)."""
+    images = torch.from_numpy(np.array(images))  # a writable copy; IDX arrays are read-only views
+    if images.ndim == 3:
+        images = images[:, None]
+    else:
+        images = images.permute(0, 3, 1, 2)
+    if images.shape[0] == 0:
+        raise DiffcliError(f"{source} holds no images; point the data config at a non-empty dataset")
+    return images.contiguous()
+
+
+# ---------------------------------------------------------------------------- IDX files
+
+# IDX type byte -> numpy dtype (multi-byte types are big-endian)
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path):
+    """Parse an IDX file (plain or .gz) into a numpy array."""
+    path = Path(path)
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DiffcliError(f"cannot read IDX file {path}: {e}; delete it and download it again") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DiffcliError(f"{path} is not an IDX file (bad magic number); delete it and download it again")
+    ndim, dtype = raw[3], np.dtype(_IDX_DTYPES[raw[2]])
+    dims = np.frombuffer(raw, ">i4", count=ndim, offset=4) if len(raw) >= 4 + 4 * ndim else [-1]
+    size = int(np.prod(dims)) * dtype.itemsize
+    if min(dims, default=0) < 0 or len(raw) != 4 + 4 * ndim + size:
+        raise DiffcliError(f"{path} is truncated or corrupt (size does not match its header); download it again")
+    return np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(tuple(int(d) for d in dims))
+
+
+def _find_idx(raw_dir, stem):
+    """The IDX file `stem` in raw_dir, uncompressed preferred, else None."""
+    for name in (stem, stem + ".gz"):
+        if (raw_dir / name).is_file():
+            return raw_dir / name
+    return None
+
+
+def _one_line(err):
+    """An exception as a single line, for messages that embed it."""
+    return " ".join(str(err).split())
+
+
+def _load_idx_dataset(root, split, download, *, folder, title, tv_class):
+    """MNIST-format data of one split from <root>/<folder>/raw, downloading via torchvision if asked."""
+    raw_dir = root / folder / "raw"
+    prefix = "train" if split == "train" else "t10k"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    files = [_find_idx(raw_dir, s) for s in stems]
+    if None not in files:
+        return read_idx(files[0]), read_idx(files[1])
+    if not download:
+        expected = ", ".join(f"{s}[.gz]" for s in stems)
+        raise DiffcliError(
+            f"{title} {split} split not found in {raw_dir} (expected {expected}); "
+            "set data.download=true to download it or data.root=<folder> to point at it"
+        )
+    import torchvision.datasets as tvd
+
+    try:
+        ds = getattr(tvd, tv_class)(str(root), train=split == "train", download=True)
+    except (OSError, RuntimeError) as e:
+        msg = f"downloading {title} to {root} failed ({_one_line(e)}); check the network or set data.root"
+        raise DiffcliError(msg) from None
+    return ds.data.numpy(), ds.targets.numpy()
+
+
+def _load_cifar10(root, split, download):
+    """CIFAR-10 of one split via torchvision (its .data is (N, 32, 32, 3) uint8)."""
+    folder = root / "cifar-10-batches-py"
+    if not folder.is_dir() and not download:
+        raise DiffcliError(
+            f"CIFAR-10 not found in {folder}; set data.download=true to download it or data.root=<folder> to point at it"
+        )
+    import torchvision.datasets as tvd
+
+    try:
+        ds = tvd.CIFAR10(str(root), train=split == "train", download=download)
+    except (OSError, RuntimeError) as e:
+        msg = f"cannot load CIFAR-10 from {folder} ({_one_line(e)}); set data.download=true to fetch it again"
+        raise DiffcliError(msg) from None
+    return ds.data, np.asarray(ds.targets)
+
+
+TORCHVISION = {
+    "mnist": partial(_load_idx_dataset, folder="MNIST", title="MNIST", tv_class="MNIST"),
+    "fashion_mnist": partial(_load_idx_dataset, folder="FashionMNIST", title="Fashion-MNIST", tv_class="FashionMNIST"),
+    "cifar10": _load_cifar10,
+}
+
+
+# ---------------------------------------------------------------------------- builders
+
+
+def _required(cfg, key):
+    """cfg[key], or a DiffcliError saying the key must be set (missing, ??? or null)."""
+    value = cfg.get(key)
+    if value is None:
+        raise DiffcliError(f"data.{key} is required for data.kind={cfg.get('kind')}; set data.{key}=<value>")
+    return value
+
+
+def _one_of(cfg, key, choices):
+    """cfg[key] checked against the allowed choices."""
+    value = _required(cfg, key)
+    if value not in choices:
+        raise DiffcliError(f"data.{key}={value} is not one of {', '.join(map(str, choices))}; pick one of those")
+    return value
+
+
+def _build_toy(cfg, device, seed):
+    """A ToyData from data.name and data.params."""
+    name = _one_of(cfg, "name", list(TOYS))
+    params = dict(cfg.get("params") or {})
+    signature = inspect.signature(TOYS[name])
+    try:  # check the parameter names now rather than in the middle of training
+        signature.bind(1, generator=None, device=None, **params)
+    except TypeError as e:
+        allowed = ", ".join(k for k in signature.parameters if k not in ("n", "generator", "device"))
+        raise DiffcliError(f"data.params for toy {name}: {e}; its params are: {allowed}") from None
+    return ToyData(name, params, device)
+
+
+def _image_data(cfg, images, labels, device, seed, source):
+    """Wrap uint8 images (N, H, W[, C]) and optional labels as ImageData."""
+    labels = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    hflip = bool(cfg.get("hflip", False))
+    name = str(cfg.get("name", "images"))
+    return ImageData(name, _to_nchw(images, source), labels, device=device, seed=seed, hflip=hflip)
+
+
+def _build_torchvision(cfg, device, seed):
+    """MNIST, Fashion-MNIST or CIFAR-10 from data.root (optionally downloaded)."""
+    name = _one_of(cfg, "name", list(TORCHVISION))
+    split = _one_of(cfg, "split", ["train", "test"])
+    root = Path(str(cfg.get("root") or "~/.cache/diffcli")).expanduser()
+    images, labels = TORCHVISION[name](root, split, bool(cfg.get("download", False)))
+    return _image_data(cfg, images, labels, device, seed, f"{name} {split} split in {root}")
+
+
+def _check_npz_images(images, path):
+    """Refuse image arrays that are not uint8 (N, H, W) or (N, H, W, C) with C in {1, 3}."""
+    channels_ok = images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))
+    if images.dtype != np.uint8 or not channels_ok:
+        raise DiffcliError(
+            f"{path}: 'images' is {images.dtype} with shape {images.shape}; expected uint8 (N, H, W) "
+            "or (N, H, W, C) with C = 1 or 3 (convert with (x * 255).round().astype(np.uint8))"
+        )
+
+
+def _read_npz(path):
+    """The images and labels (or None) arrays of an .npz file."""
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise ValueError("it holds a single array, not named arrays")
+        with z:
+            arrays = {k: z[k] for k in z.files if k in ("images", "labels")}
+            found = z.files
+    except (OSError, ValueError, EOFError) as e:  # not a zip, pickled object arrays, truncated
+        msg = f"cannot read {path} as .npz ({_one_line(e)}); save it with np.savez(path, images=uint8 array)"
+        raise DiffcliError(msg) from None
+    if "images" not in arrays:
+        found = ", ".join(found) or "none"
+        raise DiffcliError(f"{path} has no 'images' array (found: {found}); save it with np.savez(path, images=...)")
+    return arrays["images"], arrays.get("labels")
+
+
+def _build_npz(cfg, device, seed):
+    """Images (and optional labels) from an .npz file."""
+    path = Path(str(_required(cfg, "path"))).expanduser()
+    if not path.is_file():
+        raise DiffcliError(f"npz file {path} not found; set data.path=<file.npz>")
+    images, labels = _read_npz(path)
+    _check_npz_images(images, path)
+    if labels is not None and (labels.ndim != 1 or len(labels) != len(images) or labels.dtype.kind not in "iu"):
+        raise DiffcliError(
+            f"{path}: 'labels' is {labels.dtype} with shape {labels.shape}; "
+            f"expected integers of shape ({len(images)},) or no 'labels' key"
+        )
+    return _image_data(cfg, images, labels, device, seed, str(path))
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def _load_image(file, mode, size):
+    """One image file as uint8 (H, W[, C]): short side resized to `size`, centre-cropped."""
+    from PIL import Image
+    import torchvision.transforms.functional as TF
+
+    try:
+        with Image.open(file) as img:
+            img = img.convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DiffcliError(f"cannot read image {file} ({_one_line(e)}); remove it from the folder or fix it") from None
+    img = TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
+    return np.asarray(img)
+
+
+def _build_folder(cfg, device, seed):
+    """Images from a folder (recursive, sorted), resized and centre-cropped to a square."""
+    folder = Path(str(_required(cfg, "path"))).expanduser()
+    if not folder.is_dir():
+        raise DiffcliError(f"image folder {folder} not found; set data.path=<folder of images>")
+    size = int(cfg.get("image_size", 32))
+    mode = {3: "RGB", 1: "L"}.get(int(cfg.get("channels", 3)))
+    if mode is None or size < 1:
+        got = f"got channels={cfg.get('channels')}, image_size={size}"
+        raise DiffcliError(f"data.channels must be 1 or 3 and data.image_size positive ({got}); fix the data config")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise DiffcliError(f"no images ({kinds}) found in {folder}; set data.path to a folder of images")
+    images = np.stack([_load_image(f, mode, size) for f in files])
+    return _image_data(cfg, images, None, device, seed, str(folder))
+
+
+BUILDERS = {"toy": _build_toy, "torchvision": _build_torchvision, "npz": _build_npz, "folder": _build_folder}
+
+
+def build_data(cfg, device, seed=0):
+    """The data object for the `data` config node: ToyData or ImageData."""
+    builder = BUILDERS.get(cfg.get("kind"))
+    if builder is None:
+        raise DiffcliError(f"data.kind={cfg.get('kind')} is not one of {', '.join(BUILDERS)}; pick one of these")
+    return builder(cfg, device, seed)
