@@ -1,0 +1,156 @@
+"""Checkpoints as safetensors: no pickle anywhere, every file written atomically.
+
+- `ema_<step>.safetensors`: EMA weights; metadata = format, version, step, data shape and the
+  resolved training config (JSON). `sample` and `eval` rebuild everything from this file alone.
+- `state_<step>.safetensors`: raw weights, EMA, optimizer state, RNG states; the small
+  non-tensor parts (param groups, grad-scaler state, step) as JSON in the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path as FsPath
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import DiffcliError
+
+FORMAT, VERSION = "diffcli", "1"
+STEP_FILE = re.compile(r"^(ema|state)_(\d+)\.safetensors$")
+
+
+def strip_prefixes(state: dict) -> dict:
+    """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes from parameter names."""
+    return {re.sub(r"(^|\.)(module|_orig_mod)\.", r"\1", k): v for k, v in state.items()}
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: FsPath) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = FsPath(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _open(path: FsPath):
+    """Tensors and metadata of a diffcli checkpoint, or a one-line error saying what is wrong."""
+    path = FsPath(path)
+    if not path.is_file():
+        raise DiffcliError(f"checkpoint {path} does not exist; give ckpt=<run dir or .safetensors file>")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise DiffcliError(f"{path} is a safetensors file but not a diffcli checkpoint (no diffcli metadata)")
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except DiffcliError:
+        raise
+    except Exception as e:  # the safetensors parser's errors say 'header', 'incomplete', ...
+        raise DiffcliError(f"{path} is not a readable checkpoint (truncated or not safetensors: {e})") from None
+
+
+def save_ema(path: FsPath, net_state: dict, cfg: DictConfig, step: int, shape) -> None:
+    meta = {"format": FORMAT, "format_version": VERSION, "kind": "ema", "step": str(step),
+            "shape": json.dumps(list(shape)), "config": json.dumps(OmegaConf.to_container(cfg, resolve=True))}
+    save_atomic(strip_prefixes(net_state), meta, path)
+
+
+def load_ema(path: FsPath):
+    """(state_dict, config, step, shape) from an EMA checkpoint."""
+    tensors, meta = _open(path)
+    if meta.get("kind") != "ema":
+        raise DiffcliError(f"{path} is a training-state checkpoint; give an ema_<step>.safetensors file or the run dir")
+    return tensors, OmegaConf.create(json.loads(meta["config"])), int(meta["step"]), tuple(json.loads(meta["shape"]))
+
+
+def _flatten_optimizer(opt_state: dict):
+    """Optimizer state as flat tensors plus JSON for the param groups and any non-tensor entries."""
+    tensors, scalars = {}, {}
+    for idx, entries in opt_state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict, info: dict) -> dict:
+    state: dict = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for name, value in info["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+def save_state(path: FsPath, *, net, ema_net, optimizer, scaler, step: int, cfg: DictConfig, shape) -> None:
+    """Everything needed to resume exactly."""
+    opt_tensors, opt_info = _flatten_optimizer(optimizer.state_dict())
+    tensors = {f"net.{k}": v for k, v in strip_prefixes(net.state_dict()).items()}
+    tensors |= {f"ema.{k}": v for k, v in strip_prefixes(ema_net.state_dict()).items()}
+    tensors |= opt_tensors | {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    meta = {"format": FORMAT, "format_version": VERSION, "kind": "state", "step": str(step),
+            "shape": json.dumps(list(shape)), "config": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
+            "optimizer": json.dumps(opt_info), "scaler": json.dumps(scaler.state_dict() if scaler else {})}
+    save_atomic(tensors, meta, path)
+
+
+def load_state(path: FsPath) -> dict:
+    """The pieces written by save_state, as plain dicts."""
+    tensors, meta = _open(path)
+    if meta.get("kind") != "state":
+        raise DiffcliError(f"{path} is not a training-state checkpoint (state_<step>.safetensors)")
+    part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    return {"net": part("net."), "ema": part("ema."), "rng_cpu": tensors["rng.cpu"],
+            "rng_cuda": [v for k, v in sorted(part("rng.cuda.").items(), key=lambda kv: int(kv[0]))],
+            "optimizer": _unflatten_optimizer(part("optim."), json.loads(meta["optimizer"])),
+            "scaler": json.loads(meta["scaler"]), "step": int(meta["step"]),
+            "config": OmegaConf.create(json.loads(meta["config"])), "shape": tuple(json.loads(meta["shape"]))}
+
+
+def list_checkpoints(folder: FsPath, kind: str) -> list[FsPath]:
+    """`<kind>_<step>.safetensors` files in a folder, oldest step first."""
+    found = [(int(m.group(2)), p) for p in FsPath(folder).glob(f"{kind}_*.safetensors")
+             if (m := STEP_FILE.match(p.name)) and m.group(1) == kind]
+    return [p for _, p in sorted(found)]
+
+
+def prune(folder: FsPath, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints of each kind (0 keeps all)."""
+    for kind in ("ema", "state"):
+        for p in list_checkpoints(folder, kind)[:-keep_last] if keep_last > 0 else []:
+            p.unlink(missing_ok=True)
+
+
+def find_ema(ckpt: str | None, outputs: FsPath = FsPath("outputs")) -> FsPath:
+    """An EMA checkpoint from a file, a run dir, or (ckpt=None) the newest training run under outputs/."""
+    if ckpt is None:
+        runs = [p for p in outputs.glob("**/checkpoints/ema_*.safetensors") if STEP_FILE.match(p.name)]
+        if not runs:
+            raise DiffcliError(f"no training run with checkpoints under {outputs.resolve()}/; "
+                               "train one first (diffcli train ...) or give ckpt=<run dir or file>")
+        return FsPath(ckpt_in_run(max(runs, key=lambda p: p.stat().st_mtime).parent.parent))
+    path = FsPath(ckpt)
+    if path.is_dir():
+        return ckpt_in_run(path)
+    if not path.exists():
+        raise DiffcliError(f"ckpt={ckpt} does not exist; give a training run dir or an ema_<step>.safetensors file")
+    return path
+
+
+def ckpt_in_run(run_dir: FsPath) -> FsPath:
+    """The newest EMA checkpoint of a training run."""
+    found = list_checkpoints(FsPath(run_dir) / "checkpoints", "ema")
+    if not found:
+        raise DiffcliError(f"{run_dir} holds no checkpoints/ema_<step>.safetensors; is it a diffcli training run?")
+    return found[-1]

@@ -1,0 +1,123 @@
+"""`diffcli sample`: rebuild a model from its checkpoint alone, sample, save samples.npz + a picture."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path as FsPath
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from . import DiffcliError
+from .checkpoint import find_ema, load_ema
+from .prediction import Denoiser
+from .samplers import GRIDS
+
+log = logging.getLogger("diffcli")
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffcliError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def check_sampling_args(cfg: DictConfig) -> None:
+    """Reject bad top-level sampling arguments before any work is done."""
+    if cfg.get("steps") is not None and cfg.steps <= 0:
+        raise DiffcliError(f"steps={cfg.steps} must be a positive integer (or null for the sampler's default)")
+    if cfg.get("eta", 0) < 0:
+        raise DiffcliError(f"eta={cfg.eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like)")
+    for key in ("n", "batch_size"):
+        if key in cfg and cfg[key] <= 0:
+            raise DiffcliError(f"{key}={cfg[key]} must be a positive integer")
+
+
+def load_model(ckpt: str | None, device: torch.device):
+    """(denoiser, train_cfg, step, shape, file) rebuilt from an EMA checkpoint."""
+    file = find_ema(ckpt)
+    if ckpt is None:
+        log.info("no ckpt given: using the newest training run, %s", file)
+    state, train_cfg, step, shape = load_ema(file)
+    net = instantiate(train_cfg.net, shape=shape)
+    net.load_state_dict(state)
+    path = instantiate(train_cfg.model.path)
+    return Denoiser(net.to(device).eval(), path, train_cfg.model.prediction), train_cfg, step, shape, file
+
+
+def sampler_from_config(sampler_cfg: DictConfig, path):
+    """(sampler function, time grid) from a `sampler/` config group entry."""
+    steps = sampler_cfg.steps if sampler_cfg.steps is not None else sampler_cfg.default_steps
+    grid_args = dict(sampler_cfg.grid)
+    grid_fn = GRIDS[grid_args.pop("name")]
+    if steps is None:  # the model's own discrete steps, all of them
+        steps = path.T
+    return instantiate(sampler_cfg.fn), grid_fn(path, int(steps), **grid_args)
+
+
+@torch.no_grad()
+def generate(denoiser: Denoiser, sampler, grid, n: int, shape, *, batch_size: int, seed: int,
+             device: torch.device) -> torch.Tensor:
+    """n samples in batches, reproducible from `seed`, returned on the CPU."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        x1 = denoiser.path.sample_prior((b, *shape), g, device)
+        out.append(sampler(denoiser, denoiser.path, x1 * denoiser.path.sigma(grid[0]), grid, generator=g).cpu())
+    return torch.cat(out)
+
+
+def save_picture(samples: torch.Tensor, file: FsPath, reference: torch.Tensor | None = None) -> FsPath:
+    """An image grid for images in [-1, 1]; a scatter plot (over reference data) for 2D points."""
+    file = FsPath(file)
+    if samples.ndim == 4:
+        from torchvision.utils import save_image
+
+        save_image((samples[:256] + 1) / 2, file, nrow=int(math.ceil(math.sqrt(min(len(samples), 256)))))
+        return file
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    if reference is not None:
+        ax.scatter(*reference.T.cpu(), s=2, c="0.75", label="data")
+    ax.scatter(*samples.T, s=2, c="tab:blue", label="samples")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", markerscale=4)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+    return file
+
+
+def run_sample(cfg: DictConfig, out_dir) -> dict:
+    """Sample `cfg.n` points from `cfg.ckpt`; writes samples.npz and samples.png into out_dir."""
+    check_sampling_args(cfg)
+    out_dir = FsPath(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    denoiser, train_cfg, step, shape, file = load_model(cfg.ckpt, device)
+    sampler, grid = sampler_from_config(cfg.sampler, denoiser.path)
+    log.info("sampling %d from %s (step %d) with %d steps", cfg.n, file, step, len(grid) - 1)
+    samples = generate(denoiser, sampler, grid, cfg.n, shape, batch_size=cfg.batch_size, seed=cfg.seed,
+                       device=device)
+    nfe = denoiser.nfe // math.ceil(cfg.n / cfg.batch_size)  # evaluations per sample
+    np.savez(out_dir / "samples.npz", samples=samples.numpy(), nfe=nfe)
+    reference = None
+    if len(shape) == 1:
+        from .data import build_data
+
+        reference = build_data(train_cfg.data, torch.device("cpu"), seed=cfg.seed).sample(
+            cfg.n, torch.Generator().manual_seed(cfg.seed + 1))
+    picture = save_picture(samples, out_dir / "samples.png", reference)
+    log.info("wrote %s and %s (NFE %d per sample)", out_dir / "samples.npz", picture, nfe)
+    return {"samples": samples, "nfe": nfe, "ckpt": str(file), "picture": str(picture)}

@@ -1,0 +1,225 @@
+"""`diffcli train`: one readable loop, counted in steps.
+
+Every step's randomness (batch, t, noise) comes from a generator seeded by (seed, step), so a
+run resumed at step k draws exactly what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path as FsPath
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from . import DiffcliError
+from .checkpoint import list_checkpoints, load_state, prune, save_ema, save_state
+from .data import build_data
+from .ema import EMA
+from .losses import denoising_loss
+from .prediction import Denoiser, check_prediction
+from .sample import generate, pick_device, sampler_from_config, save_picture
+
+log = logging.getLogger("diffcli")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator for one training step: a pure function of (seed, step)."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict, FsPath]:
+    """The stored config of the run to resume, with this command's `train.*` overrides on top."""
+    run_dir = FsPath(cfg.train.resume)
+    states = list_checkpoints(run_dir / "checkpoints", "state")
+    if not states:
+        raise DiffcliError(f"train.resume={run_dir}: no checkpoints/state_<step>.safetensors there to resume from")
+    state = load_state(states[-1])
+    resumed = state["config"]
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.startswith("train.") and key != "train.resume":
+            OmegaConf.update(resumed, key, OmegaConf.create({"v": value}).v if value else None, merge=True)
+    return resumed, state, run_dir
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """One-line errors for bad training settings."""
+    tc = cfg.train
+    if tc.precision not in PRECISIONS:
+        raise DiffcliError(f"train.precision={tc.precision} is unknown; choose one of {', '.join(PRECISIONS)}")
+    for key in ("steps", "batch_size", "log_every"):
+        if tc[key] <= 0:
+            raise DiffcliError(f"train.{key}={tc[key]} must be a positive integer")
+    if tc.lr <= 0:
+        raise DiffcliError(f"train.lr={tc.lr} must be positive")
+    check_prediction(cfg.model.prediction)
+
+
+class Logger:
+    """Loss, LR, gradient norm and throughput to log.jsonl; a progress bar or plain log lines."""
+
+    def __init__(self, out_dir: FsPath, total: int, start: int):
+        self.file = open(out_dir / "log.jsonl", "a")
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def __call__(self, record: dict, advance: int) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['it_per_s']:.1f} it/s"
+        if self.bar:
+            self.bar.update(self.task, advance=advance, info=info)
+        else:
+            log.info("step %d  %s  grad %.3f", record["step"], info, record["grad_norm"])
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+        self.file.close()
+
+
+def plot_loss(out_dir: FsPath) -> FsPath:
+    """loss.png from log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(out_dir / "log.jsonl")]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png", dpi=120)
+    plt.close(fig)
+    return out_dir / "loss.png"
+
+
+class StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop checkpoints at the end of the current step and exits.
+
+    Stopping between steps (never inside one) is what makes the saved state exact. A second
+    Ctrl-C falls through to Python's default and stops at once.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
+    """Train; checkpoints, log.jsonl, loss.png and sample grids go to out_dir (or the resumed run)."""
+    out_dir, state = FsPath(out_dir), None
+    if cfg.train.get("resume"):
+        cfg, state, out_dir = resume_config(cfg, list(overrides))
+        log.info("resuming %s from step %d", out_dir, state["step"])
+    check_train_config(cfg)
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tc, device = cfg.train, pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # dropout and initialisation
+
+    data = build_data(cfg.data, device, seed=cfg.seed)
+    path = instantiate(cfg.model.path)
+    net = instantiate(cfg.net, shape=data.shape).to(device)
+    ema = EMA(net, decay=tc.ema.decay, warmup=tc.ema.warmup)
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                            fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(tc.warmup, 1)))
+    dtype = PRECISIONS[tc.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    start = 0
+    if state:
+        net.load_state_dict(state["net"])
+        ema.net.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        start = state["step"]
+        sched.last_epoch = start - 1
+        sched.step()  # restores the LR of step `start`
+    log.info("%s: %s on %s, net %s (%.2fM parameters), device %s, %d steps", out_dir, cfg.model.name, cfg.data.name,
+             cfg.net._target_.rsplit(".", 1)[-1], sum(p.numel() for p in net.parameters()) / 1e6, device, tc.steps)
+
+    def checkpoint(step: int) -> None:
+        save_ema(ckpt_dir / f"ema_{step}.safetensors", ema.net.state_dict(), cfg, step, data.shape)
+        save_state(ckpt_dir / f"state_{step}.safetensors", net=net, ema_net=ema.net, optimizer=opt,
+                   scaler=scaler if scaler.is_enabled() else None, step=step, cfg=cfg, shape=data.shape)
+        prune(ckpt_dir, tc.keep_last)
+
+    def sample_grid(step: int) -> None:
+        sampler, grid = sampler_from_config(cfg.sampler, path)
+        denoiser = Denoiser(ema.net, path, cfg.model.prediction)
+        x = generate(denoiser, sampler, grid, tc.n_samples, data.shape, batch_size=tc.n_samples, seed=cfg.seed,
+                     device=device)
+        ref = None if data.is_image else data.sample(tc.n_samples, torch.Generator(device).manual_seed(cfg.seed))
+        save_picture(x, out_dir / f"samples_{step:07d}.png", ref)
+
+    logger, stop = Logger(out_dir, tc.steps, start), StopFlag()
+    loss_sum, since_log, t_log = torch.zeros((), device=device), 0, time.perf_counter()
+    try:
+        net.train()
+        for step in range(start, tc.steps):
+            g = step_generator(cfg.seed, step, device)
+            x0 = data.batch(step, tc.batch_size, g)
+            with autocast:
+                loss = denoising_loss(net, path, cfg.model.prediction, x0, g)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)  # clip the true gradient, not the scaled one
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip or math.inf)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            ema.update(net, step)
+            loss_sum += loss.detach()  # stays on the device: no host sync until the log line
+            done, since_log = step + 1, since_log + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                elapsed, t_log = time.perf_counter() - t_log, time.perf_counter()
+                logger({"step": done, "loss": loss_sum.item() / since_log, "lr": sched.get_last_lr()[0],
+                        "grad_norm": grad_norm.item(), "it_per_s": since_log / elapsed,
+                        "samples_per_s": since_log * tc.batch_size / elapsed}, advance=since_log)
+                loss_sum.zero_()
+                since_log = 0
+            if tc.sample_every and done % tc.sample_every == 0:
+                sample_grid(done)
+            if done % tc.ckpt_every == 0 or done == tc.steps or stop.signum:
+                checkpoint(done)
+            if stop.signum:
+                log.warning("stopped by signal %d: checkpoint at step %d in %s; continue with train.resume=%s",
+                            stop.signum, done, ckpt_dir, out_dir)
+                raise SystemExit(128 + stop.signum)
+    finally:
+        stop.restore()
+        logger.close()
+    picture = plot_loss(out_dir)
+    log.info("done: %s, %s", ckpt_dir, picture)
+    return {"out_dir": str(out_dir), "steps": tc.steps, "loss_curve": str(picture)}
