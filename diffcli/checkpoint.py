@@ -26,14 +26,15 @@ STEP_FILE = re.compile(r"^(ema|state)_(\d+)\.safetensors$")
 
 def strip_prefixes(state: dict) -> dict:
     """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes from parameter names."""
-    return {re.sub(r"(^|\.)(module|_orig_mod)\.", r"\1", k): v for k, v in state.items()}
+    return {re.sub(r"(?<![^.])(?:module|_orig_mod)\.", "", k): v for k, v in state.items()}
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: FsPath) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
     path = FsPath(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    # copies: tied or shared tensors (or the same module saved twice) must not alias on disk
+    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
@@ -83,7 +84,7 @@ def _flatten_optimizer(opt_state: dict):
 def _unflatten_optimizer(tensors: dict, info: dict) -> dict:
     state: dict = {}
     for name, value in tensors.items():
-        _, idx, key = name.split(".", 2)
+        idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     for name, value in info["scalars"].items():
         idx, key = name.split(".", 1)

@@ -9,9 +9,6 @@ from __future__ import annotations
 import os
 import sys
 
-import hydra
-from omegaconf import DictConfig
-
 from . import DiffcliError, __version__
 
 CONFIGS = "pkg://diffcli.configs"
@@ -28,42 +25,79 @@ commands:
 """
 
 
-def _run_dir() -> str:
-    return hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
+def _user_errors_exit(task):
+    """Inside a Hydra job: a user error ends the process with one line and exit code 2.
+
+    Exiting from inside the job (SystemExit passes through Hydra) keeps Hydra from adding its
+    own 'Error executing job' report around our message.
+    """
+
+    def job(cfg) -> None:
+        try:
+            task(cfg)
+        except Exception as e:
+            message = _user_error(e)
+            if message is None or os.environ.get("DIFFCLI_TRACEBACK") == "1":
+                raise
+            sys.exit(_fail(message))
+
+    return job
 
 
-def _overrides() -> list[str]:
-    return list(hydra.core.hydra_config.HydraConfig.get().overrides.task)
-
-
-@hydra.main(version_base=None, config_path=CONFIGS, config_name="train")
-def train_app(cfg: DictConfig) -> None:
+@_user_errors_exit
+def _train(cfg) -> None:
     from .train import run_train
 
     run_train(cfg, _run_dir(), overrides=_overrides())
 
 
-@hydra.main(version_base=None, config_path=CONFIGS, config_name="sample")
-def sample_app(cfg: DictConfig) -> None:
+@_user_errors_exit
+def _sample(cfg) -> None:
     from .sample import run_sample
 
     run_sample(cfg, _run_dir())
 
 
-@hydra.main(version_base=None, config_path=CONFIGS, config_name="eval")
-def eval_app(cfg: DictConfig) -> None:
+@_user_errors_exit
+def _eval(cfg) -> None:
     from .evaluate import run_eval
 
     run_eval(cfg, _run_dir())
 
 
-COMMANDS = {"train": train_app, "sample": sample_app, "eval": eval_app}
+# subcommand -> (primary config, task function); Hydra is imported only once one is chosen
+COMMANDS = {"train": ("train", _train), "sample": ("sample", _sample), "eval": ("eval", _eval)}
+
+
+def _run_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
+
+
+def _hydra_app(command: str):
+    """The @hydra.main app of a subcommand: its own primary config, Hydra's flags untouched."""
+    import hydra
+
+    config_name, task = COMMANDS[command]
+    return hydra.main(version_base=None, config_path=CONFIGS, config_name=config_name)(task)
 
 
 def _one_line(e: BaseException) -> str:
     """Hydra's multi-line messages ('Could not find ...\\n\\nAvailable options: ...') on one line."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return " ".join(lines).replace("Available options in", "; available options in")
+    text = str(e).split("Config search path")[0]  # Hydra appends its search path: noise to a user
+    head, _, options = text.partition("Available options in")
+    message = " ".join(head.split())
+    if options:
+        group, _, names = options.partition(":")
+        message += f"; available options in {group.strip()}: {', '.join(names.split())}"
+    return message
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,10 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         sys.exit(_fail(f"unknown command '{command}'; valid commands: {', '.join(COMMANDS)}"))
     user_wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["DIFFCLI_TRACEBACK"] = "1" if user_wants_trace else "0"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
     sys.argv = [f"diffcli {command}", *rest]
     try:
-        COMMANDS[command]()
+        _hydra_app(command)()
     except Exception as e:
         cause = _user_error(e)
         if user_wants_trace or cause is None:

@@ -1,0 +1,259 @@
+"""Networks: time embeddings, an MLP for 2D toys and the DDPM U-Net for 28/32 px images.
+
+Every net maps ``(x, t) -> tensor shaped like x`` with ``t`` in [0, 1]; what the output means
+(eps, x0, v, ...) is decided by the prediction config, not here. Any rescaling of ``t`` is an
+explicit constructor argument (``time_scale``), never hidden.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffcli import DiffcliError
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[sin(t w_k), cos(t w_k)], w_k = max_period^(-k/(half-1)) (Vaswani et al. 2017; DDPM's get_timestep_embedding)."""
+    half = dim // 2
+    k = torch.arange(half, dtype=torch.float32, device=t.device)
+    w = torch.exp(-math.log(max_period) * k / max(half - 1, 1))
+    args = t.float()[:, None] * w[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))  # odd dim: one zero column, as in DDPM
+
+
+class GaussianFourierEmbedding(nn.Module):
+    """[sin(2 pi t W), cos(2 pi t W)] with fixed W ~ N(0, scale^2) (Tancik et al. 2020; Song et al. 2021, score-SDE)."""
+
+    def __init__(self, dim: int, scale: float = 16.0):
+        super().__init__()
+        # A buffer, not a Parameter: the frequencies are random but fixed, and saved in checkpoints.
+        self.register_buffer("W", torch.randn(dim // 2) * scale)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        args = 2 * math.pi * t.float()[:, None] * self.W[None, :].float()
+        return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class _Sinusoidal(nn.Module):
+    """sinusoidal_embedding(t * time_scale) as a module, so both kinds share one interface."""
+
+    def __init__(self, dim: int, time_scale: float):
+        super().__init__()
+        self.dim, self.time_scale = dim, time_scale
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return sinusoidal_embedding(t * self.time_scale, self.dim)
+
+
+TIME_EMBEDDINGS = {
+    "sinusoidal": lambda dim, time_scale, fourier_scale: _Sinusoidal(dim, time_scale),
+    "fourier": lambda dim, time_scale, fourier_scale: GaussianFourierEmbedding(dim, fourier_scale),
+}
+
+
+class TimeEmbedding(nn.Module):
+    """t -> Linear(dim, 4 dim) -> SiLU -> Linear(4 dim, 4 dim) of a fixed embedding of t (Ho et al. 2020)."""
+
+    def __init__(self, dim: int, kind: str = "sinusoidal", time_scale: float = 1000.0,
+                 fourier_scale: float = 16.0):
+        super().__init__()
+        if kind not in TIME_EMBEDDINGS:
+            raise DiffcliError(f"unknown time_embedding={kind!r}; valid: {', '.join(TIME_EMBEDDINGS)}")
+        self.embed = TIME_EMBEDDINGS[kind](dim, time_scale, fourier_scale)
+        self.out_dim = 4 * dim
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, 4 * dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.embed(t).to(self.mlp[0].weight.dtype))
+
+
+def _batch_times(t, x: torch.Tensor) -> torch.Tensor:
+    """t as a (B,) tensor on x's device: a scalar or 0-dim t is broadcast over the batch."""
+    t = torch.as_tensor(t, device=x.device)
+    return t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t.reshape(x.shape[0])
+
+
+# ----------------------------------------------------------------------------- MLP (2D toys)
+
+
+class ResidualMLPBlock(nn.Module):
+    """h + W2 silu(W1 silu(h) + P silu(temb)): a residual block conditioned on the time embedding."""
+
+    def __init__(self, hidden: int, temb_dim: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+        self.temb_proj = nn.Linear(temb_dim, hidden)
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        a = self.fc1(F.silu(h)) + self.temb_proj(F.silu(temb))
+        return h + self.fc2(F.silu(a))
+
+
+class MLP(nn.Module):
+    """A residual MLP on flattened x, each block adding a projection of the time embedding."""
+
+    def __init__(self, shape, hidden: int = 256, depth: int = 3, emb_dim: int = 128,
+                 time_embedding: str = "sinusoidal", time_scale: float = 1000.0,
+                 fourier_scale: float = 16.0):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        d = math.prod(self.shape)
+        self.time_embed = TimeEmbedding(emb_dim, time_embedding, time_scale, fourier_scale)
+        self.fc_in = nn.Linear(d, hidden)
+        self.blocks = nn.ModuleList(ResidualMLPBlock(hidden, self.time_embed.out_dim) for _ in range(depth))
+        self.fc_out = nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        temb = self.time_embed(_batch_times(t, x))
+        h = self.fc_in(x.reshape(x.shape[0], -1))
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.fc_out(F.silu(h)).reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- U-Net (images)
+
+
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    """GroupNorm with min(groups, channels) groups, eps 1e-6 as in the DDPM code."""
+    g = min(groups, channels)
+    if channels % g:
+        raise DiffcliError(f"net=unet: groups={groups} does not divide {channels} channels; pick ch a multiple of groups")
+    return nn.GroupNorm(g, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """DDPM residual block: norm-SiLU-conv, + temb projection, norm-SiLU-dropout-conv, 1x1 shortcut (Ho et al. 2020)."""
+
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1, self.conv1 = _group_norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, c_out)
+        self.norm2, self.dropout = _group_norm(c_out, groups), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """x + proj(softmax(q k^T / sqrt(C)) v): single-head self-attention over pixels (Ho et al. 2020)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = _group_norm(channels, groups)
+        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        # (B, C, H, W) -> (B, 1 head, H*W tokens, C); reshape (not view) is safe for channels-last.
+        q, k, v = (f(h).reshape(B, 1, C, H * W).transpose(-1, -2) for f in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(a.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class ResAttnBlock(nn.Module):
+    """A ResnetBlock, followed by an AttnBlock at the resolutions that ask for one."""
+
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int, attn: bool):
+        super().__init__()
+        self.res = ResnetBlock(c_in, c_out, temb_dim, dropout, groups)
+        self.attn = AttnBlock(c_out, groups) if attn else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.res(x, temb))
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv, H -> ceil(H/2) (so 28 -> 14 -> 7)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _check_image_shape(shape: tuple, levels: int) -> None:
+    """Refuse shapes the U-Net cannot halve levels-1 times, with a one-line hint."""
+    div = 2 ** (levels - 1)
+    if len(shape) != 3 or shape[1] != shape[2] or shape[1] % div:
+        raise DiffcliError(f"net=unet needs image data of shape (C, H, W) with H == W divisible by {div}; "
+                           f"got {shape}: use net=mlp for 2D data, or fewer ch_mult levels")
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net (Ho et al. 2020, Appendix B; the architecture of PixelCNN++ / Wide ResNet)."""
+
+    def __init__(self, shape, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
+                 attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1,
+                 time_embedding: str = "sinusoidal", time_scale: float = 1000.0,
+                 fourier_scale: float = 16.0, groups: int = 32):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        ch_mult, attn_resolutions = [int(m) for m in ch_mult], {int(r) for r in attn_resolutions}
+        _check_image_shape(self.shape, len(ch_mult))
+        self.time_embed = TimeEmbedding(ch, time_embedding, time_scale, fourier_scale)
+        block = dict(temb_dim=self.time_embed.out_dim, dropout=dropout, groups=groups)
+        self.conv_in = nn.Conv2d(self.shape[0], ch, 3, padding=1)
+
+        # Down path: every block's output is a skip for the up path.
+        res, c, skips, self.down = self.shape[1], ch, [ch], nn.ModuleList()
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(ResAttnBlock(c, ch * mult, attn=res in attn_resolutions, **block))
+                c = ch * mult
+                skips.append(c)
+            if level != len(ch_mult) - 1:
+                self.down.append(Downsample(c))
+                skips.append(c)
+                res //= 2
+
+        self.mid = nn.ModuleList([ResAttnBlock(c, c, attn=True, **block), ResAttnBlock(c, c, attn=False, **block)])
+
+        # Up path: num_res_blocks + 1 blocks per level, each consuming one skip.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(ResAttnBlock(c + skips.pop(), ch * mult, attn=res in attn_resolutions, **block))
+                c = ch * mult
+            if level != 0:
+                self.up.append(Upsample(c))
+                res *= 2
+
+        self.norm_out = _group_norm(c, groups)
+        self.conv_out = nn.Conv2d(c, self.shape[0], 3, padding=1)  # default init (DDPM zero-inits it)
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        temb = self.time_embed(_batch_times(t, x))
+        hs = [self.conv_in(x)]
+        for block in self.down:
+            hs.append(block(hs[-1], temb))
+        h = hs[-1]
+        for block in self.mid:
+            h = block(h, temb)
+        for block in self.up:
+            h = block(h) if isinstance(block, Upsample) else block(torch.cat([h, hs.pop()], dim=1), temb)
+        return self.conv_out(F.silu(self.norm_out(h)))

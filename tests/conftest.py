@@ -1,0 +1,29 @@
+"""Shared helpers: config composition through Hydra's API, the real console script, shared data."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+DIFFCLI = Path(sys.executable).with_name("diffcli")  # the installed console script
+
+
+def compose_config(name: str, overrides=()):
+    """A primary config composed exactly as the CLI would, without running Hydra's app."""
+    with initialize_config_module(config_module="diffcli.configs", version_base=None):
+        return compose(name, overrides=list(overrides))
+
+
+def run_cli(*args, cwd, timeout=600, env=None):
+    """Run the real `diffcli` command; returns the CompletedProcess (text mode)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run([str(DIFFCLI), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")

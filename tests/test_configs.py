@@ -1,0 +1,57 @@
+"""Every primary config composes with every option of every group; defaults are the sensible ones."""
+
+from importlib.resources import files
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import compose_config
+from diffcli.sample import sampler_from_config
+
+CONFIGS = files("diffcli.configs")
+GROUPS = {g: sorted(p.name[:-5] for p in CONFIGS.joinpath(g).iterdir() if p.name.endswith(".yaml"))
+          for g in ("data", "model", "net", "sampler", "train")}
+PRIMARY_GROUPS = {"train": ["data", "model", "net", "sampler", "train"], "sample": ["sampler"], "eval": ["sampler"]}
+CASES = [(primary, group, option) for primary, groups in PRIMARY_GROUPS.items() for group in groups
+         for option in GROUPS[group]]
+
+
+def test_groups_are_not_empty():
+    assert all(GROUPS.values()) and {"moons", "eight_gaussians", "mnist", "cifar10", "npz"} <= set(GROUPS["data"])
+
+
+@pytest.mark.parametrize("primary, group, option", CASES, ids=[f"{p}-{g}={o}" for p, g, o in CASES])
+def test_every_option_composes(primary, group, option):
+    cfg = compose_config(primary, [f"{group}={option}"])
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    if group == "sampler":  # the sampler and its grid build for the default model
+        fn, grid = sampler_from_config(cfg.sampler, instantiate(compose_config("train").model.path))
+        assert callable(fn) and grid[0] > grid[-1] == 0
+
+
+@pytest.mark.parametrize("data, net", [("moons", "MLP"), ("eight_gaussians", "MLP"), ("mnist", "UNet"),
+                                       ("cifar10", "UNet"), ("npz", "UNet")])
+def test_dataset_brings_its_network(data, net):
+    cfg = compose_config("train", [f"data={data}"])
+    assert cfg.net._target_ == f"diffcli.nets.{net}"
+    assert compose_config("train", [f"data={data}", "net=mlp"]).net._target_ == "diffcli.nets.MLP"
+
+
+def test_cifar10_default_is_the_ddpm_network_and_toys_the_toy_preset():
+    assert compose_config("train", ["data=cifar10"]).net.ch == 128
+    assert compose_config("train", ["data=moons"]).train.batch_size == 512
+    assert compose_config("train", ["data=moons", "train=default"]).train.batch_size == 128
+
+
+def test_top_level_sampling_keys_reach_the_sampler():
+    cfg = compose_config("sample", ["sampler=ddim", "steps=7", "eta=0.5"])
+    fn, grid = sampler_from_config(cfg.sampler, instantiate(compose_config("train").model.path))
+    assert len(grid) == 8 and fn.keywords["eta"] == 0.5
+
+
+@pytest.mark.parametrize("model", GROUPS["model"])
+def test_models_build(model):
+    path = instantiate(compose_config("train", [f"model={model}"]).model.path)
+    assert torch.isclose(path.alpha(torch.tensor(0.0)), torch.tensor(1.0))
