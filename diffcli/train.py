@@ -44,10 +44,11 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, di
         raise DiffcliError(f"train.resume={run_dir}: no checkpoints/state_<step>.safetensors there to resume from")
     state = load_state(states[-1])
     resumed = state["config"]
-    for o in overrides:
-        key, _, value = o.partition("=")
-        if key.startswith("train.") and key != "train.resume":
-            OmegaConf.update(resumed, key, OmegaConf.create({"v": value}).v if value else None, merge=True)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        if o.key_or_group.startswith("train.") and o.key_or_group != "train.resume":
+            OmegaConf.update(resumed, o.key_or_group, o.value(), merge=True)
     return resumed, state, run_dir
 
 
@@ -78,12 +79,17 @@ class Logger:
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()
 
-    def __call__(self, record: dict, advance: int) -> None:
+    def tick(self) -> None:
+        """One step done: move the bar (host-side only, no device sync)."""
+        if self.bar:
+            self.bar.advance(self.task)
+
+    def __call__(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['it_per_s']:.1f} it/s"
         if self.bar:
-            self.bar.update(self.task, advance=advance, info=info)
+            self.bar.update(self.task, info=info)
         else:
             log.info("step %d  %s  grad %.3f", record["step"], info, record["grad_norm"])
 
@@ -149,7 +155,6 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
     ema = EMA(net, decay=tc.ema.decay, warmup=tc.ema.warmup)
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
                             fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(tc.warmup, 1)))
     dtype = PRECISIONS[tc.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
@@ -164,8 +169,9 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
         if state["rng_cuda"] and device.type == "cuda":
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         start = state["step"]
-        sched.last_epoch = start - 1
-        sched.step()  # restores the LR of step `start`
+    # linear warm-up; built after the optimizer state is loaded so that last_epoch restores its LR
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(tc.warmup, 1)),
+                                              last_epoch=start - 1)
     log.info("%s: %s on %s, net %s (%.2fM parameters), device %s, %d steps", out_dir, cfg.model.name, cfg.data.name,
              cfg.net._target_.rsplit(".", 1)[-1], sum(p.numel() for p in net.parameters()) / 1e6, device, tc.steps)
 
@@ -202,11 +208,12 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
             ema.update(net, step)
             loss_sum += loss.detach()  # stays on the device: no host sync until the log line
             done, since_log = step + 1, since_log + 1
+            logger.tick()
             if done % tc.log_every == 0 or done == tc.steps:
                 elapsed, t_log = time.perf_counter() - t_log, time.perf_counter()
                 logger({"step": done, "loss": loss_sum.item() / since_log, "lr": sched.get_last_lr()[0],
                         "grad_norm": grad_norm.item(), "it_per_s": since_log / elapsed,
-                        "samples_per_s": since_log * tc.batch_size / elapsed}, advance=since_log)
+                        "samples_per_s": since_log * tc.batch_size / elapsed})
                 loss_sum.zero_()
                 since_log = 0
             if tc.sample_every and done % tc.sample_every == 0:

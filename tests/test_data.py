@@ -241,6 +241,8 @@ def test_root_default_expands_home(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("DIFFCLI_DATA", raising=False)
     node = OmegaConf.load(REPO / "configs" / "data" / "mnist.yaml")
+    assert node.download is True  # the shipped default; tests never touch the network
+    node.download = False
     with pytest.raises(DiffcliError, match=str(tmp_path / ".cache" / "diffcli" / "MNIST" / "raw")):
         build_data(node, "cpu")
 
