@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from . import DiffcliError
 from .data import build_data
-from .sample import check_sampling_args, generate, load_model, pick_device, sampler_from_config, save_picture
+from .sample import reference_data, sample_checkpoint, save_picture
 
 log = logging.getLogger("diffcli")
 
@@ -42,10 +42,9 @@ def mode_coverage(x: torch.Tensor, modes: torch.Tensor, std: float, min_share: f
             "in_modes": close.double().mean().item(), "mode_counts": counts.tolist()}
 
 
-def toy_metrics(samples: torch.Tensor, data, seed: int) -> dict:
+def toy_metrics(samples: torch.Tensor, reference: torch.Tensor, data) -> dict:
     """Sliced Wasserstein to fresh data of the same size, and mode coverage for mixtures."""
-    reference = data.sample(len(samples), torch.Generator().manual_seed(seed + 1)).cpu()
-    metrics = {"sliced_wasserstein": sliced_wasserstein(samples, reference, seed=seed)}
+    metrics = {"sliced_wasserstein": sliced_wasserstein(samples, reference)}
     if getattr(data, "modes", None) is not None:
         metrics |= mode_coverage(samples, data.modes.cpu(), data.mode_std)
     return metrics
@@ -53,22 +52,17 @@ def toy_metrics(samples: torch.Tensor, data, seed: int) -> dict:
 
 def run_eval(cfg: DictConfig, out_dir) -> dict:
     """Writes metrics.json and samples.png into out_dir and prints the metrics."""
-    check_sampling_args(cfg)
+    out = sample_checkpoint(cfg)
+    if len(out["shape"]) != 1:
+        raise DiffcliError("diffcli eval scores 2D toy data so far; image metrics (FID/KID) are not available yet")
     out_dir = FsPath(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
-    denoiser, train_cfg, step, shape, file = load_model(cfg.ckpt, device)
-    if len(shape) != 1:
-        raise DiffcliError("diffcli eval scores 2D toy data so far; image metrics (FID/KID) are not available yet")
-    data = build_data(train_cfg.data, torch.device("cpu"), seed=cfg.seed)
-    sampler, grid = sampler_from_config(cfg.sampler, denoiser.path)
-    samples = generate(denoiser, sampler, grid, cfg.n, shape, batch_size=cfg.batch_size, seed=cfg.seed,
-                       device=device)
-    metrics = toy_metrics(samples, data, cfg.seed)
-    record = {"ckpt": str(file), "step": step, "n": cfg.n, "seed": cfg.seed, "steps": len(grid) - 1,
-              "nfe": denoiser.nfe // math.ceil(cfg.n / cfg.batch_size), "metrics": metrics}
+    data = build_data(out["train_cfg"].data, torch.device("cpu"), seed=cfg.seed)
+    reference = reference_data(out["train_cfg"], cfg.n, cfg.seed)
+    record = {key: out[key] for key in ("ckpt", "step", "steps", "nfe")} | {
+        "n": cfg.n, "seed": cfg.seed, "metrics": toy_metrics(out["samples"], reference, data)}
     (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))
-    save_picture(samples, out_dir / "samples.png", data.sample(cfg.n, torch.Generator().manual_seed(cfg.seed + 1)))
+    save_picture(out["samples"], out_dir / "samples.png", reference)
     _print_table(record)
     return record
 

@@ -99,11 +99,9 @@ def save_picture(samples: torch.Tensor, file: FsPath, reference: torch.Tensor | 
     return file
 
 
-def run_sample(cfg: DictConfig, out_dir) -> dict:
-    """Sample `cfg.n` points from `cfg.ckpt`; writes samples.npz and samples.png into out_dir."""
+def sample_checkpoint(cfg: DictConfig) -> dict:
+    """Samples of `cfg.n` from `cfg.ckpt` with `cfg.sampler`: what `sample` and `eval` share."""
     check_sampling_args(cfg)
-    out_dir = FsPath(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     denoiser, train_cfg, step, shape, file = load_model(cfg.ckpt, device)
     sampler, grid = sampler_from_config(cfg.sampler, denoiser.path)
@@ -111,13 +109,25 @@ def run_sample(cfg: DictConfig, out_dir) -> dict:
     samples = generate(denoiser, sampler, grid, cfg.n, shape, batch_size=cfg.batch_size, seed=cfg.seed,
                        device=device)
     nfe = denoiser.nfe // math.ceil(cfg.n / cfg.batch_size)  # evaluations per sample
-    np.savez(out_dir / "samples.npz", samples=samples.numpy(), nfe=nfe)
-    reference = None
-    if len(shape) == 1:
-        from .data import build_data
+    return {"samples": samples, "nfe": nfe, "ckpt": str(file), "step": step, "steps": len(grid) - 1,
+            "train_cfg": train_cfg, "shape": shape}
 
-        reference = build_data(train_cfg.data, torch.device("cpu"), seed=cfg.seed).sample(
-            cfg.n, torch.Generator().manual_seed(cfg.seed + 1))
-    picture = save_picture(samples, out_dir / "samples.png", reference)
-    log.info("wrote %s and %s (NFE %d per sample)", out_dir / "samples.npz", picture, nfe)
-    return {"samples": samples, "nfe": nfe, "ckpt": str(file), "picture": str(picture)}
+
+def reference_data(train_cfg: DictConfig, n: int, seed: int) -> torch.Tensor | None:
+    """Fresh samples of a 2D toy the model was trained on (None for images)."""
+    from .data import build_data
+
+    data = build_data(train_cfg.data, torch.device("cpu"), seed=seed)
+    return None if data.is_image else data.sample(n, torch.Generator().manual_seed(seed + 1))
+
+
+def run_sample(cfg: DictConfig, out_dir) -> dict:
+    """Sample `cfg.n` points from `cfg.ckpt`; writes samples.npz and samples.png into out_dir."""
+    out = sample_checkpoint(cfg)
+    out_dir = FsPath(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(out_dir / "samples.npz", samples=out["samples"].numpy(), nfe=out["nfe"])
+    reference = reference_data(out["train_cfg"], cfg.n, cfg.seed) if len(out["shape"]) == 1 else None
+    out["picture"] = str(save_picture(out["samples"], out_dir / "samples.png", reference))
+    log.info("wrote %s and %s (NFE %d per sample)", out_dir / "samples.npz", out["picture"], out["nfe"])
+    return out
