@@ -57,9 +57,8 @@ class Path:
         return torch.randn(shape, generator=generator, device=device)
 
     def sample_t(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
-        """Training times: uniform on the grid {1/T, ..., 1} for discrete paths."""
-        i = torch.randint(0, self.T, (n,), generator=generator, device=device)
-        return (i + 1).float() / self.T
+        """Training times t ~ p(t), one per example."""
+        raise NotImplementedError
 
 
 def _linear_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -124,6 +123,11 @@ class DDPMPath(Path):
         la, dla = self._log_alpha_bar(t)
         # sigma^2 = 1 - alpha_bar  =>  sigma' = -alpha_bar' / (2 sigma) = -dla alpha_bar / (2 sigma)
         return (-0.5 * dla * torch.exp(la) / torch.sqrt(-torch.expm1(la))).to(_dtype(t))
+
+    def sample_t(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """Training times uniform on the grid {1/T, ..., 1}: DDPM's uniform integer step (Alg. 1)."""
+        i = torch.randint(0, self.T, (n,), generator=generator, device=device)
+        return (i + 1).float() / self.T
 
     def timestep_to_t(self, i: torch.Tensor) -> torch.Tensor:
         """DDPM's integer step i in {0..T-1} (diffusers' `timestep`) as path time t = (i + 1) / T."""

@@ -99,7 +99,7 @@ class Logger:
         self.file.close()
 
 
-def plot_loss(out_dir: FsPath) -> FsPath:
+def plot_loss(out_dir: FsPath, title: str) -> FsPath:
     """loss.png from log.jsonl."""
     import matplotlib
 
@@ -109,7 +109,7 @@ def plot_loss(out_dir: FsPath) -> FsPath:
     rows = [json.loads(line) for line in open(out_dir / "log.jsonl")]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
+    ax.set(xlabel="step", ylabel="training loss", yscale="log", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=120)
@@ -227,6 +227,6 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
     finally:
         stop.restore()
         logger.close()
-    picture = plot_loss(out_dir)
+    picture = plot_loss(out_dir, f"{cfg.model.name} ({cfg.model.prediction}) on {cfg.data.name}")
     log.info("done: %s, %s", ckpt_dir, picture)
     return {"out_dir": str(out_dir), "steps": tc.steps, "loss_curve": str(picture)}
