@@ -11,6 +11,7 @@ import logging
 import math
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path as FsPath
@@ -69,7 +70,11 @@ class Logger:
     """Loss, LR, gradient norm and throughput to log.jsonl; a progress bar or plain log lines."""
 
     def __init__(self, out_dir: FsPath, total: int, start: int):
-        self.file = open(out_dir / "log.jsonl", "a")
+        file = out_dir / "log.jsonl"
+        if file.exists():  # a resumed run: drop rows logged after the checkpoint it resumes from
+            rows = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= start]
+            file.write_text("".join(row + "\n" for row in rows))
+        self.file = open(file, "a")
         self.bar = None
         if sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -125,8 +130,9 @@ class StopFlag:
     """
 
     def __init__(self):
-        self.signum = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
         self.signum = signum
@@ -137,18 +143,10 @@ class StopFlag:
             signal.signal(s, handler)
 
 
-def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
-    """Train; checkpoints, log.jsonl, loss.png and sample grids go to out_dir (or the resumed run)."""
-    out_dir, state = FsPath(out_dir), None
-    if cfg.train.get("resume"):
-        cfg, state, out_dir = resume_config(cfg, list(overrides))
-        log.info("resuming %s from step %d", out_dir, state["step"])
-    check_train_config(cfg)
-    ckpt_dir = out_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tc, device = cfg.train, pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)  # dropout and initialisation
-
+def build(cfg: DictConfig, device: torch.device):
+    """Data, path, network, EMA, optimizer, grad scaler and autocast context of a run."""
+    tc = cfg.train
+    torch.manual_seed(cfg.seed)  # initialisation (and Fourier features); dropout after it
     data = build_data(cfg.data, device, seed=cfg.seed)
     path = instantiate(cfg.model.path)
     net = instantiate(cfg.net, shape=data.shape).to(device)
@@ -156,19 +154,48 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
                             fused=device.type == "cuda")
     dtype = PRECISIONS[tc.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)  # fp16 needs loss scaling
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    start = 0
-    if state:
-        net.load_state_dict(state["net"])
-        ema.net.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        if state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] and device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        start = state["step"]
+    return data, path, net, ema, opt, scaler, autocast
+
+
+def restore(state: dict, net, ema: EMA, opt, scaler, device: torch.device) -> int:
+    """Load a training state saved by save_state; returns the step to continue from."""
+    net.load_state_dict(state["net"])
+    ema.net.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["step"]
+
+
+def train_step(net, path, prediction: str, x0, g, opt, scaler, autocast, grad_clip) -> tuple:
+    """One optimizer step on the denoising loss; returns (loss, grad_norm) as device tensors."""
+    with autocast:
+        loss = denoising_loss(net, path, prediction, x0, g)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)  # clip the true gradient, not the scaled one
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip or math.inf)
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach(), grad_norm
+
+
+def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
+    """Train; checkpoints, log.jsonl, loss.png and sample grids go to out_dir (or the resumed run)."""
+    out_dir, state = FsPath(out_dir), None
+    if cfg.train.get("resume"):
+        cfg, state, out_dir = resume_config(cfg, list(overrides))
+        log.info("resuming %s from step %d", out_dir, state["step"])
+    check_train_config(cfg)
+    tc, device, ckpt_dir = cfg.train, pick_device(cfg.device), out_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    data, path, net, ema, opt, scaler, autocast = build(cfg, device)
+    start = restore(state, net, ema, opt, scaler, device) if state else 0
     # linear warm-up; built after the optimizer state is loaded so that last_epoch restores its LR
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(tc.warmup, 1)),
                                               last_epoch=start - 1)
@@ -183,9 +210,8 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
 
     def sample_grid(step: int) -> None:
         sampler, grid = sampler_from_config(cfg.sampler, path)
-        denoiser = Denoiser(ema.net, path, cfg.model.prediction)
-        x = generate(denoiser, sampler, grid, tc.n_samples, data.shape, batch_size=tc.n_samples, seed=cfg.seed,
-                     device=device)
+        x = generate(Denoiser(ema.net, path, cfg.model.prediction), sampler, grid, tc.n_samples, data.shape,
+                     batch_size=tc.n_samples, seed=cfg.seed, device=device)
         ref = None if data.is_image else data.sample(tc.n_samples, torch.Generator(device).manual_seed(cfg.seed))
         save_picture(x, out_dir / f"samples_{step:07d}.png", ref)
 
@@ -195,18 +221,11 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
         net.train()
         for step in range(start, tc.steps):
             g = step_generator(cfg.seed, step, device)
-            x0 = data.batch(step, tc.batch_size, g)
-            with autocast:
-                loss = denoising_loss(net, path, cfg.model.prediction, x0, g)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)  # clip the true gradient, not the scaled one
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip or math.inf)
-            scaler.step(opt)
-            scaler.update()
+            loss, grad_norm = train_step(net, path, cfg.model.prediction, data.batch(step, tc.batch_size, g), g,
+                                         opt, scaler, autocast, tc.grad_clip)
             sched.step()
             ema.update(net, step)
-            loss_sum += loss.detach()  # stays on the device: no host sync until the log line
+            loss_sum += loss  # stays on the device: no host sync until the log line
             done, since_log = step + 1, since_log + 1
             logger.tick()
             if done % tc.log_every == 0 or done == tc.steps:

@@ -81,3 +81,35 @@ def test_sample_images_from_an_npz_dataset(tmp_path):
     saved = np.load(tmp_path / "sample" / "samples.npz")
     assert saved["samples"].shape == (6, 3, 16, 16) and int(saved["nfe"]) == 4 == out["nfe"]
     assert (tmp_path / "sample" / "samples.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resumes(tmp_path):
+    """SIGTERM to a running `diffcli train`: it saves the step it finished, exits, and resumes from there."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import DIFFCLI, run_cli
+    from diffcli.checkpoint import list_checkpoints
+
+    proc = subprocess.Popen([str(DIFFCLI), "train", "data=moons", "train.steps=1000000", "train.log_every=20",
+                             "train.ckpt_every=1000000", "hydra.run.dir=run"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    (state,) = list_checkpoints(tmp_path / "run" / "checkpoints", "state")
+    step = int(state.stem.split("_")[1])
+    assert step >= 40 and "train.resume=" in stdout + stderr
+
+    r = run_cli("train", "train.resume=run", f"train.steps={step + 30}", "train.log_every=10",
+                "hydra.run.dir=resumed", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "checkpoints" / f"ema_{step + 30}.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == step + 30  # no step logged twice
