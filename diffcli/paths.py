@@ -21,11 +21,26 @@ def expand(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return c.to(x.dtype) if c.is_floating_point() else c
 
 
+PRIORS = {
+    "gaussian": lambda shape, g, device: torch.randn(shape, generator=g, device=device),
+    "uniform": lambda shape, g, device: 2 * torch.rand(shape, generator=g, device=device) - 1,  # [-1, 1]^d
+}
+
+
 class Path:
-    """Base class: subclasses define alpha, sigma, d_alpha, d_sigma as functions of t."""
+    """Base class: subclasses define alpha, sigma, d_alpha, d_sigma as functions of t.
+
+    Continuous-time paths train on t ~ U(eps, 1); discrete ones override `sample_t`.
+    """
 
     prior = "gaussian"  # x1 ~ N(0, I)
+    variance_preserving = False  # alpha^2 + sigma^2 = 1 (where v-prediction is defined)
     T: int | None = None  # number of discrete training steps; None for continuous time
+
+    def __init__(self, eps: float = 1e-5):
+        if not 0 < eps < 1:
+            raise DiffcliError(f"model.path.eps={eps} must lie in (0, 1): training times are t ~ U(eps, 1)")
+        self.eps = eps
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -53,12 +68,128 @@ class Path:
         return expand(self.alpha(t), x0) * x0 + expand(self.sigma(t), x0) * x1
 
     def sample_prior(self, shape, generator: torch.Generator | None, device) -> torch.Tensor:
-        """x1 ~ N(0, I)."""
-        return torch.randn(shape, generator=generator, device=device)
+        """x1 ~ the prior (standard normal unless the path says otherwise)."""
+        return PRIORS[self.prior](shape, generator, device)
 
     def sample_t(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
-        """Training times t ~ p(t), one per example."""
-        raise NotImplementedError
+        """Training times t ~ U(eps, 1) (Song et al. 2021, sec. 3.3: eps keeps 1/sigma finite)."""
+        return self.eps + (1 - self.eps) * torch.rand(n, generator=generator, device=device)
+
+
+def _check_range(name_lo: str, lo: float, name_hi: str, hi: float) -> None:
+    if not 0 < lo < hi:
+        raise DiffcliError(f"need 0 < {name_lo} < {name_hi}, got {name_lo}={lo}, {name_hi}={hi}; "
+                           f"set model.path.{name_lo} below model.path.{name_hi}")
+
+
+class VEPath(Path):
+    """Variance exploding: alpha = 1, sigma = sigma_min (sigma_max / sigma_min)^t (Song et al. 2021, eq. 30)."""
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, eps: float = 1e-5):
+        super().__init__(eps)
+        if sigma_max is None:
+            raise DiffcliError("model.path.sigma_max is unset for this dataset; compute its largest pairwise distance "
+                               "with scripts/sigma_max.py and pass data.sigma_max=<value>")
+        _check_range("sigma_min", sigma_min, "sigma_max", sigma_max)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.log_ratio = math.log(self.sigma_max / self.sigma_min)
+
+    def alpha(self, t):
+        return torch.ones_like(torch.as_tensor(t, dtype=_dtype(t)))
+
+    def sigma(self, t):
+        return self.sigma_min * torch.exp(self.log_ratio * torch.as_tensor(t, dtype=_dtype(t)))
+
+    def d_alpha(self, t):
+        return torch.zeros_like(torch.as_tensor(t, dtype=_dtype(t)))
+
+    def d_sigma(self, t):
+        return self.log_ratio * self.sigma(t)
+
+
+class NCSNPath(VEPath):
+    """NCSN (Song & Ermon 2019): the VE path on L geometric levels sigma_1 > ... > sigma_L.
+
+    Level i sits at t = (L - i) / (L - 1): t = 1 is sigma_1 = sigma_max, t = 0 is sigma_L = sigma_min.
+    """
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 1.0, L: int = 10):
+        if int(L) != L or L < 2:
+            raise DiffcliError(f"model.path.L={L} must be an integer >= 2 (the number of noise levels)")
+        super().__init__(sigma_min, sigma_max)
+        self.L = int(L)
+        self.levels = torch.linspace(0, 1, self.L, dtype=torch.float64)  # ascending t: sigma_L ... sigma_1
+
+    def sample_t(self, n, generator, device):
+        """A noise level drawn uniformly among the L (the sum over levels of NCSN's eq. 5)."""
+        i = torch.randint(0, self.L, (n,), generator=generator, device=device)
+        return i.float() / (self.L - 1)
+
+
+class VPPath(Path):
+    """Variance preserving with linear beta(t) (Song et al. 2021, eq. 33):
+    alpha = exp(-t^2 (b_max - b_min) / 4 - t b_min / 2), sigma = sqrt(1 - alpha^2)."""
+
+    variance_preserving = True
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-5):
+        super().__init__(eps)
+        _check_range("beta_min", beta_min, "beta_max", beta_max)
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+
+    def beta(self, t):
+        return self.beta_min + torch.as_tensor(t, dtype=_dtype(t)) * (self.beta_max - self.beta_min)
+
+    def log_alpha(self, t):
+        t = torch.as_tensor(t, dtype=_dtype(t))
+        return -t**2 * (self.beta_max - self.beta_min) / 4 - t * self.beta_min / 2
+
+    def alpha(self, t):
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t):
+        return torch.sqrt(-torch.expm1(2 * self.log_alpha(t)))
+
+    def d_alpha(self, t):
+        return -0.5 * self.beta(t) * self.alpha(t)
+
+    def d_sigma(self, t):
+        return -self.alpha(t) * self.d_alpha(t) / self.sigma(t)
+
+
+class SubVPPath(VPPath):
+    """sub-VP (Song et al. 2021, eq. 34): the VP alpha with sigma = 1 - alpha^2, so g^2 = beta (1 - alpha^4)."""
+
+    variance_preserving = False
+
+    def sigma(self, t):
+        return -torch.expm1(2 * self.log_alpha(t))
+
+    def d_sigma(self, t):
+        return -2 * self.alpha(t) * self.d_alpha(t)
+
+
+class FlowPath(Path):
+    """Flow matching / rectified flow: x_t = (1 - t) x0 + t x1 with any simple prior (Lipman et al. 2023;
+    Liu et al. 2023); the conditional field is alpha' x0 + sigma' x1 = x1 - x0."""
+
+    def __init__(self, prior: str = "gaussian", eps: float = 1e-5):
+        super().__init__(eps)
+        if prior not in PRIORS:
+            raise DiffcliError(f"model.prior={prior} is unknown; choose one of {', '.join(PRIORS)}")
+        self.prior = prior
+
+    def alpha(self, t):
+        return 1 - torch.as_tensor(t, dtype=_dtype(t))
+
+    def sigma(self, t):
+        return torch.as_tensor(t, dtype=_dtype(t)).clone()
+
+    def d_alpha(self, t):
+        return -torch.ones_like(torch.as_tensor(t, dtype=_dtype(t)))
+
+    def d_sigma(self, t):
+        return torch.ones_like(torch.as_tensor(t, dtype=_dtype(t)))
 
 
 def _linear_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -83,8 +214,11 @@ class DDPMPath(Path):
     t in [0, 1] (alpha(0) = 1) and continuous-time samplers apply to it too.
     """
 
+    variance_preserving = True
+
     def __init__(self, T: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02):
+        super().__init__()
         if int(T) != T or T < 2:
             raise DiffcliError(f"model.path.T must be an integer >= 2, got {T}")
         if schedule not in BETA_SCHEDULES:

@@ -24,10 +24,23 @@ COEFFICIENTS = {
 }
 
 
-def check_prediction(prediction: str) -> str:
-    """Validate a prediction name with a one-line error."""
+# predictions that only mean something on some paths: name -> (what it needs, test on the path)
+REQUIRES = {
+    "eps": ("a Gaussian prior (eps is Gaussian noise)", lambda path: path.prior == "gaussian"),
+    "score": ("a Gaussian prior (score = -x1 / sigma)", lambda path: path.prior == "gaussian"),
+    "v": ("a variance-preserving path (alpha^2 + sigma^2 = 1)", lambda path: path.variance_preserving),
+}
+
+
+def check_prediction(prediction: str, path: Path | None = None) -> str:
+    """Validate a prediction name (and, given a path, that it is defined there) with a one-line error."""
     if prediction not in COEFFICIENTS:
         raise DiffcliError(f"model.prediction={prediction} is unknown; choose one of {', '.join(COEFFICIENTS)}")
+    need, holds = REQUIRES.get(prediction, (None, None))
+    if path is not None and need and not holds(path):
+        valid = [p for p in COEFFICIENTS if p not in REQUIRES or REQUIRES[p][1](path)]
+        raise DiffcliError(f"model.prediction={prediction} needs {need}, which this model ({type(path).__name__}, "
+                           f"{path.prior} prior) lacks; use one of {', '.join(valid)}")
     return prediction
 
 
@@ -64,7 +77,7 @@ class Denoiser(nn.Module):
 
     def __init__(self, net: nn.Module, path: Path, prediction: str):
         super().__init__()
-        self.net, self.path, self.prediction = net, path, check_prediction(prediction)
+        self.net, self.path, self.prediction = net, path, check_prediction(prediction, path)
         self.nfe = 0
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor):

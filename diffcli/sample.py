@@ -51,12 +51,32 @@ def load_model(ckpt: str | None, device: torch.device):
     return Denoiser(net.to(device).eval(), path, train_cfg.model.prediction), train_cfg, step, shape, file
 
 
+def sampler_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
+    """The `sampler` node of cfg, or (when none was chosen) the formulation's default `model.sampler`.
+
+    The default's YAML is read from the shipped configs and resolved against cfg's `steps` and
+    `eta`, exactly as if `sampler=<model.sampler>` had been given on the command line.
+    """
+    if cfg.get("sampler") is not None:
+        return cfg.sampler
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(files("diffcli.configs").joinpath("sampler", f"{model_cfg.sampler}.yaml"))
+    return OmegaConf.create({"steps": cfg.get("steps"), "eta": cfg.get("eta", 0.0), "sampler": node}).sampler
+
+
 def sampler_from_config(sampler_cfg: DictConfig, path):
     """(sampler function, time grid) from a `sampler/` config group entry."""
     steps = sampler_cfg.steps if sampler_cfg.steps is not None else sampler_cfg.default_steps
     grid_args = dict(sampler_cfg.grid)
     grid_fn = GRIDS[grid_args.pop("name")]
+    if steps is None and grid_fn is GRIDS["levels"]:
+        return instantiate(sampler_cfg.fn), grid_fn(path, None, **grid_args)
     if steps is None:  # the model's own discrete steps, all of them
+        if path.T is None:
+            raise DiffcliError("this sampler has no default number of steps for a continuous-time model; give steps=N")
         steps = path.T
     return instantiate(sampler_cfg.fn), grid_fn(path, int(steps), **grid_args)
 
@@ -104,7 +124,7 @@ def sample_checkpoint(cfg: DictConfig) -> dict:
     check_sampling_args(cfg)
     device = pick_device(cfg.device)
     denoiser, train_cfg, step, shape, file = load_model(cfg.ckpt, device)
-    sampler, grid = sampler_from_config(cfg.sampler, denoiser.path)
+    sampler, grid = sampler_from_config(sampler_config(cfg, train_cfg.model), denoiser.path)
     log.info("sampling %d from %s (step %d) with %d steps", cfg.n, file, step, len(grid) - 1)
     samples = generate(denoiser, sampler, grid, cfg.n, shape, batch_size=cfg.batch_size, seed=cfg.seed,
                        device=device)

@@ -24,9 +24,9 @@ from . import DiffcliError
 from .checkpoint import list_checkpoints, load_state, prune, save_ema, save_state
 from .data import build_data
 from .ema import EMA
-from .losses import denoising_loss
+from .losses import check_coupling, check_weighting, denoising_loss
 from .prediction import Denoiser, check_prediction
-from .sample import generate, pick_device, sampler_from_config, save_picture
+from .sample import generate, pick_device, sampler_config, sampler_from_config, save_picture
 
 log = logging.getLogger("diffcli")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,7 +63,10 @@ def check_train_config(cfg: DictConfig) -> None:
             raise DiffcliError(f"train.{key}={tc[key]} must be a positive integer")
     if tc.lr <= 0:
         raise DiffcliError(f"train.lr={tc.lr} must be positive")
-    check_prediction(cfg.model.prediction)
+    path = instantiate(cfg.model.path)
+    check_prediction(cfg.model.prediction, path)
+    check_weighting(cfg.model.weighting, path)
+    check_coupling(cfg.model.get("coupling", "independent"))
 
 
 class Logger:
@@ -172,10 +175,11 @@ def restore(state: dict, net, ema: EMA, opt, scaler, device: torch.device) -> in
     return state["step"]
 
 
-def train_step(net, path, prediction: str, x0, g, opt, scaler, autocast, grad_clip) -> tuple:
+def train_step(net, path, model_cfg, x0, g, opt, scaler, autocast, grad_clip) -> tuple:
     """One optimizer step on the denoising loss; returns (loss, grad_norm) as device tensors."""
     with autocast:
-        loss = denoising_loss(net, path, prediction, x0, g)
+        loss = denoising_loss(net, path, model_cfg.prediction, x0, g, weighting=model_cfg.weighting,
+                              coupling=model_cfg.get("coupling", "independent"))
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)  # clip the true gradient, not the scaled one
@@ -209,7 +213,7 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
         prune(ckpt_dir, tc.keep_last)
 
     def sample_grid(step: int) -> None:
-        sampler, grid = sampler_from_config(cfg.sampler, path)
+        sampler, grid = sampler_from_config(sampler_config(cfg, cfg.model), path)
         x = generate(Denoiser(ema.net, path, cfg.model.prediction), sampler, grid, tc.n_samples, data.shape,
                      batch_size=tc.n_samples, seed=cfg.seed, device=device)
         ref = None if data.is_image else data.sample(tc.n_samples, torch.Generator(device).manual_seed(cfg.seed))
@@ -221,7 +225,7 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
         net.train()
         for step in range(start, tc.steps):
             g = step_generator(cfg.seed, step, device)
-            loss, grad_norm = train_step(net, path, cfg.model.prediction, data.batch(step, tc.batch_size, g), g,
+            loss, grad_norm = train_step(net, path, cfg.model, data.batch(step, tc.batch_size, g), g,
                                          opt, scaler, autocast, tc.grad_clip)
             sched.step()
             ema.update(net, step)

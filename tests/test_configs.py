@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import compose_config
-from diffcli.sample import sampler_from_config
+from diffcli.sample import sampler_config, sampler_from_config
 
 CONFIGS = files("diffcli.configs")
 GROUPS = {g: sorted(p.name[:-5] for p in CONFIGS.joinpath(g).iterdir() if p.name.endswith(".yaml"))
@@ -28,7 +28,7 @@ def test_every_option_composes(primary, group, option):
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     if group == "sampler":  # the sampler and its grid build for the default model
         fn, grid = sampler_from_config(cfg.sampler, instantiate(compose_config("train").model.path))
-        assert callable(fn) and grid[0] > grid[-1] == 0
+        assert callable(fn) and 0.9 < grid[0] <= 1 and grid[-1] >= 0 and (grid.diff() < 0).all()
 
 
 @pytest.mark.parametrize("data, net", [("moons", "MLP"), ("eight_gaussians", "MLP"), ("mnist", "UNet"),
@@ -52,6 +52,14 @@ def test_top_level_sampling_keys_reach_the_sampler():
 
 
 @pytest.mark.parametrize("model", GROUPS["model"])
-def test_models_build(model):
-    path = instantiate(compose_config("train", [f"model={model}"]).model.path)
+def test_models_build_with_their_default_sampler(model):
+    cfg = compose_config("train", [f"model={model}"])
+    path = instantiate(cfg.model.path)
     assert torch.isclose(path.alpha(torch.tensor(0.0)), torch.tensor(1.0))
+    fn, grid = sampler_from_config(sampler_config(cfg, cfg.model), path)
+    assert fn.func.__name__ == cfg.model.sampler and grid[0] == 1
+
+
+def test_sigma_max_comes_from_the_dataset():
+    assert compose_config("train", ["model=vesde", "data=cifar10"]).model.path.sigma_max == 99.6
+    assert compose_config("train", ["model=ncsn", "data=moons"]).model.path.sigma_max == 6.6
