@@ -97,6 +97,8 @@ def _one_line(e: BaseException) -> str:
     if options:
         group, _, names = options.partition(":")
         message += f"; available options in {group.strip()}: {', '.join(names.split())}"
+    if "override 'sampler." in message:  # the sampler group defaults to null (the model's own sampler)
+        message = message.split(". To append")[0] + ": choose the sampler too, e.g. sampler=langevin sampler.fn.n_steps=50"
     return message
 
 

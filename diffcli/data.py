@@ -262,8 +262,9 @@ def _load_cifar10(root, split, download):
     try:
         ds = tvd.CIFAR10(str(root), train=split == "train", download=download)
     except (OSError, RuntimeError) as e:
-        msg = f"cannot load CIFAR-10 from {folder} ({_one_line(e)}); set data.download=true to fetch it again"
-        raise DiffcliError(msg) from None
+        fix = ("check the network, or put cifar-10-batches-py under data.root" if download
+               else "set data.download=true to fetch it again")
+        raise DiffcliError(f"cannot load CIFAR-10 from {folder} ({_one_line(e)}); {fix}") from None
     return ds.data, np.asarray(ds.targets)
 
 
