@@ -64,6 +64,38 @@ def eight_gaussians(n, *, generator, device, radius=2.0, std=0.1):
     return centres + std * _randn((n, 2), generator, device)
 
 
+# the `gmm` toy's default mixture (configs/data/gmm.yaml): three components, distinct full covariances
+GMM_MEANS = ((-1.2, -0.5), (1.8, -0.5), (0.3, 2.0))
+GMM_COVS = (((0.30, 0.15), (0.15, 0.20)), ((0.10, -0.06), (-0.06, 0.25)), ((0.40, 0.10), (0.10, 0.08)))
+
+
+def gmm_mixture(means, covs, weights=None):
+    """The `gmm` toy's components as float64 (means (K, 2), covs (K, 2, 2), weights (K,) summing to 1)."""
+    means, covs = torch.as_tensor(means, dtype=torch.float64), torch.as_tensor(covs, dtype=torch.float64)
+    k = len(means)
+    weights = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    if means.shape != (k, 2) or covs.shape != (k, 2, 2) or weights.shape != (k,) or (weights < 0).any():
+        raise DiffcliError(f"gmm needs means (K, 2), covs (K, 2, 2) and K non-negative weights; got shapes "
+                           f"{tuple(means.shape)}, {tuple(covs.shape)}, {tuple(weights.shape)}; fix data.params")
+    if not torch.equal(covs, covs.mT) or torch.linalg.eigvalsh(covs).min() <= 0:
+        raise DiffcliError("gmm covs must be symmetric positive definite 2x2 matrices; fix data.params.covs")
+    return means, covs, weights / weights.sum()
+
+
+def gmm_modes(means=GMM_MEANS, covs=GMM_COVS, weights=None):
+    """The `gmm` toy's means and a representative std: the largest principal std among its components."""
+    means, covs, _ = gmm_mixture(means, covs, weights)
+    return means.float(), torch.linalg.eigvalsh(covs).max().sqrt().item()
+
+
+def gmm(n, *, generator, device, means=GMM_MEANS, covs=GMM_COVS, weights=None):
+    """Mixture of Gaussians N(means[k], covs[k]) (2x2 covariances) picked with probability weights[k]."""
+    means, covs, weights = (x.to(device) for x in gmm_mixture(means, covs, weights))
+    k = torch.searchsorted(weights.cumsum(0), _rand(n, generator, device).double()).clamp(max=len(means) - 1)
+    z = _randn((n, 2, 1), generator, device).double()
+    return (means[k] + (torch.linalg.cholesky(covs)[k] @ z)[..., 0]).float()
+
+
 def checkerboard(n, *, generator, device, scale=2.0):
     """Uniform on the black squares ((col + row) even) of a 4x4 board spanning [-scale, scale]^2."""
     col = _randint(4, n, generator, device)
@@ -87,10 +119,11 @@ TOYS = {
     "eight_gaussians": eight_gaussians,
     "checkerboard": checkerboard,
     "rings": rings,
+    "gmm": gmm,
 }
 
 # Toys that are Gaussian mixtures: name -> fn(**params) -> (modes (K, 2), mode_std)
-TOY_MODES = {"eight_gaussians": eight_gaussians_modes}
+TOY_MODES = {"eight_gaussians": eight_gaussians_modes, "gmm": gmm_modes}
 
 
 class ToyData:

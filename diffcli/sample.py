@@ -83,15 +83,82 @@ def sampler_from_config(sampler_cfg: DictConfig, path):
 
 @torch.no_grad()
 def generate(denoiser: Denoiser, sampler, grid, n: int, shape, *, batch_size: int, seed: int,
-             device: torch.device) -> torch.Tensor:
-    """n samples in batches, reproducible from `seed`, returned on the CPU."""
+             device: torch.device, trajectory: list | None = None) -> torch.Tensor:
+    """n samples in batches, reproducible from `seed`, returned on the CPU.
+
+    With a `trajectory` list, it receives one tensor (frames, n, *shape): the states the sampler visited.
+    """
     g = torch.Generator(device=device).manual_seed(seed)
-    out = []
+    out, frames = [], []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         x1 = denoiser.path.sample_prior((b, *shape), g, device)
-        out.append(sampler(denoiser, denoiser.path, x1 * denoiser.path.sigma(grid[0]), grid, generator=g).cpu())
+        visited = [] if trajectory is not None else None
+        extra = {} if visited is None else {"trajectory": visited}
+        out.append(sampler(denoiser, denoiser.path, x1 * denoiser.path.sigma(grid[0]), grid, generator=g,
+                           **extra).cpu())
+        if visited is not None:
+            frames.append(torch.stack(visited))
+    if trajectory is not None:
+        trajectory.append(torch.cat(frames, dim=1))
     return torch.cat(out)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_trajectory_picture(frames: torch.Tensor, file: FsPath) -> FsPath:
+    """2D: sample paths from the prior (grey) to the samples (blue); images: rows of samples over time."""
+    if frames.ndim == 5:  # (frames, n, C, H, W): 8 samples, 10 moments in time
+        from torchvision.utils import save_image
+
+        cols = torch.linspace(0, len(frames) - 1, min(10, len(frames))).round().long()
+        strip = frames[cols][:, :8].transpose(0, 1).flatten(0, 1)  # row = one sample's path
+        save_image((strip.clamp(-1, 1) + 1) / 2, file, nrow=len(cols))
+        return FsPath(file)
+    plt = _pyplot()
+    paths = frames[:, :300]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(paths[..., 0], paths[..., 1], lw=0.4, alpha=0.35, c="tab:blue")
+    ax.scatter(*paths[0].T, s=3, c="0.6", label="prior (t = 1)")
+    ax.scatter(*paths[-1].T, s=3, c="tab:red", label="samples (t = 0)")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", markerscale=3)
+    ax.set_title("sampling trajectories")
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+    return FsPath(file)
+
+
+@torch.no_grad()
+def save_field_picture(denoiser: Denoiser, reference: torch.Tensor, file: FsPath,
+                       times=(0.8, 0.4, 0.1, 0.02)) -> FsPath:
+    """The learned score (Gaussian prior) or velocity (otherwise) as arrows at a few times, over the data."""
+    path, plt = denoiser.path, _pyplot()
+    lo, hi = reference.min(0).values - 1, reference.max(0).values + 1
+    axes_1d = [torch.linspace(lo[i].item(), hi[i].item(), 21) for i in range(2)]
+    grid = torch.stack(torch.meshgrid(*axes_1d, indexing="xy"), -1).reshape(-1, 2)
+    device = next(iter(denoiser.net.buffers()), next(iter(denoiser.net.parameters()), torch.empty(0))).device
+    kind = "score" if path.prior == "gaussian" else "velocity"
+    fig, axes = plt.subplots(1, len(times), figsize=(4 * len(times), 4))
+    for ax, t_val in zip(axes, times):
+        t = torch.tensor(t_val, dtype=torch.float64)
+        x0, x1 = (v.cpu() for v in denoiser.predict(grid.to(device), t))
+        field = -x1 / path.sigma(t) if kind == "score" else path.d_alpha(t) * x0 + path.d_sigma(t) * x1
+        ax.scatter(*reference.T, s=1, c="0.8")
+        ax.quiver(grid[:, 0], grid[:, 1], field[:, 0], field[:, 1], color="tab:blue")
+        ax.set(title=f"learned {kind}, t = {t_val}", aspect="equal")
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+    return FsPath(file)
 
 
 def save_picture(samples: torch.Tensor, file: FsPath, reference: torch.Tensor | None = None) -> FsPath:
@@ -102,11 +169,7 @@ def save_picture(samples: torch.Tensor, file: FsPath, reference: torch.Tensor | 
 
         save_image((samples[:256] + 1) / 2, file, nrow=int(math.ceil(math.sqrt(min(len(samples), 256)))))
         return file
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     if reference is not None:
         ax.scatter(*reference.T.cpu(), s=2, c="0.75", label="data")
@@ -119,7 +182,7 @@ def save_picture(samples: torch.Tensor, file: FsPath, reference: torch.Tensor | 
     return file
 
 
-def sample_checkpoint(cfg: DictConfig) -> dict:
+def sample_checkpoint(cfg: DictConfig, trajectory: list | None = None) -> dict:
     """Samples of `cfg.n` from `cfg.ckpt` with `cfg.sampler`: what `sample` and `eval` share."""
     check_sampling_args(cfg)
     device = pick_device(cfg.device)
@@ -127,10 +190,10 @@ def sample_checkpoint(cfg: DictConfig) -> dict:
     sampler, grid = sampler_from_config(sampler_config(cfg, train_cfg.model), denoiser.path)
     log.info("sampling %d from %s (step %d) with %d steps", cfg.n, file, step, len(grid) - 1)
     samples = generate(denoiser, sampler, grid, cfg.n, shape, batch_size=cfg.batch_size, seed=cfg.seed,
-                       device=device)
+                       device=device, trajectory=trajectory)
     nfe = denoiser.nfe // math.ceil(cfg.n / cfg.batch_size)  # evaluations per sample
     return {"samples": samples, "nfe": nfe, "ckpt": str(file), "step": step, "steps": len(grid) - 1,
-            "train_cfg": train_cfg, "shape": shape}
+            "train_cfg": train_cfg, "shape": shape, "denoiser": denoiser, "grid": grid}
 
 
 def reference_data(train_cfg: DictConfig, n: int, seed: int) -> torch.Tensor | None:
@@ -142,12 +205,29 @@ def reference_data(train_cfg: DictConfig, n: int, seed: int) -> torch.Tensor | N
 
 
 def run_sample(cfg: DictConfig, out_dir) -> dict:
-    """Sample `cfg.n` points from `cfg.ckpt`; writes samples.npz and samples.png into out_dir."""
-    out = sample_checkpoint(cfg)
+    """Sample `cfg.n` points from `cfg.ckpt`; writes samples.npz and pictures into out_dir."""
+    options = cfg.get("sample") or {}
+    trajectory = [] if options.get("save_trajectory") else None
+    out = sample_checkpoint(cfg, trajectory)
     out_dir = FsPath(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(out_dir / "samples.npz", samples=out["samples"].numpy(), nfe=out["nfe"])
+    arrays = {"samples": out["samples"].numpy(), "nfe": out["nfe"], "t_grid": out["grid"].numpy()}
+    if trajectory is not None:
+        frames = trajectory[0] if len(out["shape"]) == 1 else _thin(trajectory[0])
+        arrays["trajectory"] = frames.numpy()
+        out["trajectory_picture"] = str(save_trajectory_picture(frames, out_dir / "trajectories.png"))
+    np.savez(out_dir / "samples.npz", **arrays)
     reference = reference_data(out["train_cfg"], cfg.n, cfg.seed) if len(out["shape"]) == 1 else None
     out["picture"] = str(save_picture(out["samples"], out_dir / "samples.png", reference))
-    log.info("wrote %s and %s (NFE %d per sample)", out_dir / "samples.npz", out["picture"], out["nfe"])
+    if options.get("plot_field"):
+        if reference is None:
+            raise DiffcliError("sample.plot_field=true draws 2D fields; this model was trained on images")
+        out["field_picture"] = str(save_field_picture(out["denoiser"], reference, out_dir / "field.png"))
+    log.info("wrote %s and pictures in %s (NFE %d per sample)", out_dir / "samples.npz", out_dir, out["nfe"])
     return out
+
+
+def _thin(frames: torch.Tensor, max_frames: int = 21, max_samples: int = 16) -> torch.Tensor:
+    """Image trajectories are large: keep a few samples at a few moments."""
+    keep = torch.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().long()
+    return frames[keep][:, :max_samples]

@@ -146,20 +146,23 @@ class StopFlag:
             signal.signal(s, handler)
 
 
-def build(cfg: DictConfig, device: torch.device):
-    """Data, path, network, EMA, optimizer, grad scaler and autocast context of a run."""
-    tc = cfg.train
+def build_model(cfg: DictConfig, device: torch.device):
+    """Data, path and network of a run."""
     torch.manual_seed(cfg.seed)  # initialisation (and Fourier features); dropout after it
     data = build_data(cfg.data, device, seed=cfg.seed)
-    path = instantiate(cfg.model.path)
-    net = instantiate(cfg.net, shape=data.shape).to(device)
+    return data, instantiate(cfg.model.path), instantiate(cfg.net, shape=data.shape).to(device)
+
+
+def build_optimization(cfg: DictConfig, net, device: torch.device):
+    """EMA, optimizer, grad scaler and autocast context of a run."""
+    tc = cfg.train
     ema = EMA(net, decay=tc.ema.decay, warmup=tc.ema.warmup)
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
                             fused=device.type == "cuda")
     dtype = PRECISIONS[tc.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)  # fp16 needs loss scaling
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    return data, path, net, ema, opt, scaler, autocast
+    return ema, opt, scaler, autocast
 
 
 def restore(state: dict, net, ema: EMA, opt, scaler, device: torch.device) -> int:
@@ -198,7 +201,12 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
     check_train_config(cfg)
     tc, device, ckpt_dir = cfg.train, pick_device(cfg.device), out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    data, path, net, ema, opt, scaler, autocast = build(cfg, device)
+    data, path, net = build_model(cfg, device)
+    if not any(p.requires_grad for p in net.parameters()):  # net=oracle: exact already, nothing to fit
+        save_ema(ckpt_dir / "ema_0.safetensors", net.state_dict(), cfg, 0, data.shape)
+        log.info("%s has no trainable parameters: wrote %s, nothing to train", cfg.net._target_, ckpt_dir)
+        return {"out_dir": str(out_dir), "steps": 0, "loss_curve": None}
+    ema, opt, scaler, autocast = build_optimization(cfg, net, device)
     start = restore(state, net, ema, opt, scaler, device) if state else 0
     # linear warm-up; built after the optimizer state is loaded so that last_epoch restores its LR
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(tc.warmup, 1)),

@@ -1,0 +1,139 @@
+"""net=oracle: the exact prediction for a data distribution known in closed form.
+
+On a path x_t = alpha x0 + sigma x1 the best any network can do is x0_hat = E[x0 | x_t]; the
+oracle computes it exactly, takes x1_hat = (x_t - alpha x0_hat) / sigma and returns
+target(prediction, path, x0_hat, x1_hat, t), so it drops into the Denoiser like a trained net.
+It knows Gaussian mixtures (eight_gaussians, gmm) and small point sets (data.kind=npz), under the
+Gaussian prior and the uniform one on [-1, 1]^d. Everything is computed in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from . import DiffcliError
+from .data import build_data, eight_gaussians_modes, gmm_mixture
+from .paths import Path
+from .prediction import check_prediction, target
+
+MAX_POINTS = 5000  # the point-set oracle compares x_t with every point at every call
+
+
+def _eight_gaussians(radius=2.0, std=0.1):
+    means, std = eight_gaussians_modes(radius, std)
+    return means.double(), std**2 * torch.eye(2, dtype=torch.float64).expand(8, 2, 2), torch.full((8,), 1 / 8)
+
+
+# toy name -> fn(**data.params) -> (means (K, d), covs (K, d, d), weights (K,))
+MIXTURES = {"eight_gaussians": _eight_gaussians, "gmm": gmm_mixture}
+
+
+def _points(data) -> torch.Tensor:
+    """Every image of an npz data set as float64 rows in [-1, 1], (N, C*H*W)."""
+    images = build_data(data, "cpu")
+    if len(images) > MAX_POINTS:
+        raise DiffcliError(f"net=oracle sums over every point: {data.get('path')} holds {len(images)} images, more "
+                           f"than {MAX_POINTS}; save a subset with np.savez(path, images=images[:{MAX_POINTS}])")
+    return images._to_float(images.images).flatten(1).double()
+
+
+def _truncated_normal(lo: torch.Tensor, hi: torch.Tensor):
+    """log P(lo < z < hi) and E[z | lo < z < hi] for z ~ N(0, 1), accurate in both tails."""
+    flip = lo > 0  # an interval in the upper tail: use its mirror image, where log_ndtr keeps precision
+    lo, hi = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
+    log_hi = torch.special.log_ndtr(hi)
+    log_z = log_hi + torch.log1p(-torch.exp(torch.special.log_ndtr(lo) - log_hi))
+    log_phi = lambda u: -u**2 / 2 - math.log(2 * math.pi) / 2  # noqa: E731
+    mean = torch.exp(log_phi(lo) - log_z) - torch.exp(log_phi(hi) - log_z)
+    # far out in a tail (x_t off the support) the ratio loses all precision: keep the mean inside
+    # its interval, which gives the limit there, the nearer end (nan arises only as 0 * inf)
+    mean = mean.nan_to_num(0).clamp(lo, hi)
+    return log_z, torch.where(flip, -mean, mean)
+
+
+class Oracle(nn.Module):
+    """oracle(x_t, t) -> the exact `prediction` for the data config's distribution; no parameters.
+
+    The distribution is kept in buffers (means, covs, log_weights or points), so state_dict holds it.
+    """
+
+    def __init__(self, shape, data, path: Path, prediction: str):
+        super().__init__()
+        self.shape, self.path, self.prediction = tuple(shape), path, check_prediction(prediction, path)
+        data = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
+        name, kind = data.get("name"), data.get("kind")
+        if kind == "npz":
+            self.register_buffer("points", _points(data))
+        elif kind == "toy" and name in MIXTURES:
+            means, covs, weights = MIXTURES[name](**(data.get("params") or {}))
+            off_diagonal = covs - torch.diag_embed(covs.diagonal(dim1=-2, dim2=-1))
+            if path.prior == "uniform" and off_diagonal.abs().max() > 0:
+                raise DiffcliError(f"net=oracle with a uniform prior needs diagonal covariances (E[x0|x_t] is a product"
+                                   f" of truncated normals); data={name} has full ones; use model.prior=gaussian")
+            self.register_buffer("means", means.double())
+            self.register_buffer("covs", covs.double())
+            self.register_buffer("log_weights", weights.double().log())
+        else:
+            raise DiffcliError(f"net=oracle knows eight_gaussians, gmm and npz point sets; data={name} has no "
+                               f"closed-form E[x0|x_t]")
+
+    def x0_hat(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """E[x0 | x_t] in float64, shape (B, d) for x_t flattened to (B, d)."""
+        x = x_t.flatten(1).double()
+        a, s = self.path.alpha(t)[:, None], self.path.sigma(t)[:, None]
+        uniform = self.path.prior == "uniform"
+        if hasattr(self, "points"):
+            return (self._points_uniform if uniform else self._points_gaussian)(x, a, s)
+        if uniform:  # at sigma = 0 the box is a point: x0 = x_t / alpha exactly
+            return torch.where(s > 0, self._mixture_uniform(x, a, s), x / a)
+        return self._mixture_gaussian(x, a, s)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x_t.device).double().expand(x_t.shape[0])
+        x = x_t.flatten(1).double()
+        x0 = self.x0_hat(x_t, t)
+        s = self.path.sigma(t)[:, None]
+        # at sigma = 0, x1 is independent of x_t = x0, so E[x1 | x_t] is the prior's mean, 0
+        x1 = torch.where(s > 0, (x - self.path.alpha(t)[:, None] * x0) / torch.where(s > 0, s, 1), 0)
+        return target(self.prediction, self.path, x0, x1, t).reshape(x_t.shape).to(x_t.dtype)
+
+    def _mixture_gaussian(self, x, a, s):
+        """p(k | x_t) ∝ w_k N(x_t; a mu_k, C_k) with C_k = a^2 S_k + s^2 I, and
+        E[x0 | x_t, k] = mu_k + a S_k C_k^-1 (x_t - a mu_k) (Gaussian conditioning)."""
+        eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        cov = a[:, :, None, None] ** 2 * self.covs + s[:, :, None, None] ** 2 * eye  # (B, K, d, d)
+        r = x[:, None] - a[:, :, None] * self.means  # (B, K, d)
+        chol = torch.linalg.cholesky(cov)
+        solved = torch.cholesky_solve(r[..., None], chol)  # C_k^-1 r
+        log_det = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        log_p = self.log_weights - 0.5 * (r[..., None] * solved).sum((-2, -1)) - 0.5 * log_det
+        x0_k = self.means + a[:, :, None] * (self.covs @ solved)[..., 0]
+        return (torch.softmax(log_p, 1)[..., None] * x0_k).sum(1)
+
+    def _mixture_uniform(self, x, a, s):
+        """x1 uniform on [-1, 1]^d: given k, x0 is N(mu_k, diag S_k) truncated to the box |x_t - a x0|_inf <= s."""
+        a = a.clamp_min(1e-6)  # alpha -> 0 (t = 1): the box covers (nearly) everything
+        sd = self.covs.diagonal(dim1=-2, dim2=-1).sqrt()  # (K, d)
+        lo, hi = ((x - s) / a)[:, None], ((x + s) / a)[:, None]  # (B, 1, d)
+        log_z, mean = _truncated_normal((lo - self.means) / sd, (hi - self.means) / sd)
+        weights = torch.softmax(self.log_weights + log_z.sum(-1), 1)
+        return (weights[..., None] * (self.means + sd * mean)).sum(1)
+
+    def _points_gaussian(self, x, a, s):
+        """Softmax over points of log N(x_t; a x_i, s^2 I); as s -> 0 the nearest point."""
+        p = self.points
+        d2 = (x**2).sum(1, keepdim=True) - 2 * a * (x @ p.T) + a**2 * (p**2).sum(1)
+        return torch.softmax(-d2.clamp_min(0) / (2 * s.clamp_min(1e-100) ** 2), 1) @ p
+
+    def _points_uniform(self, x, a, s):
+        """Average of the points whose box |x_t - a x_i|_inf <= s holds x_t; the nearest one if none does."""
+        a = a.clamp_min(1e-12)
+        dist = a * torch.cdist(x / a, self.points, p=float("inf"))  # |x_t - a x_i|_inf, (B, N)
+        inside = dist <= s
+        nearest = nn.functional.one_hot(dist.argmin(1), len(self.points)).bool()
+        mask = torch.where(inside.any(1, keepdim=True), inside, nearest).double()
+        return mask @ self.points / mask.sum(1, keepdim=True)
