@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from . import DiffcliError
 from .checkpoint import find_ema, load_ema
 from .prediction import Denoiser
-from .samplers import GRIDS
+from .samplers import GRIDS, check_sampler
 
 log = logging.getLogger("diffcli")
 
@@ -69,16 +69,16 @@ def sampler_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
 
 def sampler_from_config(sampler_cfg: DictConfig, path):
     """(sampler function, time grid) from a `sampler/` config group entry."""
+    fn = instantiate(sampler_cfg.fn)
+    check_sampler(fn.func.__name__, path, **fn.keywords)  # refuse an invalid pair before any work
     steps = sampler_cfg.steps if sampler_cfg.steps is not None else sampler_cfg.default_steps
     grid_args = dict(sampler_cfg.grid)
     grid_fn = GRIDS[grid_args.pop("name")]
     if steps is None and grid_fn is GRIDS["levels"]:
-        return instantiate(sampler_cfg.fn), grid_fn(path, None, **grid_args)
-    if steps is None:  # the model's own discrete steps, all of them
-        if path.T is None:
-            raise DiffcliError("this sampler has no default number of steps for a continuous-time model; give steps=N")
-        steps = path.T
-    return instantiate(sampler_cfg.fn), grid_fn(path, int(steps), **grid_args)
+        return fn, grid_fn(path, None, **grid_args)
+    if steps is None:  # a DDPM model's own steps, all of them
+        steps = path.T or sampler_cfg.get("continuous_steps")
+    return fn, grid_fn(path, int(steps), **grid_args)
 
 
 @torch.no_grad()

@@ -63,3 +63,13 @@ def test_models_build_with_their_default_sampler(model):
 def test_sigma_max_comes_from_the_dataset():
     assert compose_config("train", ["model=vesde", "data=cifar10"]).model.path.sigma_max == 99.6
     assert compose_config("train", ["model=ncsn", "data=moons"]).model.path.sigma_max == 6.6
+
+
+def test_readme_sampler_table_is_the_generated_one():
+    """The README's validity table is exactly what scripts/sampler_table.py derives from the code."""
+    import runpy
+
+    from conftest import ROOT
+
+    table = runpy.run_path(str(ROOT / "scripts" / "sampler_table.py"))["table"]()
+    assert table in (ROOT / "README.md").read_text()
