@@ -130,3 +130,23 @@ def test_langevin_and_pc_recover_mixture_weights(model, sampler):
     truth = data.sample(40_000, torch.Generator().manual_seed(3)).double()
     expected = torch.bincount(torch.cdist(truth, modes).argmin(1), minlength=len(modes)).double() / len(truth)
     assert (counts / counts.sum() - expected).abs().max() < 0.05, (counts / counts.sum(), expected)
+
+
+def test_trajectory_and_field_pictures(tmp_path):
+    """`sample.save_trajectory` keeps every visited state (the last is the sample); pictures are drawn."""
+    import numpy as np
+
+    from diffcli.sample import run_sample
+    from diffcli.train import run_train
+
+    run_train(compose_config("train", ["data=gmm", "net=oracle", "model=flow", "device=cpu"]), tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "ema_0.safetensors").is_file()  # nothing to train
+    run_sample(compose_config("sample", [f"ckpt={tmp_path / 'run'}", "sampler=heun", "steps=6", "n=300",
+                                         "sample.save_trajectory=true", "sample.plot_field=true", "device=cpu"]),
+               tmp_path / "s")
+    saved = np.load(tmp_path / "s" / "samples.npz")
+    assert saved["trajectory"].shape == (7, 300, 2) and int(saved["nfe"]) == 11  # Heun: 2 per step, 1 last
+    np.testing.assert_array_equal(saved["trajectory"][-1], saved["samples"])
+    np.testing.assert_allclose(saved["t_grid"][[0, -1]], [1.0, 0.0])
+    for picture in ("samples.png", "trajectories.png", "field.png"):
+        assert (tmp_path / "s" / picture).stat().st_size > 10_000
