@@ -103,12 +103,15 @@ def _grid_from_lambdas(path: Path, lam: torch.Tensor) -> torch.Tensor:
     return _then_zero(t)
 
 
-def karras_grid(path: Path, steps: int, t_min: float = 1e-3, rho: float = 7.0) -> torch.Tensor:
+def karras_grid(path: Path, steps: int, t_min: float = 1e-3, rho: float = 7.0,
+                sigma_cap: float = 80.0) -> torch.Tensor:
     """Karras et al. 2022, eq. 5, on the scaled noise level sigma/alpha = exp(-lambda):
     sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..N-1,
-    between sigma/alpha at t = 1 and at t_min, mapped back to t; then a last step to t = 0."""
+    between sigma/alpha at t = 1 (capped at EDM's sigma_max = 80: a flow's reaches 1e4, and rho = 7 would
+    spend most steps near t = 1) and at t_min, mapped back to t; the first point is t = 1 exactly; then a
+    last step to t = 0."""
     lam_max, lam_min = _lambda_range(path, t_min)
-    sigma_max, sigma_min = torch.exp(-lam_max), torch.exp(-lam_min)
+    sigma_max, sigma_min = torch.exp(-lam_max).clamp(max=sigma_cap), torch.exp(-lam_min)
     u = torch.linspace(0, 1, steps, dtype=torch.float64)
     sigmas = (sigma_max ** (1 / rho) + u * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return _grid_from_lambdas(path, -torch.log(sigmas))

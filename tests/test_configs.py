@@ -26,8 +26,11 @@ def test_groups_are_not_empty():
 def test_every_option_composes(primary, group, option):
     cfg = compose_config(primary, [f"{group}={option}"])
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    if group == "sampler":  # the sampler and its grid build for the default model
-        fn, grid = sampler_from_config(cfg.sampler, instantiate(compose_config("train").model.path))
+    if group == "sampler":  # the sampler and its grid build (for DDPM, or a flow where only that is valid)
+        from diffcli.samplers import NEEDS
+
+        model = "flow" if "flow path" in NEEDS[option] else "ddpm"
+        fn, grid = sampler_from_config(cfg.sampler, instantiate(compose_config("train", [f"model={model}"]).model.path))
         assert callable(fn) and 0.9 < grid[0] <= 1 and grid[-1] >= 0 and (grid.diff() < 0).all()
 
 
