@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from . import DiffcliError
 from .data import build_data
-from .sample import reference_data, sample_checkpoint, save_picture
+from .sample import sample_checkpoint, save_picture
 
 log = logging.getLogger("diffcli")
 
@@ -58,7 +58,7 @@ def run_eval(cfg: DictConfig, out_dir) -> dict:
     out_dir = FsPath(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = build_data(out["train_cfg"].data, torch.device("cpu"), seed=cfg.seed)
-    reference = reference_data(out["train_cfg"], cfg.n, cfg.seed)
+    reference = data.sample(cfg.n, torch.Generator().manual_seed(cfg.seed + 1))  # as reference_data draws
     record = {key: out[key] for key in ("ckpt", "step", "steps", "nfe")} | {
         "n": cfg.n, "seed": cfg.seed, "metrics": toy_metrics(out["samples"], reference, data)}
     (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))

@@ -104,7 +104,8 @@ def generate(denoiser: Denoiser, sampler, grid, n: int, shape, *, batch_size: in
     return torch.cat(out)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +123,7 @@ def save_trajectory_picture(frames: torch.Tensor, file: FsPath) -> FsPath:
         strip = frames[cols][:, :8].transpose(0, 1).flatten(0, 1)  # row = one sample's path
         save_image((strip.clamp(-1, 1) + 1) / 2, file, nrow=len(cols))
         return FsPath(file)
-    plt = _pyplot()
+    plt = pyplot()
     paths = frames[:, :300]
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(paths[..., 0], paths[..., 1], lw=0.4, alpha=0.35, c="tab:blue")
@@ -141,7 +142,7 @@ def save_trajectory_picture(frames: torch.Tensor, file: FsPath) -> FsPath:
 def save_field_picture(denoiser: Denoiser, reference: torch.Tensor, file: FsPath,
                        times=(0.8, 0.4, 0.1, 0.02)) -> FsPath:
     """The learned score (Gaussian prior) or velocity (otherwise) as arrows at a few times, over the data."""
-    path, plt = denoiser.path, _pyplot()
+    path, plt = denoiser.path, pyplot()
     lo, hi = reference.min(0).values - 1, reference.max(0).values + 1
     axes_1d = [torch.linspace(lo[i].item(), hi[i].item(), 21) for i in range(2)]
     grid = torch.stack(torch.meshgrid(*axes_1d, indexing="xy"), -1).reshape(-1, 2)
@@ -169,7 +170,7 @@ def save_picture(samples: torch.Tensor, file: FsPath, reference: torch.Tensor | 
 
         save_image((samples[:256] + 1) / 2, file, nrow=int(math.ceil(math.sqrt(min(len(samples), 256)))))
         return file
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     if reference is not None:
         ax.scatter(*reference.T.cpu(), s=2, c="0.75", label="data")

@@ -26,7 +26,7 @@ from .data import build_data
 from .ema import EMA
 from .losses import check_coupling, check_weighting, denoising_loss
 from .prediction import Denoiser, check_prediction
-from .sample import generate, pick_device, sampler_config, sampler_from_config, save_picture
+from .sample import generate, pick_device, pyplot, sampler_config, sampler_from_config, save_picture
 
 log = logging.getLogger("diffcli")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,8 +53,8 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, di
     return resumed, state, run_dir
 
 
-def check_train_config(cfg: DictConfig) -> None:
-    """One-line errors for bad training settings."""
+def check_train_config(cfg: DictConfig, path) -> None:
+    """One-line errors for bad training settings (the model's path already built)."""
     tc = cfg.train
     if tc.precision not in PRECISIONS:
         raise DiffcliError(f"train.precision={tc.precision} is unknown; choose one of {', '.join(PRECISIONS)}")
@@ -63,7 +63,6 @@ def check_train_config(cfg: DictConfig) -> None:
             raise DiffcliError(f"train.{key}={tc[key]} must be a positive integer")
     if tc.lr <= 0:
         raise DiffcliError(f"train.lr={tc.lr} must be positive")
-    path = instantiate(cfg.model.path)
     check_prediction(cfg.model.prediction, path)
     check_weighting(cfg.model.weighting, path)
     check_coupling(cfg.model.get("coupling", "independent"))
@@ -109,11 +108,7 @@ class Logger:
 
 def plot_loss(out_dir: FsPath, title: str) -> FsPath:
     """loss.png from log.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [json.loads(line) for line in open(out_dir / "log.jsonl")]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
@@ -147,10 +142,10 @@ class StopFlag:
 
 
 def build_model(cfg: DictConfig, device: torch.device):
-    """Data, path and network of a run."""
+    """Data and network of a run."""
     torch.manual_seed(cfg.seed)  # initialisation (and Fourier features); dropout after it
     data = build_data(cfg.data, device, seed=cfg.seed)
-    return data, instantiate(cfg.model.path), instantiate(cfg.net, shape=data.shape).to(device)
+    return data, instantiate(cfg.net, shape=data.shape).to(device)
 
 
 def build_optimization(cfg: DictConfig, net, device: torch.device):
@@ -198,10 +193,11 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
     if cfg.train.get("resume"):
         cfg, state, out_dir = resume_config(cfg, list(overrides))
         log.info("resuming %s from step %d", out_dir, state["step"])
-    check_train_config(cfg)
+    path = instantiate(cfg.model.path)
+    check_train_config(cfg, path)
     tc, device, ckpt_dir = cfg.train, pick_device(cfg.device), out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    data, path, net = build_model(cfg, device)
+    data, net = build_model(cfg, device)
     if not any(p.requires_grad for p in net.parameters()):  # net=oracle: exact already, nothing to fit
         save_ema(ckpt_dir / "ema_0.safetensors", net.state_dict(), cfg, 0, data.shape)
         log.info("%s has no trainable parameters: wrote %s, nothing to train", cfg.net._target_, ckpt_dir)

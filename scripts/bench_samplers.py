@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from diffcli.data import build_data
 from diffcli.evaluate import sliced_wasserstein
 from diffcli.prediction import Denoiser
-from diffcli.sample import generate, sampler_from_config
+from diffcli.sample import generate, pyplot, sampler_from_config
 
 STEPS = [2, 5, 10, 20, 50, 100, 200, 500, 1000]
 RUNS = {  # label -> (model overrides, sampler overrides per budget k)
@@ -99,11 +99,7 @@ def main():
 
 
 def plot(curves, floor, file):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     file.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for label, points in curves.items():

@@ -233,3 +233,18 @@ def test_trajectory_records_every_step(sampler):
     steps = len(grid) + 1 if sampler == "langevin" else len(grid) - 1  # langevin: each level and the denoising
     assert len(trajectory) == steps + 1 and torch.equal(trajectory[-1], out)
     assert all(x.shape == out.shape and np.isfinite(x.numpy()).all() for x in trajectory)
+
+
+def test_langevin_levels_off_ncsn_are_geometric_in_the_noise_level():
+    """On a VP path: 10 levels with sigma/alpha log-uniform from its value at t = 1 down to 0.01,
+    where sigma/alpha = sqrt(exp(B(t)) - 1), B(t) = int_0^t beta, is written from the VP closed form."""
+    from diffcli.paths import VPPath
+    from diffcli.samplers import levels_grid
+
+    path = VPPath(beta_min=0.1, beta_max=20.0)
+    t = levels_grid(path, 10, sigma_min=0.01)
+    scaled = torch.sqrt(torch.expm1(0.1 * t + (20.0 - 0.1) * t**2 / 2))
+    top = math.sqrt(math.expm1(0.1 + (20.0 - 0.1) / 2))
+    expected = torch.exp(torch.linspace(math.log(top), math.log(0.01), 10, dtype=F64))
+    assert len(t) == 10 and t[0] == 1 and (t.diff() < 0).all()
+    torch.testing.assert_close(scaled, expected, rtol=1e-8, atol=0)
