@@ -19,7 +19,8 @@ usage: diffcli <command> [key=value ...] [group=option ...] [-m] [--cfg job] [--
 commands:
   train    fit a model          e.g. diffcli train data=moons
   sample   sample a checkpoint  e.g. diffcli sample sampler=ddim steps=50 eta=0
-  eval     score a checkpoint   e.g. diffcli eval ckpt=outputs/train/<run>
+  eval     score a checkpoint   e.g. diffcli eval ckpt=outputs/train/<run> metric=fid
+  summary  tabulate a sweep     e.g. diffcli summary outputs/multirun/eval/<date>_<time>
 
 'diffcli <command> --help' lists that command's config groups and options.
 """
@@ -111,8 +112,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"diffcli {__version__}")
         return
     command, rest = argv[0], argv[1:]
+    if command == "summary":
+        sys.exit(_summary(rest))
     if command not in COMMANDS:
-        sys.exit(_fail(f"unknown command '{command}'; valid commands: {', '.join(COMMANDS)}"))
+        sys.exit(_fail(f"unknown command '{command}'; valid commands: {', '.join([*COMMANDS, 'summary'])}"))
     user_wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["DIFFCLI_TRACEBACK"] = "1" if user_wants_trace else "0"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
@@ -124,6 +127,21 @@ def main(argv: list[str] | None = None) -> None:
         if user_wants_trace or cause is None:
             raise
         sys.exit(_fail(cause))
+
+
+def _summary(args: list[str]) -> int:
+    """`diffcli summary DIR`: no Hydra, just the metrics.json files under DIR."""
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: diffcli summary DIR   (an eval run or sweep folder, e.g. outputs/multirun/eval/<date>_<time>)")
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    from .evaluate import summarize
+
+    try:
+        out = summarize(args[0])
+    except DiffcliError as e:
+        return _fail(str(e))
+    print(f"wrote {out['csv']}" + (f" and {out['plot']}" if "plot" in out else ""))
+    return 0
 
 
 def _user_error(e: BaseException) -> str | None:

@@ -1,30 +1,30 @@
-"""`diffcli eval`: sample a checkpoint and score the samples against fresh data (2D toys for now)."""
+"""`diffcli eval`: score a checkpoint the way the field does, record everything needed to reproduce it.
+
+2D toys: sliced Wasserstein, MMD, energy distance and mode coverage of samples against fresh data;
+exact NLL through the probability-flow ODE. Images: Inception FID / KID, classifier-feature FID,
+bits per dimension. `diffcli summary <dir>` gathers a sweep's metrics.json files into one table.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import time
 from pathlib import Path as FsPath
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import DiffcliError
 from .data import build_data
-from .sample import sample_checkpoint, save_picture
+from .metrics import energy_distance, mmd_rbf, sliced_wasserstein
+from .sample import check_sampling_args, load_model, pick_device, sample_checkpoint, save_picture
 
 log = logging.getLogger("diffcli")
-
-
-def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_proj: int = 256, seed: int = 0) -> float:
-    """Sliced 2-Wasserstein distance between equal-size point sets (Rabin et al. 2011)."""
-    if len(x) != len(y):
-        raise ValueError("sliced_wasserstein needs sets of equal size")
-    theta = torch.randn(x.shape[1], n_proj, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    theta /= theta.norm(dim=0, keepdim=True)
-    px, py = (x.double() @ theta).sort(dim=0).values, (y.double() @ theta).sort(dim=0).values
-    return math.sqrt((px - py).square().mean().item())
+TOY_METRICS = ("sliced_wasserstein", "mmd", "energy", "modes", "nll")
+IMAGE_METRICS = ("fid", "kid", "cfid", "bpd")
+NEEDS_SAMPLES = {"sliced_wasserstein", "mmd", "energy", "modes", "fid", "kid", "cfid"}
 
 
 def mode_coverage(x: torch.Tensor, modes: torch.Tensor, std: float, min_share: float = 0.25) -> dict:
@@ -42,38 +42,306 @@ def mode_coverage(x: torch.Tensor, modes: torch.Tensor, std: float, min_share: f
             "in_modes": close.double().mean().item(), "mode_counts": counts.tolist()}
 
 
-def toy_metrics(samples: torch.Tensor, reference: torch.Tensor, data) -> dict:
-    """Sliced Wasserstein to fresh data of the same size, and mode coverage for mixtures."""
-    metrics = {"sliced_wasserstein": sliced_wasserstein(samples, reference)}
-    if getattr(data, "modes", None) is not None:
+def toy_metrics(samples: torch.Tensor, reference: torch.Tensor, data, names=("sliced_wasserstein", "modes")) -> dict:
+    """Distances of samples to fresh data of the same size, and mode coverage for mixtures."""
+    metrics = {}
+    if "sliced_wasserstein" in names:
+        metrics["sliced_wasserstein"] = sliced_wasserstein(samples, reference)
+    if "mmd" in names:
+        metrics["mmd"] = mmd_rbf(samples, reference)
+    if "energy" in names:
+        metrics["energy_distance"] = energy_distance(samples, reference)
+    if "modes" in names and getattr(data, "modes", None) is not None:
         metrics |= mode_coverage(samples, data.modes.cpu(), data.mode_std)
     return metrics
 
 
+def data_log_prob(data_cfg: DictConfig, x: torch.Tensor) -> torch.Tensor | None:
+    """Analytic log-density of a Gaussian-mixture toy at x (None for other data)."""
+    from .oracle import MIXTURES
+
+    if data_cfg.get("kind") != "toy" or data_cfg.name not in MIXTURES:
+        return None
+    params = OmegaConf.to_container(data_cfg.get("params") or {}, resolve=True)
+    means, covs, weights = MIXTURES[data_cfg.name](**params)
+    D = torch.distributions
+    mixture = D.MixtureSameFamily(D.Categorical(weights.double()), D.MultivariateNormal(means.double(), covs.double()))
+    return mixture.log_prob(x.double())
+
+
+def resolve_names(names, is_image: bool, data) -> list[str]:
+    """The metric names to compute: `auto` picks the usual ones for the data; unknown names are errors."""
+    if names == "auto" or names == ["auto"]:
+        if not is_image:
+            return ["sliced_wasserstein", "mmd", "energy", "modes"]
+        return ["cfid"] if data.labels is not None and data.shape[0] == 1 else ["fid", "kid"]
+    names = [names] if isinstance(names, str) else list(names)
+    valid = IMAGE_METRICS if is_image else TOY_METRICS
+    kind = "image" if is_image else "2D"
+    for name in names:
+        if name not in valid:
+            hint = " (bits/dim is `bpd` for images)" if name == "nll" else " (NLL of 2D data is `nll`)" if name == "bpd" else ""
+            raise DiffcliError(f"metric {name} is not available for {kind} data{hint}; choose from {', '.join(valid)}")
+    return names
+
+
+def reference_images(data_cfg: DictConfig, mc: DictConfig, seed: int, split: str | None = None):
+    """Real images to compare with: the training data, or its `split` (metric.reference_split), capped at n_reference."""
+    split = split or mc.get("reference_split")
+    if split and data_cfg.get("kind") == "torchvision":
+        data_cfg = OmegaConf.merge(data_cfg, {"split": split})
+    data = build_data(data_cfg, "cpu", seed=seed)
+    images, n = data.images, mc.get("n_reference")
+    if n and n < len(images):  # a seeded random subset, the same on every call
+        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
+    where = data_cfg.split if data_cfg.get("kind") == "torchvision" else FsPath(str(data_cfg.get("path", ""))).stem
+    name = f"{data_cfg.name}-{where}"
+    return data, images, name
+
+
+def image_metrics(names, samples, train_cfg, mc, denoiser, seed: int, device) -> dict:
+    """FID/KID (Inception), classifier-FID and bits/dim for an image model."""
+    out = {}
+    if {"fid", "kid"} & set(names):
+        out |= _inception_metrics(names, samples, train_cfg, mc, seed, device)
+    if "cfid" in names:
+        from .classifier import classifier_fid, classifier_for
+
+        data, images, _ = reference_images(train_cfg.data, mc, seed)
+        classifier, info = classifier_for(train_cfg.data, cache_dir=FsPath(mc.cache_dir).expanduser(), device=device,
+                                          seed=seed, epochs=mc.classifier_epochs, log=log)
+        out |= classifier_fid(classifier, samples, data._to_float(images))
+        out |= {"classifier_accuracy": info["accuracy"], "classifier_trained_on": info["trained_on"]}
+    if "bpd" in names:
+        out |= _bits_per_dim(denoiser, train_cfg, mc, seed)
+    return out
+
+
+def _inception_metrics(names, samples, train_cfg, mc, seed, device) -> dict:
+    """FID and KID against cached Inception features of the real data."""
+    from .inception import fid_kid, inception_features, inception_weights, load_inception, reference_features
+
+    weights = inception_weights(mc.inception_weights)
+    net = load_inception(weights, device)
+    _, images, name = reference_images(train_cfg.data, mc, seed)
+    reference = reference_features(net, weights, images, name, mc.cache_dir, mc.batch_size)
+    scores = fid_kid(inception_features(net, samples, mc.batch_size), reference,
+                     subsets=mc.kid_subsets, subset_size=mc.kid_subset_size, seed=seed)
+    scores["fid_reference"] = f"{name} ({len(images)} images)"
+    return {k: v for k, v in scores.items() if k.split("_")[0] in names or k == "fid_reference"}
+
+
+def _bits_per_dim(denoiser, train_cfg, mc, seed) -> dict:
+    """Bits/dim of real held-out images (the test split when there is one) through the PF-ODE."""
+    from .likelihood import bits_per_dim
+
+    _, images, name = reference_images(train_cfg.data, OmegaConf.merge(mc, {"n_reference": None}), seed,
+                                       split="test")
+    images = images[: mc.nll_n]
+    g = torch.Generator().manual_seed(seed)
+    bpd, nfe = [], 0
+    for batch in images.split(mc.batch_size):
+        out = bits_per_dim(denoiser, batch.to(_device(denoiser)), generator=g, probes=mc.probes,
+                           rtol=mc.rtol, atol=mc.atol)
+        bpd.append(out["bpd"].cpu())
+        nfe = max(nfe, out["nfe"])
+    bpd = torch.cat(bpd)
+    return {"bpd": bpd.mean().item(), "bpd_sem": _sem(bpd), "bpd_images": f"{name} ({len(bpd)})", "bpd_nfe": nfe}
+
+
+def nll_2d(denoiser, data, data_cfg, mc, seed) -> dict:
+    """Exact NLL (nats) of fresh data through the PF-ODE; next to it, the data's own entropy where known."""
+    from .likelihood import log_likelihood
+
+    g = torch.Generator().manual_seed(seed + 2)
+    x = data.sample(mc.nll_n, g).cpu()
+    out = log_likelihood(denoiser, x.to(_device(denoiser)), exact=True, rtol=mc.rtol, atol=mc.atol)
+    nll = -out["log_p"].cpu()
+    metrics = {"nll": nll.mean().item(), "nll_sem": _sem(nll), "nll_nfe": out["nfe"]}
+    truth = data_log_prob(data_cfg, x)
+    if truth is not None:  # E[-log p_data] on the same points: no model can go below it on average
+        metrics["nll_data"] = -truth.mean().item()
+    return metrics
+
+
+def _sem(v: torch.Tensor) -> float:
+    return (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else float("nan")
+
+
+def _device(denoiser) -> torch.device:
+    tensors = [*denoiser.net.parameters(), *denoiser.net.buffers()]
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def default_cache_dir() -> FsPath:
+    """$DIFFCLI_CACHE, else ~/.cache/diffcli: where reference features and classifiers are kept."""
+    import os
+
+    return FsPath(os.environ.get("DIFFCLI_CACHE", "~/.cache/diffcli")).expanduser()
+
+
+def quick_metric(samples: torch.Tensor, data, data_cfg: DictConfig, seed: int, device) -> dict:
+    """The cheap metric of train.eval_every: sliced Wasserstein (2D) or classifier-FID (labelled images)."""
+    if not data.is_image:
+        reference = data.sample(len(samples), torch.Generator(data.device).manual_seed(seed + 1))
+        return {"sliced_wasserstein": sliced_wasserstein(samples, reference.cpu())}
+    from .classifier import classifier_fid, classifier_for
+
+    classifier, _ = classifier_for(data_cfg, cache_dir=default_cache_dir(), device=device, seed=seed, log=log)
+    scores = classifier_fid(classifier, samples, data._to_float(data.images.cpu()))
+    return {k: v for k, v in scores.items() if isinstance(v, float)}
+
+
 def run_eval(cfg: DictConfig, out_dir) -> dict:
-    """Writes metrics.json and samples.png into out_dir and prints the metrics."""
-    out = sample_checkpoint(cfg)
-    if len(out["shape"]) != 1:
-        raise DiffcliError("diffcli eval scores 2D toy data so far; image metrics (FID/KID) are not available yet")
+    """Writes metrics.json and samples.png into out_dir and prints the metrics as a table."""
+    check_sampling_args(cfg)
+    mc, t0 = cfg.metric, time.perf_counter()
+    device = pick_device(cfg.device)
+    loaded = load_model(cfg.ckpt, device)
+    denoiser, train_cfg, step, shape, file = loaded
+    data = build_data(train_cfg.data, torch.device("cpu"), seed=cfg.seed)
+    names = resolve_names(OmegaConf.to_object(mc.names) if OmegaConf.is_list(mc.names) else mc.names,
+                          data.is_image, data)
+    if {"fid", "kid"} & set(names):  # fail before sampling, not after
+        from .inception import inception_weights
+
+        inception_weights(mc.inception_weights)
+    record = {"ckpt": str(file), "step": step, "data": train_cfg.data.name, "model": train_cfg.model.name,
+              "sampler": None, "steps": None, "nfe": None, "n": None, "seed": cfg.seed}
     out_dir = FsPath(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = build_data(out["train_cfg"].data, torch.device("cpu"), seed=cfg.seed)
-    reference = data.sample(cfg.n, torch.Generator().manual_seed(cfg.seed + 1))  # as reference_data draws
-    record = {key: out[key] for key in ("ckpt", "step", "steps", "nfe")} | {
-        "n": cfg.n, "seed": cfg.seed, "metrics": toy_metrics(out["samples"], reference, data)}
+    metrics, samples = {}, None
+    if NEEDS_SAMPLES & set(names):
+        out = sample_checkpoint(cfg, loaded=loaded)
+        samples = out["samples"]
+        record |= {"sampler": out["sampler"], "steps": out["steps"], "nfe": out["nfe"], "n": cfg.n}
+    if data.is_image:
+        metrics = image_metrics(names, samples, train_cfg, mc, denoiser, cfg.seed, device)
+        if samples is not None:
+            save_picture(samples, out_dir / "samples.png")
+    else:
+        if samples is not None:
+            reference = data.sample(cfg.n, torch.Generator().manual_seed(cfg.seed + 1))  # as reference_data draws
+            metrics = toy_metrics(samples, reference, data, names)
+            save_picture(samples, out_dir / "samples.png", reference)
+        if "nll" in names:
+            metrics |= nll_2d(denoiser, data, train_cfg.data, mc, cfg.seed)
+    record |= {"metrics": metrics, "metric_settings": OmegaConf.to_container(mc, resolve=True),
+               "seconds": round(time.perf_counter() - t0, 2)}
     (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))
-    save_picture(out["samples"], out_dir / "samples.png", reference)
-    _print_table(record)
+    print_table(record)
+    log.info("wrote %s", out_dir / "metrics.json")
     return record
 
 
-def _print_table(record: dict) -> None:
+def print_table(record: dict) -> None:
+    """The metrics of one evaluation as a rich table."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{record['ckpt']} (step {record['step']}, n={record['n']}, NFE {record['nfe']})")
+    how = f"{record['sampler']}, {record['steps']} steps, NFE {record['nfe']}, n={record['n']}" if record["sampler"] else ""
+    table = Table(title=f"{record['model']} on {record['data']}, step {record['step']}" + (f"\n{how}" if how else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in record["metrics"].items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(key, _fmt(value))
     Console().print(table)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _overrides_of(run: FsPath) -> str:
+    """The command-line overrides of a Hydra job (its .hydra/overrides.yaml), as one string."""
+    file = run / ".hydra" / "overrides.yaml"
+    return " ".join(OmegaConf.load(file)) if file.is_file() else ""
+
+
+def collect(root) -> list[dict]:
+    """Every metrics.json under root (a sweep or any folder of eval runs), oldest job first."""
+    files = sorted(FsPath(root).rglob("metrics.json"), key=lambda f: (len(f.parts), str(f)))
+    if not files:
+        raise DiffcliError(f"no metrics.json under {root}; point diffcli summary at an eval run or sweep folder "
+                           f"(e.g. outputs/multirun/eval/<date>_<time>)")
+    rows = []
+    for f in files:
+        record = json.loads(f.read_text())
+        scalars = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        rows.append({"run": str(f.parent.relative_to(root)) if f.parent != FsPath(root) else ".",
+                     "overrides": _overrides_of(f.parent), **{k: record.get(k) for k in
+                     ("model", "data", "step", "sampler", "steps", "nfe", "n")}, **scalars})
+    return rows
+
+
+def summarize(root) -> dict:
+    """One table (printed, summary.csv) and a quality-vs-NFE plot (quality_vs_nfe.png) of a sweep's evaluations."""
+    import csv
+
+    root = FsPath(root)
+    rows = collect(root)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(root / "summary.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    _print_summary(rows, columns, root)
+    out = {"rows": rows, "csv": str(root / "summary.csv")}
+    plotted = [k for k in columns if k not in _INFO_COLUMNS and any(isinstance(r.get(k), float) for r in rows)]
+    if plotted and any(r.get("nfe") for r in rows):
+        out["plot"] = str(_plot_vs_nfe(rows, plotted, root / "quality_vs_nfe.png"))
+    return out
+
+
+_INFO_COLUMNS = ("run", "overrides", "model", "data", "step", "sampler", "steps", "nfe", "n")
+_SKIP_PLOT = ("_sem", "_std", "_nfe", "_total", "_covered")
+
+
+def _print_summary(rows, columns, root) -> None:
+    """The columns that vary across runs as a table; the ones that do not, in its title."""
+    from rich.console import Console
+    from rich.table import Table
+
+    swept = _varying_overrides(rows)
+    rows = [r | {"overrides": " ".join(o for o in r["overrides"].split() if o in swept)} for r in rows]
+    same = [c for c in columns if c != "run" and len({json.dumps(r.get(c)) for r in rows}) == 1 and len(rows) > 1]
+    title = f"{root} ({len(rows)} evaluations)\n" + "  ".join(f"{c}={_fmt(rows[0].get(c))}" for c in same
+                                                                if rows[0].get(c) not in (None, ""))
+    table = Table(title=title)
+    shown = [c for c in columns if c not in same]
+    for c in shown:
+        table.add_column(c, justify="left" if c in ("run", "overrides", "model", "data", "sampler") else "right")
+    for row in rows:
+        table.add_row(*(_fmt(row[c]) if row.get(c) is not None else "" for c in shown))
+    Console(width=max(100, 12 * len(shown))).print(table)
+
+
+def _varying_overrides(rows) -> set[str]:
+    """Overrides (key=value) not shared by every run: the swept ones."""
+    sets = [set(r["overrides"].split()) for r in rows]
+    return set().union(*sets) - set.intersection(*sets) if sets else set()
+
+
+def _plot_vs_nfe(rows, metrics, file: FsPath) -> FsPath:
+    """One panel per metric: value against NFE (log scale), one line per (model, sampler)."""
+    from .sample import pyplot
+
+    plt = pyplot()
+    metrics = [m for m in metrics if not m.endswith(_SKIP_PLOT)][:6]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
+    groups = {}
+    for r in rows:
+        if r.get("nfe"):
+            groups.setdefault(f"{r['model']} / {r['sampler']}", []).append(r)
+    for ax, metric in zip(axes[0], metrics):
+        for label, group in groups.items():
+            pts = sorted((r["nfe"], r[metric]) for r in group if isinstance(r.get(metric), (int, float)))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set(xscale="log", xlabel="NFE per sample", ylabel=metric, title=f"{metric} vs NFE")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+    return file

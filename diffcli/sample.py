@@ -55,15 +55,20 @@ def sampler_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
     """The `sampler` node of cfg, or (when none was chosen) the formulation's default `model.sampler`.
 
     The default's YAML is read from the shipped configs and resolved against cfg's `steps` and
-    `eta`, exactly as if `sampler=<model.sampler>` had been given on the command line.
+    `eta`, exactly as if `sampler=<model.sampler>` had been given on the command line; a bare
+    `sampler: {steps: ...}` node (sample.yaml, eval.yaml) is merged over it, so
+    `diffcli eval -m sampler.steps=5,10,20` sweeps the default sampler's steps.
     """
-    if cfg.get("sampler") is not None:
-        return cfg.sampler
+    chosen = cfg.get("sampler")
+    if chosen is not None and "fn" in chosen:
+        return chosen
     from importlib.resources import files
 
     from omegaconf import OmegaConf
 
     node = OmegaConf.load(files("diffcli.configs").joinpath("sampler", f"{model_cfg.sampler}.yaml"))
+    if chosen is not None:  # sampler.steps=... given without sampler=...: it applies to the default sampler
+        node = OmegaConf.merge(node, OmegaConf.to_container(chosen, resolve=True))
     return OmegaConf.create({"steps": cfg.get("steps"), "eta": cfg.get("eta", 0.0), "sampler": node}).sampler
 
 
@@ -183,17 +188,18 @@ def save_picture(samples: torch.Tensor, file: FsPath, reference: torch.Tensor | 
     return file
 
 
-def sample_checkpoint(cfg: DictConfig, trajectory: list | None = None) -> dict:
-    """Samples of `cfg.n` from `cfg.ckpt` with `cfg.sampler`: what `sample` and `eval` share."""
+def sample_checkpoint(cfg: DictConfig, trajectory: list | None = None, loaded: tuple | None = None) -> dict:
+    """Samples of `cfg.n` from `cfg.ckpt` (or an already `loaded` load_model result) with `cfg.sampler`."""
     check_sampling_args(cfg)
     device = pick_device(cfg.device)
-    denoiser, train_cfg, step, shape, file = load_model(cfg.ckpt, device)
+    denoiser, train_cfg, step, shape, file = loaded or load_model(cfg.ckpt, device)
     sampler, grid = sampler_from_config(sampler_config(cfg, train_cfg.model), denoiser.path)
     log.info("sampling %d from %s (step %d) with %d steps", cfg.n, file, step, len(grid) - 1)
     samples = generate(denoiser, sampler, grid, cfg.n, shape, batch_size=cfg.batch_size, seed=cfg.seed,
                        device=device, trajectory=trajectory)
     nfe = denoiser.nfe // math.ceil(cfg.n / cfg.batch_size)  # evaluations per sample
     return {"samples": samples, "nfe": nfe, "ckpt": str(file), "step": step, "steps": len(grid) - 1,
+            "sampler": sampler.func.__name__,
             "train_cfg": train_cfg, "shape": shape, "denoiser": denoiser, "grid": grid}
 
 

@@ -24,6 +24,7 @@ from . import DiffcliError
 from .checkpoint import list_checkpoints, load_state, prune, save_ema, save_state
 from .data import build_data
 from .ema import EMA
+from .evaluate import quick_metric
 from .losses import check_coupling, check_weighting, denoising_loss
 from .prediction import Denoiser, check_prediction
 from .sample import generate, pick_device, pyplot, sampler_config, sampler_from_config, save_picture
@@ -72,11 +73,10 @@ class Logger:
     """Loss, LR, gradient norm and throughput to log.jsonl; a progress bar or plain log lines."""
 
     def __init__(self, out_dir: FsPath, total: int, start: int):
-        file = out_dir / "log.jsonl"
-        if file.exists():  # a resumed run: drop rows logged after the checkpoint it resumes from
-            rows = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= start]
-            file.write_text("".join(row + "\n" for row in rows))
-        self.file = open(file, "a")
+        for name in ("log.jsonl", "eval.jsonl"):  # a resumed run: drop rows logged after its checkpoint
+            _truncate(out_dir / name, start)
+        self.file = open(out_dir / "log.jsonl", "a")
+        self.eval_file = out_dir / "eval.jsonl"
         self.bar = None
         if sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -100,20 +100,41 @@ class Logger:
         else:
             log.info("step %d  %s  grad %.3f", record["step"], info, record["grad_norm"])
 
+    def metrics(self, step: int, metrics: dict) -> None:
+        """An evaluation of the EMA weights (train.eval_every) to eval.jsonl."""
+        with open(self.eval_file, "a") as fh:
+            fh.write(json.dumps({"step": step} | metrics) + "\n")
+        text = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        (self.bar.console.log if self.bar else log.info)(f"eval at step {step}: {text}")
+
     def close(self) -> None:
         if self.bar:
             self.bar.stop()
         self.file.close()
 
 
+def _truncate(file: FsPath, step: int) -> None:
+    """Keep the rows of a .jsonl log up to `step`."""
+    if file.exists():
+        rows = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= step]
+        file.write_text("".join(row + "\n" for row in rows))
+
+
 def plot_loss(out_dir: FsPath, title: str) -> FsPath:
-    """loss.png from log.jsonl."""
+    """loss.png from log.jsonl, with the eval_every metric beside it when there is one."""
     plt = pyplot()
     rows = [json.loads(line) for line in open(out_dir / "log.jsonl")]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    evals = [json.loads(line) for line in open(out_dir / "eval.jsonl")] if (out_dir / "eval.jsonl").exists() else []
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
+    ax = axes[0][0]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set(xlabel="step", ylabel="training loss", yscale="log", title=title)
     ax.grid(alpha=0.3)
+    if evals:
+        key = next(k for k, v in evals[0].items() if k != "step" and isinstance(v, float))
+        axes[0][1].plot([r["step"] for r in evals], [r[key] for r in evals], marker="o")
+        axes[0][1].set(xlabel="step", ylabel=key, title=f"{key} of EMA samples (train.eval_every)")
+        axes[0][1].grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=120)
     plt.close(fig)
@@ -198,6 +219,9 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
     tc, device, ckpt_dir = cfg.train, pick_device(cfg.device), out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     data, net = build_model(cfg, device)
+    if tc.get("eval_every") and data.is_image and data.labels is None:
+        raise DiffcliError(f"train.eval_every={tc.eval_every} scores samples by classifier-FID, which needs labelled "
+                           f"images; {cfg.data.name} has none: set train.eval_every=0 and run diffcli eval on checkpoints")
     if not any(p.requires_grad for p in net.parameters()):  # net=oracle: exact already, nothing to fit
         save_ema(ckpt_dir / "ema_0.safetensors", net.state_dict(), cfg, 0, data.shape)
         log.info("%s has no trainable parameters: wrote %s, nothing to train", cfg.net._target_, ckpt_dir)
@@ -223,6 +247,12 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
         ref = None if data.is_image else data.sample(tc.n_samples, torch.Generator(device).manual_seed(cfg.seed))
         save_picture(x, out_dir / f"samples_{step:07d}.png", ref)
 
+    def evaluate(step: int) -> None:
+        sampler, grid = sampler_from_config(sampler_config(cfg, cfg.model), path)
+        x = generate(Denoiser(ema.net, path, cfg.model.prediction), sampler, grid, tc.eval_n, data.shape,
+                     batch_size=min(tc.eval_n, 1000), seed=cfg.seed, device=device)
+        logger.metrics(step, quick_metric(x, data, cfg.data, cfg.seed, device))
+
     logger, stop = Logger(out_dir, tc.steps, start), StopFlag()
     loss_sum, since_log, t_log = torch.zeros((), device=device), 0, time.perf_counter()
     try:
@@ -245,6 +275,8 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
                 since_log = 0
             if tc.sample_every and done % tc.sample_every == 0:
                 sample_grid(done)
+            if tc.get("eval_every") and done % tc.eval_every == 0:
+                evaluate(done)
             if done % tc.ckpt_every == 0 or done == tc.steps or stop.signum:
                 checkpoint(done)
             if stop.signum:
