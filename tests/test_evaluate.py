@@ -180,3 +180,26 @@ def test_eval_bpd_of_an_image_model(image_oracle, tmp_path):
     images = torch.from_numpy(np.load(image_oracle / "x.npz")["images"][:4, None])
     direct = bits_per_dim(denoiser, images, generator=torch.Generator().manual_seed(0), rtol=1e-3, atol=1e-3)
     assert m["bpd"] == pytest.approx(direct["bpd"].mean().item(), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_eval_sweep_and_summary_from_the_command_line(tmp_path):
+    """`diffcli eval -m sampler.steps=...` then `diffcli summary`: one row per job, a CSV and a quality-vs-NFE plot."""
+    import csv
+
+    from conftest import run_cli
+
+    run_train(compose_config("train", ["data=eight_gaussians", "train.steps=200", "train.log_every=100",
+                                       "train.sample_every=0", "device=cpu"]), tmp_path / "run")
+    sweep = run_cli("eval", "-m", f"ckpt={tmp_path / 'run'}", "sampler=ddim", "sampler.steps=2,20", "n=500",
+                    "device=cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert sweep.returncode == 0, sweep.stderr
+    out = run_cli("summary", str(tmp_path / "sweep"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "2 evaluations" in out.stdout and "quality_vs_nfe.png" in out.stdout
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
+    assert [int(r["nfe"]) for r in rows] == [2, 20]
+    assert float(rows[1]["sliced_wasserstein"]) < float(rows[0]["sliced_wasserstein"])  # more steps, closer
+    assert (tmp_path / "sweep" / "quality_vs_nfe.png").stat().st_size > 10_000
+    missing = run_cli("summary", str(tmp_path / "run"), cwd=tmp_path)
+    assert missing.returncode == 2 and "no metrics.json" in missing.stderr and "Traceback" not in missing.stderr
