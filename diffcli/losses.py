@@ -45,16 +45,25 @@ def check_coupling(coupling: str) -> str:
     return coupling
 
 
-def denoising_loss(net, path: Path, prediction: str, x0: torch.Tensor, generator: torch.Generator | None,
-                   weighting: str = "simple", coupling: str = "independent") -> torch.Tensor:
-    """E_{t, x1} of the squared error of net(x_t, t), x_t = alpha x0 + sigma x1.
+def draw(path: Path, x0: torch.Tensor, generator: torch.Generator | None, coupling: str = "independent"):
+    """(x0, x1, t) of one training batch: t ~ the path's training times, x1 ~ the prior, paired by `coupling`.
+
+    Drawn for the whole global batch before it is split among GPUs and accumulation steps, so a
+    run's randomness does not depend on how its batch is split.
+    """
+    t = path.sample_t(x0.shape[0], generator, x0.device)
+    x1 = COUPLINGS[coupling](x0, path.sample_prior(x0.shape, generator, x0.device))
+    return x0, x1, t
+
+
+def pair_loss(net, path: Path, prediction: str, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
+              weighting: str = "simple") -> torch.Tensor:
+    """The squared error of net(x_t, t) at x_t = alpha x0 + sigma x1, averaged over the batch.
 
     `simple`: || net - target ||^2 on the network's own kind (eps, x0, v, velocity, ...): DDPM's eq. 14
     for eps, the conditional flow-matching loss for velocity. Otherwise denoising score matching
     lambda(t) || score(net) - (-x1 / sigma) ||^2, whatever the network predicts.
     """
-    t = path.sample_t(x0.shape[0], generator, x0.device)
-    x1 = COUPLINGS[coupling](x0, path.sample_prior(x0.shape, generator, x0.device))
     x_t = path.marginal(x0, x1, t)
     out = net(x_t, t).float()
     if WEIGHTINGS[weighting] is None:
@@ -62,3 +71,9 @@ def denoising_loss(net, path: Path, prediction: str, x0: torch.Tensor, generator
     score_error = convert(out, prediction, "score", path, x_t.float(), t) - target("score", path, x0, x1, t).float()
     per_example = score_error.square().flatten(1).mean(1)
     return (expand(WEIGHTINGS[weighting](path, t), per_example) * per_example).mean()
+
+
+def denoising_loss(net, path: Path, prediction: str, x0: torch.Tensor, generator: torch.Generator | None,
+                   weighting: str = "simple", coupling: str = "independent") -> torch.Tensor:
+    """E_{t, x1} of the squared error of net(x_t, t): pair_loss on a fresh draw of (x1, t) for x0."""
+    return pair_loss(net, path, prediction, *draw(path, x0, generator, coupling), weighting)

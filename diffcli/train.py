@@ -25,7 +25,8 @@ from .checkpoint import list_checkpoints, load_state, prune, save_ema, save_stat
 from .data import build_data
 from .ema import EMA
 from .evaluate import quick_metric
-from .losses import check_coupling, check_weighting, denoising_loss
+from . import distributed
+from .losses import check_coupling, check_weighting, draw, pair_loss
 from .prediction import Denoiser, check_prediction
 from .sample import generate, pick_device, pyplot, sampler_config, sampler_from_config, save_picture
 
@@ -59,7 +60,7 @@ def check_train_config(cfg: DictConfig, path) -> None:
     tc = cfg.train
     if tc.precision not in PRECISIONS:
         raise DiffcliError(f"train.precision={tc.precision} is unknown; choose one of {', '.join(PRECISIONS)}")
-    for key in ("steps", "batch_size", "log_every"):
+    for key in ("steps", "batch_size", "log_every", "grad_accum", "max_nonfinite"):
         if tc[key] <= 0:
             raise DiffcliError(f"train.{key}={tc[key]} must be a positive integer")
     if tc.lr <= 0:
@@ -173,8 +174,10 @@ def build_optimization(cfg: DictConfig, net, device: torch.device):
     """EMA, optimizer, grad scaler and autocast context of a run."""
     tc = cfg.train
     ema = EMA(net, decay=tc.ema.decay, warmup=tc.ema.warmup)
+    # fused: one kernel per step, and it takes a found_inf flag, so a non-finite step is skipped on the
+    # device without a host sync (CUDA and CPU)
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
-                            fused=device.type == "cuda")
+                            fused=device.type in ("cuda", "cpu"))
     dtype = PRECISIONS[tc.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)  # fp16 needs loss scaling
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
@@ -194,18 +197,53 @@ def restore(state: dict, net, ema: EMA, opt, scaler, device: torch.device) -> in
     return state["step"]
 
 
-def train_step(net, path, model_cfg, x0, g, opt, scaler, autocast, grad_clip) -> tuple:
-    """One optimizer step on the denoising loss; returns (loss, grad_norm) as device tensors."""
-    with autocast:
-        loss = denoising_loss(net, path, model_cfg.prediction, x0, g, weighting=model_cfg.weighting,
-                              coupling=model_cfg.get("coupling", "independent"))
+def channels_last(cfg: DictConfig, device: torch.device, data) -> bool:
+    """train.channels_last: `auto` is on for images on CUDA, where cuDNN's NHWC convolutions are faster."""
+    setting = cfg.train.get("channels_last", "auto")
+    return data.is_image and (device.type == "cuda" if setting == "auto" else bool(setting))
+
+
+def train_step(model, path, model_cfg, x0, g, opt, scaler, autocast, grad_clip, micro: int, world) -> tuple:
+    """One optimizer step on the global batch x0, this rank's share of it in micro-batches of `micro`.
+
+    Returns (loss, grad_norm, finite) as device tensors; a step whose loss or gradient is not finite
+    leaves weights and optimizer state untouched (decided on the device: no host sync).
+    """
+    x0, x1, t = draw(path, x0, g, model_cfg.get("coupling", "independent"))  # the whole global batch
+    accum = x0.shape[0] // (micro * world.size)
     opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    loss = torch.zeros((), device=x0.device)
+    for k in range(accum):
+        part = slice((world.rank * accum + k) * micro, (world.rank * accum + k + 1) * micro)
+        sync = k == accum - 1 or world.size == 1  # DDP: all-reduce gradients on the last micro-batch only
+        with (nullcontext() if sync else model.no_sync()), autocast:
+            micro_loss = pair_loss(model, path, model_cfg.prediction, x0[part], x1[part], t[part],
+                                   model_cfg.weighting) / accum
+        scaler.scale(micro_loss).backward()
+        loss += micro_loss.detach()
     scaler.unscale_(opt)  # clip the true gradient, not the scaled one
-    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip or math.inf)
-    scaler.step(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    # fp16's scaler skips overflowing steps itself (and lowers its scale): only a non-finite loss counts there
+    finite = torch.isfinite(loss) if scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
+    if scaler.is_enabled():
+        scaler.step(opt)
+    elif opt.defaults.get("fused"):
+        opt.found_inf = (~finite).float()  # the fused kernel skips the update (and its step count) on 1
+        opt.step()
+        del opt.found_inf
+    elif finite:  # an unfused optimizer has no device-side skip: this costs a sync
+        opt.step()
     scaler.update()
-    return loss.detach(), grad_norm
+    return loss, grad_norm, finite
+
+
+class _Silent:
+    """The logger of ranks other than 0: they write nothing."""
+
+    def __call__(self, *args):
+        pass
+
+    tick = metrics = close = __call__
 
 
 def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
@@ -216,23 +254,44 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
         log.info("resuming %s from step %d", out_dir, state["step"])
     path = instantiate(cfg.model.path)
     check_train_config(cfg, path)
-    tc, device, ckpt_dir = cfg.train, pick_device(cfg.device), out_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    world = distributed.setup(pick_device(cfg.device))
+    try:
+        out = _train(cfg, FsPath(distributed.shared(world, str(out_dir))), state, path, world)
+    except BaseException:
+        distributed.teardown(world, wait=False)  # no barrier: the other ranks may never reach it
+        raise
+    distributed.teardown(world)
+    return out
+
+
+def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world) -> dict:
+    tc, device, ckpt_dir = cfg.train, world.device, out_dir / "checkpoints"
+    micro = distributed.micro_batch(world, tc.batch_size, tc.grad_accum)
+    if world.main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     data, net = build_model(cfg, device)
     if tc.get("eval_every") and data.is_image and data.labels is None:
         raise DiffcliError(f"train.eval_every={tc.eval_every} scores samples by classifier-FID, which needs labelled "
                            f"images; {cfg.data.name} has none: set train.eval_every=0 and run diffcli eval on checkpoints")
     if not any(p.requires_grad for p in net.parameters()):  # net=oracle: exact already, nothing to fit
-        save_ema(ckpt_dir / "ema_0.safetensors", net.state_dict(), cfg, 0, data.shape)
+        if world.main:
+            save_ema(ckpt_dir / "ema_0.safetensors", net.state_dict(), cfg, 0, data.shape)
         log.info("%s has no trainable parameters: wrote %s, nothing to train", cfg.net._target_, ckpt_dir)
         return {"out_dir": str(out_dir), "steps": 0, "loss_curve": None}
+    nhwc = channels_last(cfg, device, data)
+    if nhwc:
+        net = net.to(memory_format=torch.channels_last)
     ema, opt, scaler, autocast = build_optimization(cfg, net, device)
     start = restore(state, net, ema, opt, scaler, device) if state else 0
     # linear warm-up; built after the optimizer state is loaded so that last_epoch restores its LR
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(tc.warmup, 1)),
                                               last_epoch=start - 1)
-    log.info("%s: %s on %s, net %s (%.2fM parameters), device %s, %d steps", out_dir, cfg.model.name, cfg.data.name,
-             cfg.net._target_.rsplit(".", 1)[-1], sum(p.numel() for p in net.parameters()) / 1e6, device, tc.steps)
+    model = distributed.wrap(world, net)
+    if tc.get("compile"):
+        model = torch.compile(model)  # state dicts are taken from `net`, so no _orig_mod. prefixes
+    log.info("%s: %s on %s, net %s (%.2fM parameters), device %s x %d, %d steps, batch %d (%d per pass)", out_dir,
+             cfg.model.name, cfg.data.name, cfg.net._target_.rsplit(".", 1)[-1],
+             sum(p.numel() for p in net.parameters()) / 1e6, device, world.size, tc.steps, tc.batch_size, micro)
 
     def checkpoint(step: int) -> None:
         save_ema(ckpt_dir / f"ema_{step}.safetensors", ema.net.state_dict(), cfg, step, data.shape)
@@ -253,39 +312,63 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
                      batch_size=min(tc.eval_n, 1000), seed=cfg.seed, device=device)
         logger.metrics(step, quick_metric(x, data, cfg.data, cfg.seed, device))
 
-    logger, stop = Logger(out_dir, tc.steps, start), StopFlag()
-    loss_sum, since_log, t_log = torch.zeros((), device=device), 0, time.perf_counter()
+    logger, stop = Logger(out_dir, tc.steps, start) if world.main else _Silent(), StopFlag()
+    zero = lambda: torch.zeros((), device=device)  # noqa: E731
+    # device-side tallies, read at log intervals only: loss of finite steps, their count, skipped steps
+    loss_sum, n_finite, skipped, run_of_bad, worst_run = zero(), zero(), zero(), zero(), zero()
+    since_log, t_log = 0, time.perf_counter()
     try:
-        net.train()
+        model.train()
         for step in range(start, tc.steps):
             g = step_generator(cfg.seed, step, device)
-            loss, grad_norm = train_step(net, path, cfg.model, data.batch(step, tc.batch_size, g), g,
-                                         opt, scaler, autocast, tc.grad_clip)
+            x0 = data.batch(step, tc.batch_size, g)
+            if nhwc:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            loss, grad_norm, finite = train_step(model, path, cfg.model, x0, g, opt, scaler, autocast,
+                                                 tc.grad_clip, micro, world)
             sched.step()
             ema.update(net, step)
-            loss_sum += loss  # stays on the device: no host sync until the log line
+            loss_sum += torch.where(finite, loss, 0)  # stays on the device: no host sync until the log line
+            n_finite += finite
+            skipped += ~finite
+            run_of_bad = torch.where(finite, 0, run_of_bad + 1)
+            worst_run = torch.maximum(worst_run, run_of_bad)
             done, since_log = step + 1, since_log + 1
             logger.tick()
-            if done % tc.log_every == 0 or done == tc.steps:
+            at_log = done % tc.log_every == 0 or done == tc.steps
+            if at_log:
                 elapsed, t_log = time.perf_counter() - t_log, time.perf_counter()
-                logger({"step": done, "loss": loss_sum.item() / since_log, "lr": sched.get_last_lr()[0],
-                        "grad_norm": grad_norm.item(), "it_per_s": since_log / elapsed,
-                        "samples_per_s": since_log * tc.batch_size / elapsed})
-                loss_sum.zero_()
+                losses = distributed.mean(world, torch.stack([loss_sum, n_finite]))
+                logger({"step": done, "loss": (losses[0] / losses[1].clamp(min=1e-12)).item(),
+                        "lr": sched.get_last_lr()[0], "grad_norm": grad_norm.item(), "it_per_s": since_log / elapsed,
+                        "samples_per_s": since_log * tc.batch_size / elapsed, "skipped": int(skipped.item())})
+                loss_sum.zero_(), n_finite.zero_()
                 since_log = 0
-            if tc.sample_every and done % tc.sample_every == 0:
-                sample_grid(done)
-            if tc.get("eval_every") and done % tc.eval_every == 0:
-                evaluate(done)
-            if done % tc.ckpt_every == 0 or done == tc.steps or stop.signum:
-                checkpoint(done)
-            if stop.signum:
+            at_ckpt = done % tc.ckpt_every == 0 or done == tc.steps
+            if (at_log or at_ckpt) and worst_run.item() >= tc.max_nonfinite:  # checked before any checkpoint
+                raise DiffcliError(
+                    f"{int(worst_run.item())} consecutive training steps had a non-finite loss or gradient (by "
+                    f"step {done}; train.max_nonfinite={tc.max_nonfinite}): stopped; the last good checkpoint is "
+                    f"in {ckpt_dir}; lower train.lr, keep train.grad_clip, or use train.precision=fp32/bf16")
+            signalled = stop.signum is not None if world.size == 1 else at_log and distributed.any_rank(
+                world, stop.signum is not None)  # every rank must stop after the same step
+            if world.main:
+                if tc.sample_every and done % tc.sample_every == 0:
+                    sample_grid(done)
+                if tc.get("eval_every") and done % tc.eval_every == 0:
+                    evaluate(done)
+                if at_ckpt or signalled:
+                    checkpoint(done)
+            if signalled:
+                signum = stop.signum or signal.SIGTERM
                 log.warning("stopped by signal %d: checkpoint at step %d in %s; continue with train.resume=%s",
-                            stop.signum, done, ckpt_dir, out_dir)
-                raise SystemExit(128 + stop.signum)
+                            signum, done, ckpt_dir, out_dir)
+                raise SystemExit(128 + signum)
     finally:
         stop.restore()
         logger.close()
+    if not world.main:
+        return {"out_dir": str(out_dir), "steps": tc.steps, "loss_curve": None}
     picture = plot_loss(out_dir, f"{cfg.model.name} ({cfg.model.prediction}) on {cfg.data.name}")
-    log.info("done: %s, %s", ckpt_dir, picture)
-    return {"out_dir": str(out_dir), "steps": tc.steps, "loss_curve": str(picture)}
+    log.info("done: %s, %s (%d non-finite steps skipped)", ckpt_dir, picture, int(skipped.item()))
+    return {"out_dir": str(out_dir), "steps": tc.steps, "loss_curve": str(picture), "skipped": int(skipped.item())}
