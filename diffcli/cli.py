@@ -158,7 +158,17 @@ def _user_error(e: BaseException) -> str | None:
     for link in chain:
         if isinstance(link, DiffcliError):
             return str(link)
-    return _one_line(e) if isinstance(e, (HydraException, OmegaConfBaseException)) else None
+    if isinstance(e, (HydraException, OmegaConfBaseException)) or _raised_by_hydra(e):
+        return _one_line(e)
+    return None
+
+
+def _raised_by_hydra(e: BaseException) -> bool:
+    """A ValueError from Hydra's own argument checks (e.g. `-m` together with `--cfg`)."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    return isinstance(e, ValueError) and bool(frames) and "/hydra/" in frames[-1].filename
 
 
 def _fail(message: str) -> int:

@@ -26,7 +26,7 @@ def test_bare_help_and_version(tmp_path):
 
 
 def test_unknown_subcommand(tmp_path):
-    assert_one_line_error(run_cli("trian", cwd=tmp_path), "trian", "train, sample, eval")
+    assert_one_line_error(run_cli("trian", cwd=tmp_path), "trian", "train, sample, eval, summary")
 
 
 @pytest.mark.parametrize("command, groups", [("train", ["data:", "model:", "net:", "sampler:", "train:"]),
@@ -83,3 +83,9 @@ def test_bad_model_settings(tmp_path):
 
 def test_sampler_option_without_a_sampler_says_to_choose_one(tmp_path):
     assert_one_line_error(run_cli("sample", "sampler.fn.n_steps=3", cwd=tmp_path), "choose the sampler too")
+
+
+def test_hydra_flag_conflicts_and_bad_metrics_are_one_line(tmp_path):
+    assert_one_line_error(run_cli("train", "-m", "model=ddpm", "--cfg", "hydra", cwd=tmp_path), "Only one of")
+    assert_one_line_error(run_cli("eval", "metric=fidd", cwd=tmp_path), "metric/fidd", "cfid, fid")
+    assert_one_line_error(run_cli("summary", str(tmp_path), cwd=tmp_path), "no metrics.json")
