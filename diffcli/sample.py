@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path as FsPath
@@ -72,9 +73,16 @@ def sampler_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
     return OmegaConf.create({"steps": cfg.get("steps"), "eta": cfg.get("eta", 0.0), "sampler": node}).sampler
 
 
-def sampler_from_config(sampler_cfg: DictConfig, path):
-    """(sampler function, time grid) from a `sampler/` config group entry."""
+def sampler_from_config(sampler_cfg: DictConfig, path, is_image: bool = False):
+    """(sampler function, time grid) from a `sampler/` config group entry.
+
+    `clip_x0: auto` clamps the predicted x0 to [-1, 1] for images, where every pixel lives (as Ho et
+    al.'s sampler and diffusers' clip_sample do: it keeps an under-trained model's samples from
+    saturating), and never for 2D points, which are not bounded.
+    """
     fn = instantiate(sampler_cfg.fn)
+    if fn.keywords.get("clip_x0") == "auto":
+        fn = functools.partial(fn.func, *fn.args, **{**fn.keywords, "clip_x0": is_image})
     check_sampler(fn.func.__name__, path, **fn.keywords)  # refuse an invalid pair before any work
     steps = sampler_cfg.steps if sampler_cfg.steps is not None else sampler_cfg.default_steps
     grid_args = dict(sampler_cfg.grid)
@@ -193,7 +201,7 @@ def sample_checkpoint(cfg: DictConfig, trajectory: list | None = None, loaded: t
     check_sampling_args(cfg)
     device = pick_device(cfg.device)
     denoiser, train_cfg, step, shape, file = loaded or load_model(cfg.ckpt, device)
-    sampler, grid = sampler_from_config(sampler_config(cfg, train_cfg.model), denoiser.path)
+    sampler, grid = sampler_from_config(sampler_config(cfg, train_cfg.model), denoiser.path, len(shape) == 3)
     log.info("sampling %d from %s (step %d) with %d steps", cfg.n, file, step, len(grid) - 1)
     samples = generate(denoiser, sampler, grid, cfg.n, shape, batch_size=cfg.batch_size, seed=cfg.seed,
                        device=device, trajectory=trajectory)

@@ -300,14 +300,14 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world) ->
         prune(ckpt_dir, tc.keep_last)
 
     def sample_grid(step: int) -> None:
-        sampler, grid = sampler_from_config(sampler_config(cfg, cfg.model), path)
+        sampler, grid = sampler_from_config(sampler_config(cfg, cfg.model), path, data.is_image)
         x = generate(Denoiser(ema.net, path, cfg.model.prediction), sampler, grid, tc.n_samples, data.shape,
                      batch_size=tc.n_samples, seed=cfg.seed, device=device)
         ref = None if data.is_image else data.sample(tc.n_samples, torch.Generator(device).manual_seed(cfg.seed))
         save_picture(x, out_dir / f"samples_{step:07d}.png", ref)
 
     def evaluate(step: int) -> None:
-        sampler, grid = sampler_from_config(sampler_config(cfg, cfg.model), path)
+        sampler, grid = sampler_from_config(sampler_config(cfg, cfg.model), path, data.is_image)
         x = generate(Denoiser(ema.net, path, cfg.model.prediction), sampler, grid, tc.eval_n, data.shape,
                      batch_size=min(tc.eval_n, 1000), seed=cfg.seed, device=device)
         logger.metrics(step, quick_metric(x, data, cfg.data, cfg.seed, device))

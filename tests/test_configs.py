@@ -76,3 +76,14 @@ def test_readme_sampler_table_is_the_generated_one():
 
     table = runpy.run_path(str(ROOT / "scripts" / "sampler_table.py"))["table"]()
     assert table in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ancestral"])
+def test_clip_x0_auto_clips_images_only(sampler):
+    """clip_x0=auto: pixels live in [-1, 1], so x0_hat is clamped for images; 2D points are never clamped."""
+    path = instantiate(compose_config("train").model.path)
+    cfg = compose_config("sample", [f"sampler={sampler}"])
+    assert sampler_from_config(cfg.sampler, path, is_image=True)[0].keywords["clip_x0"] is True
+    assert sampler_from_config(cfg.sampler, path, is_image=False)[0].keywords["clip_x0"] is False
+    off = compose_config("sample", [f"sampler={sampler}", "sampler.fn.clip_x0=false"])
+    assert sampler_from_config(off.sampler, path, is_image=True)[0].keywords["clip_x0"] is False
