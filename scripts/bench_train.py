@@ -22,7 +22,6 @@ timed in the same run (fp32 on CUDA uses TF32 when cuDNN does, i.e. the math mod
 """
 
 import argparse
-import inspect
 import json
 import math
 import platform
@@ -40,6 +39,7 @@ from diffcli.data import ImageData
 from diffcli.losses import denoising_loss
 from diffcli.paths import DDPMPath
 from diffcli.sample import pick_device
+from diffcli.distributed import World
 from diffcli.train import PRECISIONS, build_optimization, step_generator, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,21 +100,15 @@ class DiffcliStep:
     def __init__(self, net, x0, device, precision):
         self.net, self.x0, self.device, self.path, self.step = net, x0, device, DDPMPath(), 0
         self.opt, self.scaler, self.autocast, self.clip = optimization(net, device, precision)
-        # the whole batch in one pass on one process, when train_step takes micro-batching / a world
-        params, self.extra = inspect.signature(train_step).parameters, {}
-        if "micro" in params:
-            self.extra["micro"] = x0.shape[0]
-        if "world" in params:
-            from diffcli.distributed import World
-
-            self.extra["world"] = World(device=device)
+        self.world = World(device=device)  # one process, the whole batch in one pass
 
     def loss(self, net, g=None):
         return denoising_loss(net, self.path, MODEL.prediction, self.x0, g, weighting=MODEL.weighting)
 
     def __call__(self, net):
         g = step_generator(0, self.step, self.device)
-        train_step(net, self.path, MODEL, self.x0, g, self.opt, self.scaler, self.autocast, self.clip, **self.extra)
+        train_step(net, self.path, MODEL, self.x0, g, self.opt, self.scaler, self.autocast, self.clip,
+                   micro=len(self.x0), world=self.world)
         self.step += 1
 
 
