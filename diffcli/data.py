@@ -153,6 +153,16 @@ class ToyData:
 # ---------------------------------------------------------------------------- images
 
 
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [0, 255] -> float32 [-1, 1], the models' data space."""
+    return images.float() / 127.5 - 1
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images -> uint8 pixels (the inverse of to_float, rounded), as they would be saved to PNG."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def _epoch_seed(seed, epoch):
     """A well-mixed 63-bit seed from (seed, epoch), so nearby pairs give unrelated permutations."""
     entropy = [int(seed) % 2**64, int(epoch)]  # SeedSequence takes non-negative ints only
@@ -191,13 +201,9 @@ class ImageData:
             pos += take
         return torch.cat(parts)
 
-    def _to_float(self, x):
-        """uint8 [0, 255] -> float32 [-1, 1]."""
-        return x.float() / 127.5 - 1
-
     def batch(self, step, batch_size, generator):
         """Batch `step` as float32 in [-1, 1]; a random half mirrored when hflip is on."""
-        x = self._to_float(self.images[self.indices(step, batch_size).to(self.device)])
+        x = to_float(self.images[self.indices(step, batch_size).to(self.device)])
         if self.hflip:
             flip = _rand(batch_size, generator, self.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -207,7 +213,7 @@ class ImageData:
         """n reference images in [-1, 1], chosen at random (without repeats while n <= N)."""
         perm = torch.randperm(len(self), generator=generator, device=generator.device)
         idx = perm[:n] if n <= len(self) else _randint(len(self), n, generator, generator.device)
-        return self._to_float(self.images[idx.to(self.device)])
+        return to_float(self.images[idx.to(self.device)])
 
 
 def _to_nchw(images, source):

@@ -17,14 +17,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import DiffcliError
-from .data import build_data
+from .data import build_data, to_float
 from .metrics import energy_distance, mmd_rbf, sliced_wasserstein
 from .sample import check_sampling_args, load_model, pick_device, sample_checkpoint, save_picture
 
 log = logging.getLogger("diffcli")
-TOY_METRICS = ("sliced_wasserstein", "mmd", "energy", "modes", "nll")
+# 2D sample-vs-data distances: metric name -> (key in metrics.json, function of (samples, reference))
+POINT_DISTANCES = {"sliced_wasserstein": ("sliced_wasserstein", sliced_wasserstein), "mmd": ("mmd", mmd_rbf),
+                   "energy": ("energy_distance", energy_distance)}
+TOY_METRICS = (*POINT_DISTANCES, "modes", "nll")
 IMAGE_METRICS = ("fid", "kid", "cfid", "bpd")
-NEEDS_SAMPLES = {"sliced_wasserstein", "mmd", "energy", "modes", "fid", "kid", "cfid"}
+LIKELIHOODS = {"nll", "bpd"}  # scored on real data: no sampling needed
 
 
 def mode_coverage(x: torch.Tensor, modes: torch.Tensor, std: float, min_share: float = 0.25) -> dict:
@@ -44,13 +47,7 @@ def mode_coverage(x: torch.Tensor, modes: torch.Tensor, std: float, min_share: f
 
 def toy_metrics(samples: torch.Tensor, reference: torch.Tensor, data, names=("sliced_wasserstein", "modes")) -> dict:
     """Distances of samples to fresh data of the same size, and mode coverage for mixtures."""
-    metrics = {}
-    if "sliced_wasserstein" in names:
-        metrics["sliced_wasserstein"] = sliced_wasserstein(samples, reference)
-    if "mmd" in names:
-        metrics["mmd"] = mmd_rbf(samples, reference)
-    if "energy" in names:
-        metrics["energy_distance"] = energy_distance(samples, reference)
+    metrics = {key: fn(samples, reference) for name, (key, fn) in POINT_DISTANCES.items() if name in names}
     if "modes" in names and getattr(data, "modes", None) is not None:
         metrics |= mode_coverage(samples, data.modes.cpu(), data.mode_std)
     return metrics
@@ -73,7 +70,7 @@ def resolve_names(names, is_image: bool, data) -> list[str]:
     """The metric names to compute: `auto` picks the usual ones for the data; unknown names are errors."""
     if names == "auto" or names == ["auto"]:
         if not is_image:
-            return ["sliced_wasserstein", "mmd", "energy", "modes"]
+            return [name for name in TOY_METRICS if name not in LIKELIHOODS]
         return ["cfid"] if data.labels is not None and data.shape[0] == 1 else ["fid", "kid"]
     names = [names] if isinstance(names, str) else list(names)
     valid = IMAGE_METRICS if is_image else TOY_METRICS
@@ -107,10 +104,10 @@ def image_metrics(names, samples, train_cfg, mc, denoiser, seed: int, device) ->
     if "cfid" in names:
         from .classifier import classifier_fid, classifier_for
 
-        data, images, _ = reference_images(train_cfg.data, mc, seed)
+        _, images, _ = reference_images(train_cfg.data, mc, seed)
         classifier, info = classifier_for(train_cfg.data, cache_dir=FsPath(mc.cache_dir).expanduser(), device=device,
                                           seed=seed, epochs=mc.classifier_epochs, log=log)
-        out |= classifier_fid(classifier, samples, data._to_float(images))
+        out |= classifier_fid(classifier, samples, to_float(images))
         out |= {"classifier_accuracy": info["accuracy"], "classifier_trained_on": info["trained_on"]}
     if "bpd" in names:
         out |= _bits_per_dim(denoiser, train_cfg, mc, seed)
@@ -141,7 +138,7 @@ def _bits_per_dim(denoiser, train_cfg, mc, seed) -> dict:
     g = torch.Generator().manual_seed(seed)
     bpd, nfe = [], 0
     for batch in images.split(mc.batch_size):
-        out = bits_per_dim(denoiser, batch.to(_device(denoiser)), generator=g, probes=mc.probes,
+        out = bits_per_dim(denoiser, batch.to(denoiser.device), generator=g, probes=mc.probes,
                            rtol=mc.rtol, atol=mc.atol)
         bpd.append(out["bpd"].cpu())
         nfe = max(nfe, out["nfe"])
@@ -155,7 +152,7 @@ def nll_2d(denoiser, data, data_cfg, mc, seed) -> dict:
 
     g = torch.Generator().manual_seed(seed + 2)
     x = data.sample(mc.nll_n, g).cpu()
-    out = log_likelihood(denoiser, x.to(_device(denoiser)), exact=True, rtol=mc.rtol, atol=mc.atol)
+    out = log_likelihood(denoiser, x.to(denoiser.device), exact=True, rtol=mc.rtol, atol=mc.atol)
     nll = -out["log_p"].cpu()
     metrics = {"nll": nll.mean().item(), "nll_sem": _sem(nll), "nll_nfe": out["nfe"]}
     truth = data_log_prob(data_cfg, x)
@@ -166,11 +163,6 @@ def nll_2d(denoiser, data, data_cfg, mc, seed) -> dict:
 
 def _sem(v: torch.Tensor) -> float:
     return (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else float("nan")
-
-
-def _device(denoiser) -> torch.device:
-    tensors = [*denoiser.net.parameters(), *denoiser.net.buffers()]
-    return tensors[0].device if tensors else torch.device("cpu")
 
 
 def default_cache_dir() -> FsPath:
@@ -188,7 +180,7 @@ def quick_metric(samples: torch.Tensor, data, data_cfg: DictConfig, seed: int, d
     from .classifier import classifier_fid, classifier_for
 
     classifier, _ = classifier_for(data_cfg, cache_dir=default_cache_dir(), device=device, seed=seed, log=log)
-    scores = classifier_fid(classifier, samples, data._to_float(data.images.cpu()))
+    scores = classifier_fid(classifier, samples, to_float(data.images.cpu()))
     return {k: v for k, v in scores.items() if isinstance(v, float)}
 
 
@@ -211,7 +203,7 @@ def run_eval(cfg: DictConfig, out_dir) -> dict:
     out_dir = FsPath(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics, samples = {}, None
-    if NEEDS_SAMPLES & set(names):
+    if set(names) - LIKELIHOODS:
         out = sample_checkpoint(cfg, loaded=loaded)
         samples = out["samples"]
         record |= {"sampler": out["sampler"], "steps": out["steps"], "nfe": out["nfe"], "n": cfg.n}

@@ -15,7 +15,8 @@ import torch
 
 from . import DiffcliError
 from .checkpoint import save_atomic
-from .metrics import feature_statistics, to_uint8
+from .data import to_uint8
+from .metrics import feature_statistics
 
 log = logging.getLogger("diffcli")
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"

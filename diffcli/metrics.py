@@ -77,11 +77,6 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_proj: int = 256, seed
     return math.sqrt((px - py).square().mean().item())
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 pixels, as they would be saved to PNG."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def class_balance(probs: torch.Tensor) -> dict:
     """Mean top-class confidence and how evenly the predicted classes are filled (normalised entropy, 1 = even)."""
     counts = torch.bincount(probs.argmax(1), minlength=probs.shape[1]).double()

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import DiffcliError
-from .data import build_data, eight_gaussians_modes, gmm_mixture
+from .data import build_data, eight_gaussians_modes, gmm_mixture, to_float
 from .paths import Path
 from .prediction import check_prediction, target
 
@@ -38,7 +38,7 @@ def _points(data) -> torch.Tensor:
     if len(images) > MAX_POINTS:
         raise DiffcliError(f"net=oracle sums over every point: {data.get('path')} holds {len(images)} images, more "
                            f"than {MAX_POINTS}; save a subset with np.savez(path, images=images[:{MAX_POINTS}])")
-    return images._to_float(images.images).flatten(1).double()
+    return to_float(images.images).flatten(1).double()
 
 
 def _truncated_normal(lo: torch.Tensor, hi: torch.Tensor):

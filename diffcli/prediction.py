@@ -80,6 +80,11 @@ class Denoiser(nn.Module):
         self.net, self.path, self.prediction = net, path, check_prediction(prediction, path)
         self.nfe = 0
 
+    @property
+    def device(self) -> torch.device:
+        """Where the net lives (its first parameter or buffer; the CPU for a net with neither)."""
+        return next(iter([*self.net.parameters(), *self.net.buffers()]), torch.empty(0)).device
+
     def predict(self, x_t: torch.Tensor, t: torch.Tensor):
         """(x0_hat, x1_hat) at (x_t, t)."""
         t = torch.as_tensor(t, device=x_t.device)

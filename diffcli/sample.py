@@ -159,7 +159,7 @@ def save_field_picture(denoiser: Denoiser, reference: torch.Tensor, file: FsPath
     lo, hi = reference.min(0).values - 1, reference.max(0).values + 1
     axes_1d = [torch.linspace(lo[i].item(), hi[i].item(), 21) for i in range(2)]
     grid = torch.stack(torch.meshgrid(*axes_1d, indexing="xy"), -1).reshape(-1, 2)
-    device = next(iter(denoiser.net.buffers()), next(iter(denoiser.net.parameters()), torch.empty(0))).device
+    device = denoiser.device
     kind = "score" if path.prior == "gaussian" else "velocity"
     fig, axes = plt.subplots(1, len(times), figsize=(4 * len(times), 4))
     for ax, t_val in zip(axes, times):

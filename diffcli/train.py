@@ -299,18 +299,18 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world) ->
                    scaler=scaler if scaler.is_enabled() else None, step=step, cfg=cfg, shape=data.shape)
         prune(ckpt_dir, tc.keep_last)
 
-    def sample_grid(step: int) -> None:
+    def ema_samples(n: int) -> torch.Tensor:
+        """n samples of the EMA weights with the run's sampler, the same noise every time (seed)."""
         sampler, grid = sampler_from_config(sampler_config(cfg, cfg.model), path, data.is_image)
-        x = generate(Denoiser(ema.net, path, cfg.model.prediction), sampler, grid, tc.n_samples, data.shape,
-                     batch_size=tc.n_samples, seed=cfg.seed, device=device)
+        return generate(Denoiser(ema.net, path, cfg.model.prediction), sampler, grid, n, data.shape,
+                        batch_size=min(n, 1000), seed=cfg.seed, device=device)
+
+    def sample_grid(step: int) -> None:
         ref = None if data.is_image else data.sample(tc.n_samples, torch.Generator(device).manual_seed(cfg.seed))
-        save_picture(x, out_dir / f"samples_{step:07d}.png", ref)
+        save_picture(ema_samples(tc.n_samples), out_dir / f"samples_{step:07d}.png", ref)
 
     def evaluate(step: int) -> None:
-        sampler, grid = sampler_from_config(sampler_config(cfg, cfg.model), path, data.is_image)
-        x = generate(Denoiser(ema.net, path, cfg.model.prediction), sampler, grid, tc.eval_n, data.shape,
-                     batch_size=min(tc.eval_n, 1000), seed=cfg.seed, device=device)
-        logger.metrics(step, quick_metric(x, data, cfg.data, cfg.seed, device))
+        logger.metrics(step, quick_metric(ema_samples(tc.eval_n), data, cfg.data, cfg.seed, device))
 
     logger, stop = Logger(out_dir, tc.steps, start) if world.main else _Silent(), StopFlag()
     zero = lambda: torch.zeros((), device=device)  # noqa: E731

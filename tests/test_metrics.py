@@ -7,8 +7,9 @@ import pytest
 import scipy.linalg
 import torch
 
+from diffcli.data import to_uint8
 from diffcli.metrics import (class_balance, energy_distance, feature_statistics, frechet_distance,
-                             frechet_from_statistics, kid, mmd_rbf, to_uint8)
+                             frechet_from_statistics, kid, mmd_rbf)
 
 
 def _random_spd(d, g):

@@ -3,7 +3,6 @@
 import math
 import subprocess
 import sys
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -22,6 +21,14 @@ TOY = ["data=moons", "train.log_every=1", "train.sample_every=0", "train.eval_ev
 def _weights(run_dir, step, kind="state"):
     tensors = load_file(run_dir / "checkpoints" / f"{kind}_{step}.safetensors")
     return {k: v for k, v in tensors.items() if k.startswith(("net.", "ema."))} if kind == "state" else tensors
+
+
+def _assert_same_weights(run_a, run_b, step):
+    """Weights and EMA of two runs at `step` agree to float rounding (summation order may differ)."""
+    a, b = _weights(run_a, step), _weights(run_b, step)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
 def _nan_on(steps, monkeypatch):
@@ -88,10 +95,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     base = TOY + ["train.steps=5", "train.batch_size=64"]
     run_train(compose_config("train", base), tmp_path / "one")
     run_train(compose_config("train", base + ["train.grad_accum=4"]), tmp_path / "four")
-    a, b = _weights(tmp_path / "one", 5), _weights(tmp_path / "four", 5)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    _assert_same_weights(tmp_path / "one", tmp_path / "four", 5)
 
 
 def test_batch_must_split_evenly():
@@ -108,9 +112,7 @@ def test_channels_last_gives_the_same_training_on_cpu(tmp_path):
             "train.batch_size=8", "train.sample_every=0", "train.log_every=1", "device=cpu"]
     run_train(compose_config("train", base + ["train.channels_last=false"]), tmp_path / "nchw")
     run_train(compose_config("train", base + ["train.channels_last=true"]), tmp_path / "nhwc")
-    a, b = _weights(tmp_path / "nchw", 3), _weights(tmp_path / "nhwc", 3)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    _assert_same_weights(tmp_path / "nchw", tmp_path / "nhwc", 3)
 
 
 @pytest.mark.slow
@@ -119,9 +121,7 @@ def test_compile_trains_like_eager(tmp_path):
     base = TOY + ["train.steps=4"]
     run_train(compose_config("train", base), tmp_path / "eager")
     run_train(compose_config("train", base + ["train.compile=true"]), tmp_path / "compiled")
-    a, b = _weights(tmp_path / "eager", 4), _weights(tmp_path / "compiled", 4)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    _assert_same_weights(tmp_path / "eager", tmp_path / "compiled", 4)
 
 
 @pytest.mark.slow
@@ -138,8 +138,6 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     runs = list((tmp_path / "outputs" / "train").iterdir())
     assert len(runs) == 1, runs  # one run folder for both ranks
     assert not (tmp_path / "train.log").exists()  # rank 1 writes nothing of its own
-    a, b = _weights(tmp_path / "one", 6), _weights(runs[0], 6)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    _assert_same_weights(tmp_path / "one", runs[0], 6)
     log = (runs[0] / "log.jsonl").read_text().splitlines()
     assert len(log) == 2  # rank 0 alone logs
