@@ -15,12 +15,13 @@ from pathlib import Path as FsPath
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import DiffcliError
 
 FORMAT, VERSION = "diffcli", "1"
+TMP = ".tmp"  # save_atomic's temporary files: .<name>.tmp<pid>
 STEP_FILE = re.compile(r"^(ema|state)_(\d+)\.safetensors$")
 
 
@@ -32,10 +33,25 @@ def strip_prefixes(state: dict) -> dict:
 def save_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: FsPath) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
     path = FsPath(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP}{os.getpid()}")
     # copies: tied or shared tensors (or the same module saved twice) must not alias on disk
-    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:  # disk full, read-only or vanished folder, file-size limit
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split(": ")[-1][:120]
+        raise DiffcliError(f"cannot write {path.name} in {path.parent} ({reason}); free space or give a writable "
+                           "folder (hydra.run.dir=...); the files already there are intact") from None
+
+
+def remove_temporaries(folder: FsPath) -> list[FsPath]:
+    """Delete the half-written temporary files a killed save_atomic left in `folder`."""
+    found = [p for p in FsPath(folder).glob(f".*{TMP}*") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def _open(path: FsPath):
@@ -61,12 +77,71 @@ def save_ema(path: FsPath, net_state: dict, cfg: DictConfig, step: int, shape) -
     save_atomic(strip_prefixes(net_state), meta, path)
 
 
+def _field(meta: dict, key: str, path: FsPath, parse=json.loads):
+    """One metadata entry, parsed; a missing or unreadable one is a one-line error."""
+    try:
+        return parse(meta[key])
+    except (KeyError, TypeError, ValueError):
+        raise DiffcliError(f"{path}: its metadata has no valid '{key}' entry; the file is damaged or was not "
+                           "written by diffcli (train again or take another checkpoint)") from None
+
+
+def _step_and_shape(meta: dict, path: FsPath) -> tuple[int, tuple]:
+    step, shape = _field(meta, "step", path, int), _field(meta, "shape", path)
+    if step < 0 or not isinstance(shape, list) or not shape or not all(type(s) is int and s > 0 for s in shape):
+        raise DiffcliError(f"{path}: its metadata has an invalid step ({step}) or data shape ({shape}); the file "
+                           "is damaged or was not written by diffcli")
+    return step, tuple(shape)
+
+
+CLASS_KEYS = ("net", "net.path", "model.path", "sampler.fn")  # the nodes diffcli builds (from its own tables)
+
+
+def _targets_only_at(node, allowed, where: str = "") -> None:
+    """Refuse a `_target_` anywhere but at the nodes diffcli builds: elsewhere a config is plain data."""
+    if isinstance(node, dict):
+        if "_target_" in node and where not in allowed:
+            raise DiffcliError(f"config.{where} names a class (_target_: {node['_target_']}); only "
+                               f"{', '.join(allowed)} may, and only diffcli's own")
+        for key, value in node.items():
+            _targets_only_at(value, allowed, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _targets_only_at(value, allowed, f"{where}[{i}]")
+
+
+def stored_config(meta: dict, path: FsPath) -> DictConfig:
+    """The training config a checkpoint carries, as data: typed by the schema, never resolved or run.
+
+    Interpolations are refused (a stored config was resolved when it was written, so one that
+    holds `${...}` was edited by someone); the sampler must be one diffcli ships, since its name
+    picks a config file.
+    """
+    from .build import plain
+    from .samplers import SAMPLERS
+    from .schema import TrainApp, validate
+
+    config = _field(meta, "config", path)
+    if not isinstance(config, dict):
+        raise DiffcliError(f"{path}: its metadata 'config' is not a mapping; the file is damaged")
+    try:
+        plain(config, "config", targets=True)  # classes are checked where they are built (diffcli/build.py)
+        _targets_only_at(config, CLASS_KEYS)
+    except DiffcliError as e:
+        raise DiffcliError(f"{path}: the stored {e}; refusing to load it") from None
+    cfg = validate(config, TrainApp, f"{path}: the stored config")
+    if cfg.model.sampler not in SAMPLERS:
+        raise DiffcliError(f"{path}: the stored model.sampler={cfg.model.sampler!r} is not a diffcli sampler "
+                           f"({', '.join(SAMPLERS)}); refusing to load it")
+    return cfg
+
+
 def load_ema(path: FsPath):
     """(state_dict, config, step, shape) from an EMA checkpoint."""
     tensors, meta = _open(path)
     if meta.get("kind") != "ema":
         raise DiffcliError(f"{path} is a training-state checkpoint; give an ema_<step>.safetensors file or the run dir")
-    return tensors, OmegaConf.create(json.loads(meta["config"])), int(meta["step"]), tuple(json.loads(meta["shape"]))
+    return tensors, stored_config(meta, path), *_step_and_shape(meta, path)
 
 
 def _flatten_optimizer(opt_state: dict):
@@ -112,11 +187,16 @@ def load_state(path: FsPath) -> dict:
     if meta.get("kind") != "state":
         raise DiffcliError(f"{path} is not a training-state checkpoint (state_<step>.safetensors)")
     part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
-    return {"net": part("net."), "ema": part("ema."), "rng_cpu": tensors["rng.cpu"],
-            "rng_cuda": [v for k, v in sorted(part("rng.cuda.").items(), key=lambda kv: int(kv[0]))],
-            "optimizer": _unflatten_optimizer(part("optim."), json.loads(meta["optimizer"])),
-            "scaler": json.loads(meta["scaler"]), "step": int(meta["step"]),
-            "config": OmegaConf.create(json.loads(meta["config"])), "shape": tuple(json.loads(meta["shape"]))}
+    config, (step, shape) = stored_config(meta, path), _step_and_shape(meta, path)
+    optimizer, scaler = _field(meta, "optimizer", path), _field(meta, "scaler", path)
+    try:
+        rng_cuda = [v for k, v in sorted(part("rng.cuda.").items(), key=lambda kv: int(kv[0]))]
+        return {"net": part("net."), "ema": part("ema."), "rng_cpu": tensors["rng.cpu"], "rng_cuda": rng_cuda,
+                "optimizer": _unflatten_optimizer(part("optim."), optimizer), "scaler": scaler, "step": step,
+                "config": config, "shape": shape}
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise DiffcliError(f"{path}: its training state is incomplete ({type(e).__name__}: {e}); the file is "
+                           "damaged; resume from an older state_<step>.safetensors") from None
 
 
 def list_checkpoints(folder: FsPath, kind: str) -> list[FsPath]:

@@ -9,7 +9,12 @@ from __future__ import annotations
 import os
 import sys
 
+import errno
+
 from . import DiffcliError, __version__
+
+# a full disk, a read-only or forbidden folder, a file-size limit, a path through a file
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR}
 
 CONFIGS = "pkg://diffcli.configs"
 USAGE = f"""diffcli {__version__}: train, sample and evaluate diffusion and flow-matching models
@@ -36,6 +41,8 @@ def _user_errors_exit(task):
     def job(cfg) -> None:
         try:
             task(cfg)
+        except KeyboardInterrupt:
+            sys.exit(_fail("interrupted (Ctrl-C)", code=130))
         except Exception as e:
             message = _user_error(e)
             if message is None or os.environ.get("DIFFCLI_TRACEBACK") == "1":
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [f"diffcli {command}", *rest]
     try:
         _hydra_app(command)()
+    except KeyboardInterrupt:
+        sys.exit(_fail("interrupted (Ctrl-C)", code=130))
     except Exception as e:
         cause = _user_error(e)
         if user_wants_trace or cause is None:
@@ -158,8 +167,19 @@ def _user_error(e: BaseException) -> str | None:
     for link in chain:
         if isinstance(link, DiffcliError):
             return str(link)
+    for link in chain:
+        if isinstance(link, OSError) and link.errno in DISK_ERRNOS:  # Hydra's own run folder and log file too
+            where = link.filename or "the output folder"
+            return (f"cannot write {where} ({link.strerror}); free space or give a writable folder "
+                    "(hydra.run.dir=...)")
     if isinstance(e, (HydraException, OmegaConfBaseException)) or _raised_by_hydra(e):
-        return _one_line(e)
+        message = _one_line(e)
+        cause = next((c for c in chain[1:] if isinstance(c, OmegaConfBaseException)), None)
+        if cause is not None and message.startswith("Error"):  # 'Error merging override x=y' does not say what is wrong
+            from .schema import config_error
+
+            message = f"{message}: {config_error(cause)}"
+        return message
     return None
 
 
@@ -171,6 +191,6 @@ def _raised_by_hydra(e: BaseException) -> bool:
     return isinstance(e, ValueError) and bool(frames) and "/hydra/" in frames[-1].filename
 
 
-def _fail(message: str) -> int:
-    print(f"diffcli: error: {message}", file=sys.stderr)
-    return 2
+def _fail(message: str, code: int = 2) -> int:
+    print(f"diffcli: error: {' '.join(message.split())}", file=sys.stderr)
+    return code

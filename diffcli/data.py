@@ -5,11 +5,14 @@ from __future__ import annotations
 import gzip
 import inspect
 import math
+import zipfile
+import zlib
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from diffcli import DiffcliError
 
@@ -337,13 +340,24 @@ def _build_toy(cfg, device, seed):
     """A ToyData from data.name and data.params."""
     name = _one_of(cfg, "name", list(TOYS))
     params = dict(cfg.get("params") or {})
+    if OmegaConf.is_config(cfg.get("params")):
+        params = OmegaConf.to_container(cfg.params, resolve=True)
+    for key, value in params.items():
+        numbers = np.asarray(value, dtype=object).ravel() if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            raise DiffcliError(f"data.params.{key}={value!r} must be a number (or a list of numbers) for toy {name}")
     signature = inspect.signature(TOYS[name])
     try:  # check the parameter names now rather than in the middle of training
         signature.bind(1, generator=None, device=None, **params)
     except TypeError as e:
         allowed = ", ".join(k for k in signature.parameters if k not in ("n", "generator", "device"))
         raise DiffcliError(f"data.params for toy {name}: {e}; its params are: {allowed}") from None
-    return ToyData(name, params, device)
+    data = ToyData(name, params, device)
+    probe = data.sample(1000, torch.Generator().manual_seed(seed))
+    if not torch.isfinite(probe).all():  # NaN or inf in the data would poison every step
+        raise DiffcliError(f"data={name} with params {params} gives points that are not finite (NaN or inf); "
+                           "fix data.params")
+    return data
 
 
 def _image_data(cfg, images, labels, device, seed, source):
@@ -382,7 +396,7 @@ def _read_npz(path):
         with z:
             arrays = {k: z[k] for k in z.files if k in ("images", "labels")}
             found = z.files
-    except (OSError, ValueError, EOFError) as e:  # not a zip, pickled object arrays, truncated
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # not a zip, pickles, damaged
         msg = f"cannot read {path} as .npz ({_one_line(e)}); save it with np.savez(path, images=uint8 array)"
         raise DiffcliError(msg) from None
     if "images" not in arrays:

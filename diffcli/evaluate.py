@@ -189,7 +189,7 @@ def run_eval(cfg: DictConfig, out_dir) -> dict:
     check_sampling_args(cfg)
     mc, t0 = cfg.metric, time.perf_counter()
     device = pick_device(cfg.device)
-    loaded = load_model(cfg.ckpt, device)
+    loaded = load_model(cfg.ckpt, device, cfg.get("net_class"))
     denoiser, train_cfg, step, shape, file = loaded
     data = build_data(train_cfg.data, torch.device("cpu"), seed=cfg.seed)
     names = resolve_names(OmegaConf.to_object(mc.names) if OmegaConf.is_list(mc.names) else mc.names,

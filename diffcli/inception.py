@@ -38,12 +38,37 @@ def inception_weights(configured: str | None) -> FsPath:
                        f"{cached} (download {WEIGHTS_URL}) or set metric.inception_weights=/path/to/{WEIGHTS_FILE}")
 
 
-def load_inception(weights: FsPath, device: torch.device):
-    """torch-fidelity's TF-compatible Inception-v3 with the given weights, in eval mode on `device`."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+def read_weights(file: FsPath) -> dict[str, torch.Tensor]:
+    """A state dict read without running code: safetensors, or torch.load with weights_only=True
+    (its unpickler builds tensors and containers only, and refuses anything that would call code)."""
+    from safetensors.torch import load_file
 
     try:
-        net = FeatureExtractorInceptionV3("inception-v3-compat", [FEATURE], feature_extractor_weights_path=str(weights))
+        state = load_file(file) if file.suffix == ".safetensors" else \
+            torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle that asks to run code, a damaged or foreign file
+        raise DiffcliError(f"{file} is not a plain weights file ({' '.join(str(e).split())[:160]}); diffcli reads "
+                           f"weights without running code: use the original {WEIGHTS_FILE}") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise DiffcliError(f"{file} does not hold a state dict of tensors; use the original {WEIGHTS_FILE}")
+    return state
+
+
+def load_inception(weights: FsPath, device: torch.device):
+    """torch-fidelity's TF-compatible Inception-v3 with the given weights, in eval mode on `device`.
+
+    torch-fidelity opens a weights file with torch.load(weights_only=False), i.e. full pickle; we
+    read the file ourselves (read_weights) and hand it the state dict through the one function it
+    would otherwise fetch weights with.
+    """
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    state = read_weights(FsPath(weights))
+    try:
+        with mock.patch.object(fe, "load_state_dict_from_url", lambda *args, **kwargs: state):
+            net = fe.FeatureExtractorInceptionV3("inception-v3-compat", [FEATURE])
     except (RuntimeError, KeyError) as e:  # a file of the wrong kind: say which file, not torch's key list
         raise DiffcliError(f"{weights} is not an Inception-v3 state dict for torch-fidelity "
                            f"({str(e).splitlines()[0][:120]})") from e

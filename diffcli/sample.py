@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from pathlib import Path as FsPath
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from . import DiffcliError
 from .checkpoint import find_ema, load_ema
-from .prediction import Denoiser
-from .samplers import GRIDS, check_sampler
+from .build import build_grid, build_net, build_path, build_sampler_fn
+from .prediction import Denoiser, check_prediction
+from .samplers import check_sampler
 
 log = logging.getLogger("diffcli")
 
@@ -24,32 +23,54 @@ def pick_device(name: str) -> torch.device:
     """`auto` is CUDA when available, else CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DiffcliError(f"device={name} is not a device; use auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise DiffcliError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DiffcliError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise DiffcliError(f"device={name}: diffcli runs on cpu or cuda; use device=auto, cpu or cuda")
+    return device
 
 
 def check_sampling_args(cfg: DictConfig) -> None:
-    """Reject bad top-level sampling arguments before any work is done."""
-    if cfg.get("steps") is not None and cfg.steps <= 0:
-        raise DiffcliError(f"steps={cfg.steps} must be a positive integer (or null for the sampler's default)")
-    if cfg.get("eta", 0) < 0:
-        raise DiffcliError(f"eta={cfg.eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like)")
-    for key in ("n", "batch_size"):
-        if key in cfg and cfg[key] <= 0:
-            raise DiffcliError(f"{key}={cfg[key]} must be a positive integer")
+    """Reject bad top-level sampling arguments before any work is done (types and ranges)."""
+    from .schema import check_ranges
+
+    check_ranges(cfg)
 
 
-def load_model(ckpt: str | None, device: torch.device):
-    """(denoiser, train_cfg, step, shape, file) rebuilt from an EMA checkpoint."""
+def load_model(ckpt: str | None, device: torch.device, net_class: str | None = None):
+    """(denoiser, train_cfg, step, shape, file) rebuilt from an EMA checkpoint with diffcli's own classes.
+
+    The stored config only fills in arguments: a network class of the user's own must be named on
+    the command line (`net_class=`), never taken from the file.
+    """
     file = find_ema(ckpt)
     if ckpt is None:
         log.info("no ckpt given: using the newest training run, %s", file)
     state, train_cfg, step, shape = load_ema(file)
-    net = instantiate(train_cfg.net, shape=shape)
-    net.load_state_dict(state)
-    path = instantiate(train_cfg.model.path)
-    return Denoiser(net.to(device).eval(), path, train_cfg.model.prediction), train_cfg, step, shape, file
+    try:
+        net = build_net(train_cfg.net, shape, user_class=net_class)
+        load_weights(net, state, "its weights")
+        path = build_path(train_cfg.model.path)
+        denoiser = Denoiser(net.to(device).eval(), path, check_prediction(train_cfg.model.prediction, path))
+    except DiffcliError as e:
+        raise DiffcliError(f"{file}: {e}") from None
+    return denoiser, train_cfg, step, shape, file
+
+
+def load_weights(net: torch.nn.Module, state: dict, what: str) -> None:
+    """net.load_state_dict(state), with a one-line error when the tensors do not fit the network."""
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise DiffcliError(f"{what} do not fit the network its config describes ({detail}); the file is "
+                           "damaged or was edited") from None
 
 
 def sampler_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
@@ -60,38 +81,42 @@ def sampler_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
     `sampler: {steps: ...}` node (sample.yaml, eval.yaml) is merged over it, so
     `diffcli eval -m sampler.steps=5,10,20` sweeps the default sampler's steps.
     """
-    chosen = cfg.get("sampler")
-    if chosen is not None and "fn" in chosen:
-        return chosen
     from importlib.resources import files
 
     from omegaconf import OmegaConf
 
+    from .samplers import SAMPLERS
+
+    chosen = cfg.get("sampler")
+    if chosen is not None and not OmegaConf.is_missing(chosen, "fn"):
+        if "_target_" not in chosen.fn:
+            raise DiffcliError("sampler.fn.* options were given without a sampler: choose the sampler too, "
+                               "e.g. sampler=langevin sampler.fn.n_steps=50")
+        return chosen
+
+    if model_cfg.sampler not in SAMPLERS:  # the name picks a shipped file: never a path of its own
+        raise DiffcliError(f"model.sampler={model_cfg.sampler} is not a diffcli sampler; choose one of "
+                           f"{', '.join(SAMPLERS)}")
     node = OmegaConf.load(files("diffcli.configs").joinpath("sampler", f"{model_cfg.sampler}.yaml"))
     if chosen is not None:  # sampler.steps=... given without sampler=...: it applies to the default sampler
-        node = OmegaConf.merge(node, OmegaConf.to_container(chosen, resolve=True))
+        given = OmegaConf.to_container(chosen, resolve=True, throw_on_missing=False)
+        node = OmegaConf.merge(node, {k: v for k, v in given.items() if v not in (None, "???")})
     return OmegaConf.create({"steps": cfg.get("steps"), "eta": cfg.get("eta", 0.0), "sampler": node}).sampler
 
 
 def sampler_from_config(sampler_cfg: DictConfig, path, is_image: bool = False):
     """(sampler function, time grid) from a `sampler/` config group entry.
 
-    `clip_x0: auto` clamps the predicted x0 to [-1, 1] for images, where every pixel lives (as Ho et
-    al.'s sampler and diffusers' clip_sample do: it keeps an under-trained model's samples from
-    saturating), and never for 2D points, which are not bounded.
+    Both come from diffcli's own tables (diffcli/build.py). `clip_x0: auto` clamps the predicted x0
+    to [-1, 1] for images, where every pixel lives (as Ho et al.'s sampler and diffusers' clip_sample
+    do: it keeps an under-trained model's samples from saturating), and never for 2D points.
     """
-    fn = instantiate(sampler_cfg.fn)
-    if fn.keywords.get("clip_x0") == "auto":
-        fn = functools.partial(fn.func, *fn.args, **{**fn.keywords, "clip_x0": is_image})
+    fn = build_sampler_fn(sampler_cfg.fn, is_image)
     check_sampler(fn.func.__name__, path, **fn.keywords)  # refuse an invalid pair before any work
     steps = sampler_cfg.steps if sampler_cfg.steps is not None else sampler_cfg.default_steps
-    grid_args = dict(sampler_cfg.grid)
-    grid_fn = GRIDS[grid_args.pop("name")]
-    if steps is None and grid_fn is GRIDS["levels"]:
-        return fn, grid_fn(path, None, **grid_args)
-    if steps is None:  # a DDPM model's own steps, all of them
+    if steps is None and sampler_cfg.grid.get("name") != "levels":  # a DDPM model's own steps, all of them
         steps = path.T or sampler_cfg.get("continuous_steps")
-    return fn, grid_fn(path, int(steps), **grid_args)
+    return fn, build_grid(sampler_cfg.grid, path, None if steps is None else int(steps))
 
 
 @torch.no_grad()
@@ -200,11 +225,15 @@ def sample_checkpoint(cfg: DictConfig, trajectory: list | None = None, loaded: t
     """Samples of `cfg.n` from `cfg.ckpt` (or an already `loaded` load_model result) with `cfg.sampler`."""
     check_sampling_args(cfg)
     device = pick_device(cfg.device)
-    denoiser, train_cfg, step, shape, file = loaded or load_model(cfg.ckpt, device)
+    denoiser, train_cfg, step, shape, file = loaded or load_model(cfg.ckpt, device, cfg.get("net_class"))
     sampler, grid = sampler_from_config(sampler_config(cfg, train_cfg.model), denoiser.path, len(shape) == 3)
     log.info("sampling %d from %s (step %d) with %d steps", cfg.n, file, step, len(grid) - 1)
     samples = generate(denoiser, sampler, grid, cfg.n, shape, batch_size=cfg.batch_size, seed=cfg.seed,
                        device=device, trajectory=trajectory)
+    bad = (~torch.isfinite(samples.flatten(1))).any(1).sum().item()
+    if bad:
+        raise DiffcliError(f"{bad} of {cfg.n} samples from {file} (step {step}) are not finite (NaN or inf): the "
+                           "weights diverged or the sampler is unstable; try an earlier checkpoint or another sampler")
     nfe = denoiser.nfe // math.ceil(cfg.n / cfg.batch_size)  # evaluations per sample
     return {"samples": samples, "nfe": nfe, "ckpt": str(file), "step": step, "steps": len(grid) - 1,
             "sampler": sampler.func.__name__,

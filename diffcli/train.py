@@ -6,9 +6,12 @@ run resumed at step k draws exactly what the uninterrupted run drew.
 
 from __future__ import annotations
 
+import fcntl
+import inspect
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -17,18 +20,19 @@ from contextlib import nullcontext
 from pathlib import Path as FsPath
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import DiffcliError
-from .checkpoint import list_checkpoints, load_state, prune, save_ema, save_state
+from .build import build_net, build_path
+from .checkpoint import list_checkpoints, load_state, prune, remove_temporaries, save_ema, save_state
 from .data import build_data
 from .ema import EMA
 from .evaluate import quick_metric
 from . import distributed
 from .losses import check_coupling, check_weighting, draw, pair_loss
 from .prediction import Denoiser, check_prediction
-from .sample import generate, pick_device, pyplot, sampler_config, sampler_from_config, save_picture
+from .sample import generate, load_weights, pick_device, pyplot, sampler_config, sampler_from_config, save_picture
+from .schema import TrainApp, check_ranges, validate
 
 log = logging.getLogger("diffcli")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,9 +43,21 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
 
-def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict, FsPath]:
-    """The stored config of the run to resume, with this command's `train.*` overrides on top."""
+# what a resumed run may change: its training schedule, where it runs, Hydra's own settings
+RESUMABLE = ("train.", "hydra.", "hydra/", "device")
+
+
+def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict, FsPath, str | None]:
+    """The stored config of the run to resume, with this command's `train.*` overrides on top.
+
+    Any other override (model=, net=, data=, seed, ...) that differs from the stored run is refused:
+    the run would silently go on with its old settings. Naming the stored `net._target_` again is
+    how a network class of the user's own is accepted (never from the file alone).
+    """
     run_dir = FsPath(cfg.train.resume)
+    if not run_dir.is_dir():
+        raise DiffcliError(f"train.resume={run_dir} is not a folder; give the run folder of a diffcli train run")
+    remove_temporaries(run_dir / "checkpoints")  # half-written files of a killed write
     states = list_checkpoints(run_dir / "checkpoints", "state")
     if not states:
         raise DiffcliError(f"train.resume={run_dir}: no checkpoints/state_<step>.safetensors there to resume from")
@@ -49,25 +65,39 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, di
     resumed = state["config"]
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    user_class = None
     for o in OverridesParser.create().parse_overrides(list(overrides)):
-        if o.key_or_group.startswith("train.") and o.key_or_group != "train.resume":
-            OmegaConf.update(resumed, o.key_or_group, o.value(), merge=True)
-    return resumed, state, run_dir
+        key = o.key_or_group
+        if key.startswith("train.") and key != "train.resume":
+            OmegaConf.update(resumed, key, o.value(), merge=True)
+        elif not key.startswith(RESUMABLE):
+            given, stored = (_plain_at(c, key) for c in (cfg, resumed))
+            if given != stored:
+                raise DiffcliError(f"train.resume continues {run_dir} as it was trained: {key} there is {stored}, "
+                                   f"here {given}; drop {o.input_line} or start a new run")
+            user_class = o.value() if key == "net._target_" else user_class
+    resumed = validate(resumed, TrainApp, f"train.resume={run_dir}")
+    return resumed, state, run_dir, user_class
+
+
+def _plain_at(cfg: DictConfig, key: str):
+    """The resolved value at a dotted key (a group's whole node), as plain data for comparing."""
+    value = OmegaConf.select(cfg, key.lstrip("+~"), default=None)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def check_train_config(cfg: DictConfig, path) -> None:
     """One-line errors for bad training settings (the model's path already built)."""
     tc = cfg.train
+    check_ranges(cfg)
     if tc.precision not in PRECISIONS:
         raise DiffcliError(f"train.precision={tc.precision} is unknown; choose one of {', '.join(PRECISIONS)}")
-    for key in ("steps", "batch_size", "log_every", "grad_accum", "max_nonfinite"):
-        if tc[key] <= 0:
-            raise DiffcliError(f"train.{key}={tc[key]} must be a positive integer")
-    if tc.lr <= 0:
-        raise DiffcliError(f"train.lr={tc.lr} must be positive")
+    if cfg.model.get("prior") is not None and "prior" not in inspect.signature(type(path)).parameters:
+        raise DiffcliError(f"model.prior={cfg.model.prior}: {cfg.model.name}'s path has a Gaussian prior only; "
+                           "other priors need model=flow")
     check_prediction(cfg.model.prediction, path)
     check_weighting(cfg.model.weighting, path)
-    check_coupling(cfg.model.get("coupling", "independent"))
+    check_coupling(cfg.model.get("coupling") or "independent")
 
 
 class Logger:
@@ -95,7 +125,8 @@ class Logger:
     def __call__(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['it_per_s']:.1f} it/s"
+        loss = "n/a (every step skipped)" if record["loss"] is None else f"{record['loss']:.4f}"
+        info = f"loss {loss}  lr {record['lr']:.2e}  {record['it_per_s']:.1f} it/s"
         if self.bar:
             self.bar.update(self.task, info=info)
         else:
@@ -114,18 +145,30 @@ class Logger:
         self.file.close()
 
 
+def read_jsonl(file: FsPath) -> list[dict]:
+    """The rows of a .jsonl log; a line cut short by a crash (or any unreadable line) is skipped."""
+    rows = []
+    for line in file.read_text().splitlines() if file.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def _truncate(file: FsPath, step: int) -> None:
-    """Keep the rows of a .jsonl log up to `step`."""
+    """Keep the rows of a .jsonl log up to `step` (and drop a half-written last line)."""
     if file.exists():
-        rows = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= step]
-        file.write_text("".join(row + "\n" for row in rows))
+        file.write_text("".join(json.dumps(row) + "\n" for row in read_jsonl(file) if row["step"] <= step))
 
 
 def plot_loss(out_dir: FsPath, title: str) -> FsPath:
     """loss.png from log.jsonl, with the eval_every metric beside it when there is one."""
     plt = pyplot()
-    rows = [json.loads(line) for line in open(out_dir / "log.jsonl")]
-    evals = [json.loads(line) for line in open(out_dir / "eval.jsonl")] if (out_dir / "eval.jsonl").exists() else []
+    rows = [r for r in read_jsonl(out_dir / "log.jsonl") if r.get("loss") is not None]  # null: all steps skipped
+    evals = read_jsonl(out_dir / "eval.jsonl")
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
     ax = axes[0][0]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
@@ -142,11 +185,35 @@ def plot_loss(out_dir: FsPath, title: str) -> FsPath:
     return out_dir / "loss.png"
 
 
+_LOCKS: dict[str, object] = {}
+
+
+def claim_run_dir(out_dir: FsPath) -> None:
+    """Hold an exclusive lock on the run folder for this process's life: a second run writing
+    into the same folder (the same hydra.run.dir, or train.resume of a running run) is refused."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(out_dir / ".diffcli.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise DiffcliError(f"another diffcli train is writing into {out_dir}; wait for it to finish or give "
+                           "another folder (hydra.run.dir=...)") from None
+    _LOCKS[str(out_dir.resolve())] = handle  # held until release_run_dir, or the end of the process
+
+
+def release_run_dir(out_dir: FsPath) -> None:
+    handle = _LOCKS.pop(str(out_dir.resolve()), None)
+    if handle is not None:
+        handle.close()  # closing the file drops the lock
+
+
 class StopFlag:
     """SIGINT / SIGTERM set a flag; the loop checkpoints at the end of the current step and exits.
 
     Stopping between steps (never inside one) is what makes the saved state exact. A second
-    Ctrl-C falls through to Python's default and stops at once.
+    signal exits at once (no traceback): a checkpoint being written then stays a temporary file,
+    which the next start of the run deletes, so the older checkpoints are untouched.
     """
 
     def __init__(self):
@@ -155,19 +222,21 @@ class StopFlag:
             self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
+        if self.signum is not None:
+            os.write(2, b"diffcli: stopped at once by a second signal; the last checkpoint is the newest complete one\n")
+            os._exit(128 + signum)
         self.signum = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
 
-def build_model(cfg: DictConfig, device: torch.device):
-    """Data and network of a run."""
+def build_model(cfg: DictConfig, device: torch.device, user_class: str | None = None):
+    """Data and network of a run (the network from diffcli's classes, or `user_class` named on the command line)."""
     torch.manual_seed(cfg.seed)  # initialisation (and Fourier features); dropout after it
     data = build_data(cfg.data, device, seed=cfg.seed)
-    return data, instantiate(cfg.net, shape=data.shape).to(device)
+    return data, build_net(cfg.net, data.shape, user_class=user_class).to(device)
 
 
 def build_optimization(cfg: DictConfig, net, device: torch.device):
@@ -186,9 +255,13 @@ def build_optimization(cfg: DictConfig, net, device: torch.device):
 
 def restore(state: dict, net, ema: EMA, opt, scaler, device: torch.device) -> int:
     """Load a training state saved by save_state; returns the step to continue from."""
-    net.load_state_dict(state["net"])
-    ema.net.load_state_dict(state["ema"])
-    opt.load_state_dict(state["optimizer"])
+    load_weights(net, state["net"], "its training weights")
+    load_weights(ema.net, state["ema"], "its EMA weights")
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise DiffcliError(f"its optimizer state does not fit the network ({str(e).splitlines()[0][:150]}); "
+                           "the file is damaged; resume from an older state_<step>.safetensors") from None
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
@@ -209,7 +282,7 @@ def train_step(model, path, model_cfg, x0, g, opt, scaler, autocast, grad_clip, 
     Returns (loss, grad_norm, finite) as device tensors; a step whose loss or gradient is not finite
     leaves weights and optimizer state untouched (decided on the device: no host sync).
     """
-    x0, x1, t = draw(path, x0, g, model_cfg.get("coupling", "independent"))  # the whole global batch
+    x0, x1, t = draw(path, x0, g, model_cfg.get("coupling") or "independent")  # the whole global batch
     accum = x0.shape[0] // (micro * world.size)
     opt.zero_grad(set_to_none=True)
     loss = torch.zeros((), device=x0.device)
@@ -249,27 +322,36 @@ class _Silent:
 def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
     """Train; checkpoints, log.jsonl, loss.png and sample grids go to out_dir (or the resumed run)."""
     out_dir, state = FsPath(out_dir), None
+    cfg = validate(cfg, TrainApp, "diffcli train")  # again: Hydra lets `+key=value` through unchecked
+    user_class = cfg.net.get("_target_")  # composed from shipped configs and this command line only
     if cfg.train.get("resume"):
-        cfg, state, out_dir = resume_config(cfg, list(overrides))
+        cfg, state, out_dir, user_class = resume_config(cfg, list(overrides))
         log.info("resuming %s from step %d", out_dir, state["step"])
-    path = instantiate(cfg.model.path)
+    path = build_path(cfg.model.path)
     check_train_config(cfg, path)
+    # an invalid sampler would stop the run at its first sample_every, after the work: refuse it now
+    sampler_from_config(sampler_config(cfg, cfg.model), path, cfg.data.kind != "toy")
     world = distributed.setup(pick_device(cfg.device))
+    out_dir = FsPath(distributed.shared(world, str(out_dir)))
     try:
-        out = _train(cfg, FsPath(distributed.shared(world, str(out_dir))), state, path, world)
+        out = _train(cfg, out_dir, state, path, world, user_class)
     except BaseException:
         distributed.teardown(world, wait=False)  # no barrier: the other ranks may never reach it
         raise
+    finally:
+        release_run_dir(out_dir)
     distributed.teardown(world)
     return out
 
 
-def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world) -> dict:
+def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world, user_class=None) -> dict:
     tc, device, ckpt_dir = cfg.train, world.device, out_dir / "checkpoints"
     micro = distributed.micro_batch(world, tc.batch_size, tc.grad_accum)
     if world.main:
+        claim_run_dir(out_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-    data, net = build_model(cfg, device)
+        remove_temporaries(ckpt_dir)
+    data, net = build_model(cfg, device, user_class)
     if tc.get("eval_every") and data.is_image and data.labels is None:
         raise DiffcliError(f"train.eval_every={tc.eval_every} scores samples by classifier-FID, which needs labelled "
                            f"images; {cfg.data.name} has none: set train.eval_every=0 and run diffcli eval on checkpoints")
@@ -339,7 +421,8 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world) ->
             if at_log:
                 elapsed, t_log = time.perf_counter() - t_log, time.perf_counter()
                 losses = distributed.mean(world, torch.stack([loss_sum, n_finite]))
-                logger({"step": done, "loss": (losses[0] / losses[1].clamp(min=1e-12)).item(),
+                mean_loss = (losses[0] / losses[1]).item() if losses[1].item() > 0 else None  # all skipped: no loss
+                logger({"step": done, "loss": mean_loss,
                         "lr": sched.get_last_lr()[0], "grad_norm": grad_norm.item(), "it_per_s": since_log / elapsed,
                         "samples_per_s": since_log * tc.batch_size / elapsed, "skipped": int(skipped.item())})
                 loss_sum.zero_(), n_finite.zero_()

@@ -13,7 +13,10 @@ from diffcli.checkpoint import (find_ema, list_checkpoints, load_ema, load_state
                                 save_state, strip_prefixes)
 from diffcli.ema import EMA
 
-CFG = OmegaConf.create({"model": {"name": "ddpm"}, "train": {"lr": 1e-3}})
+from conftest import compose_config
+
+# a real training config: a stored config is checked against the schema when it is read
+CFG = OmegaConf.create(OmegaConf.to_container(compose_config("train", ["data=moons"]), resolve=True))
 
 
 def tiny_net():
@@ -25,7 +28,7 @@ def test_ema_round_trip(tmp_path):
     net = tiny_net()
     save_ema(tmp_path / "ema_7.safetensors", net.state_dict(), CFG, 7, (2,))
     state, cfg, step, shape = load_ema(tmp_path / "ema_7.safetensors")
-    assert step == 7 and shape == (2,) and cfg == CFG
+    assert step == 7 and shape == (2,) and OmegaConf.to_container(cfg) == OmegaConf.to_container(CFG)
     for k, v in net.state_dict().items():
         assert torch.equal(state[k], v)
 
@@ -67,9 +70,10 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     save_atomic({"w": torch.ones(3)}, {"format": "diffcli"}, path)
     before = path.read_bytes()
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError):
+    with pytest.raises(DiffcliError, match=f"cannot write ema_1.safetensors in {tmp_path}"):
         save_atomic({"w": torch.zeros(3)}, {"format": "diffcli"}, path)
     assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the temporary file is gone too
 
 
 def test_strip_prefixes():

@@ -1,0 +1,204 @@
+"""Networks, paths and samplers from config nodes, without letting a file choose code.
+
+A `_target_` is looked up in diffcli's own tables (NETS, PATHS, SAMPLER_FNS); the one open leaf,
+a user's own network class, is accepted only when the caller passes it as `user_class`, which
+comes from the command line of this very command. Arguments must be plain values (numbers,
+text, lists, mappings without `_target_`), are bound to the class's signature (unknown names
+refused) and checked against its annotations (a float is never truncated to an int). Hydra's
+`instantiate` is never used: it would call whatever a node names.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import typing
+from collections.abc import Sequence
+
+from . import DiffcliError
+
+PLAIN = (type(None), bool, int, float, str)
+
+
+def _nets() -> dict:
+    from .nets import MLP, UNet
+    from .oracle import Oracle
+
+    return {"diffcli.nets.MLP": MLP, "diffcli.nets.UNet": UNet, "diffcli.oracle.Oracle": Oracle}
+
+
+def _paths() -> dict:
+    from . import paths
+
+    classes = (paths.DDPMPath, paths.NCSNPath, paths.VEPath, paths.VPPath, paths.SubVPPath, paths.FlowPath)
+    return {f"diffcli.paths.{c.__name__}": c for c in classes}
+
+
+def _sampler_fns() -> dict:
+    from .samplers import SAMPLERS
+
+    return {f"diffcli.samplers.{name}": fn for name, fn in SAMPLERS.items()}
+
+
+def plain(value, where: str, targets: bool = False):
+    """A config value as plain Python data; an interpolation inside it, or (unless `targets`) a `_target_`, is refused."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        if "_target_" in value and not targets:
+            raise DiffcliError(f"{where} names a class (_target_: {value['_target_']}); only diffcli's own "
+                               "networks, paths and samplers are built from configs, with plain arguments")
+        return {k: plain(v, f"{where}.{k}", targets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v, f"{where}[{i}]", targets) for i, v in enumerate(value)]
+    if not isinstance(value, PLAIN):
+        raise DiffcliError(f"{where} is a {type(value).__name__}; configs hold numbers, text, lists and mappings")
+    if isinstance(value, float) and math.isnan(value):
+        raise DiffcliError(f"{where} is NaN; give a number")
+    if isinstance(value, str) and "${" in value:
+        raise DiffcliError(f"{where}={value!r} is an interpolation; stored configs are data and are not resolved")
+    return value
+
+
+def _fits(value, hint) -> bool:
+    """Whether a plain value fits a simple annotation (unknown annotations accept anything)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is inspect.Parameter.empty or hint is typing.Any:
+        return True
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, Sequence) or hint in (list, tuple):
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, list)
+    return True
+
+
+def _describe(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def call(target, kwargs: dict, where: str, **runtime):
+    """target(**runtime, **kwargs) after binding the names and checking each value against its annotation."""
+    signature = inspect.signature(target)
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # a user's class with annotations that do not evaluate: bind names only
+        hints = {}
+    valid = [k for k, p in signature.parameters.items() if k not in runtime and p.kind is not p.VAR_POSITIONAL]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    for key, value in kwargs.items():
+        if key not in signature.parameters and not takes_any:
+            raise DiffcliError(f"{where}.{key} is not an argument of {target.__name__}; its arguments: {', '.join(valid)}")
+        hint = hints.get(key, inspect.Parameter.empty)
+        if not _fits(value, hint):
+            raise DiffcliError(f"{where}.{key}={value!r} must be {_describe(hint)}")
+    try:
+        signature.bind(**runtime, **kwargs)
+    except TypeError as e:
+        raise DiffcliError(f"{where}: {e}") from None
+    return target(**runtime, **kwargs)
+
+
+def _split(node, where: str) -> tuple[str, dict]:
+    """(_target_, plain arguments) of a node; other Hydra `_keys_` are refused."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
+    target = node.pop("_target_", None)
+    if not isinstance(target, str):
+        raise DiffcliError(f"{where}._target_ is missing; choose one of the shipped configs")
+    node.pop("_partial_", None)
+    extra = [k for k in node if k.startswith("_") and k.endswith("_")]
+    if extra:
+        raise DiffcliError(f"{where}.{extra[0]} is not supported; configs name a class and plain arguments only")
+    return target, node
+
+
+def build_path(node, where: str = "model.path"):
+    """The probability path of a model config: one of diffcli.paths' classes."""
+    target, kwargs = _split(node, where)
+    table = _paths()
+    if target not in table:
+        raise DiffcliError(f"{where}._target_={target} is not a diffcli path; choose one of {', '.join(table)}")
+    return call(table[target], plain(kwargs, where), where)
+
+
+def build_net(node, shape, user_class: str | None = None, where: str = "net"):
+    """A network: a diffcli class, or the user's own class when it was named on this command line."""
+    target, kwargs = _split(node, where)
+    table = _nets()
+    if target in table:
+        cls = table[target]
+    elif target == user_class:
+        cls = _locate(target, where)
+    else:
+        how = "name it on the command line (net_class=" + target + ")" if user_class is None else \
+            f"the command line names {user_class}"
+        raise DiffcliError(f"{where}._target_={target} is not a diffcli network and {how}; diffcli's own: "
+                           f"{', '.join(table)}")
+    if target == "diffcli.oracle.Oracle":  # the oracle is handed its data (plain) and path (built)
+        path = build_path(kwargs.pop("path", None), f"{where}.path")
+        return call(cls, plain(kwargs, where), where, shape=shape, path=path)
+    return call(cls, plain(kwargs, where), where, shape=shape)
+
+
+def build_sampler_fn(node, is_image: bool, where: str = "sampler.fn"):
+    """A sampler of diffcli.samplers with its options bound; `clip_x0: auto` clamps images only."""
+    target, kwargs = _split(node, where)
+    table = _sampler_fns()
+    if target not in table:
+        raise DiffcliError(f"{where}._target_={target} is not a diffcli sampler; choose one of "
+                           f"{', '.join(t.rsplit('.', 1)[1] for t in table)}")
+    kwargs = plain(kwargs, where)
+    if kwargs.get("clip_x0") == "auto":
+        kwargs["clip_x0"] = is_image
+    fn = table[target]
+    _check_options(fn, kwargs, where)
+    return functools.partial(fn, **kwargs)
+
+
+def _check_options(fn, kwargs: dict, where: str) -> None:
+    """Keyword options of a sampler or grid function: known names, values of the annotated type."""
+    hints = typing.get_type_hints(fn)
+    params = inspect.signature(fn).parameters
+    options = [k for k, p in params.items() if (p.kind is p.KEYWORD_ONLY or p.default is not p.empty)
+               and k not in ("generator", "trajectory", "steps")]  # given at run time, not by configs
+    for key, value in kwargs.items():
+        if key not in options:
+            raise DiffcliError(f"{where}.{key} is not an option of {fn.__name__}; its options: {', '.join(options)}")
+        if not _fits(value, hints.get(key, inspect.Parameter.empty)):
+            raise DiffcliError(f"{where}.{key}={value!r} must be {_describe(hints[key])}")
+
+
+def build_grid(node, path, steps, where: str = "sampler.grid"):
+    """A time grid of diffcli.samplers.GRIDS with its arguments checked."""
+    from .samplers import GRIDS
+
+    args = plain(node, where)
+    name = args.pop("name", None) if isinstance(args, dict) else None
+    if name not in GRIDS:
+        raise DiffcliError(f"{where}.name={name} is not a time grid; choose one of {', '.join(GRIDS)}")
+    _check_options(GRIDS[name], args, where)
+    return GRIDS[name](path, steps, **args)
+
+
+def _locate(name: str, where: str):
+    """The user's own class by its dotted name (typed on this command line)."""
+    from hydra.utils import get_class
+
+    try:
+        return get_class(name)
+    except Exception as e:
+        raise DiffcliError(f"{where}._target_={name} cannot be imported ({str(e).splitlines()[0]})") from None

@@ -1,0 +1,267 @@
+"""The configs' schema: typed dataclasses in Hydra's ConfigStore, checked by Hydra before any work.
+
+train.yaml, sample.yaml and eval.yaml list `<command>_schema` first in their defaults, so every
+YAML file, command-line override and stored config is merged onto these types: a word where a
+number belongs, a float where an integer belongs or an unknown key ends in one line (cli.py),
+with or without Hydra's `+`. The leaves a class consumes (`net`, `model.path`, `sampler.fn`,
+`data.params`) are typed by that class's own signature instead (diffcli/build.py). Ranges are
+checked in code (`check_ranges`), since a type cannot say "positive".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, DictConfig
+
+from . import DiffcliError
+
+
+@dataclass
+class EMAConfig:
+    decay: float = MISSING
+    warmup: int = MISSING
+
+
+@dataclass
+class TrainConfig:
+    steps: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    betas: List[float] = MISSING
+    weight_decay: float = MISSING
+    warmup: int = MISSING
+    grad_clip: Optional[float] = MISSING
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    precision: str = MISSING
+    grad_accum: int = MISSING
+    compile: bool = MISSING
+    channels_last: Any = MISSING  # auto | true | false
+    max_nonfinite: int = MISSING
+    log_every: int = MISSING
+    sample_every: int = MISSING
+    n_samples: int = MISSING
+    eval_every: int = MISSING
+    eval_n: int = MISSING
+    ckpt_every: int = MISSING
+    keep_last: int = MISSING
+    resume: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    kind: str = MISSING
+    params: Optional[Any] = None      # a toy's keyword arguments, checked against its function
+    root: Optional[str] = None        # torchvision sets
+    download: bool = False
+    split: str = "train"
+    path: Optional[str] = None        # npz file or image folder
+    image_size: int = 32              # folder
+    channels: int = 3                 # folder
+    hflip: bool = False
+    sigma_max: Optional[float] = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: Any = MISSING               # the path class and its arguments (diffcli/build.py)
+    prediction: str = MISSING
+    weighting: str = MISSING
+    sampler: str = MISSING
+    prior: Optional[str] = None       # flow only
+    coupling: Optional[str] = None    # flow only
+
+
+@dataclass
+class SamplerConfig:
+    fn: Any = MISSING                 # a sampler of diffcli.samplers and its options (diffcli/build.py)
+    grid: Any = MISSING               # name: one of samplers.GRIDS, and its arguments
+    steps: Optional[int] = None
+    default_steps: Optional[int] = None
+    continuous_steps: Optional[int] = None
+
+
+@dataclass
+class TrainApp:
+    net: Any = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: Optional[SamplerConfig] = None
+    seed: int = 0
+    device: str = "auto"
+    steps: Optional[int] = None
+    eta: float = 0.0
+
+
+@dataclass
+class SampleOptions:
+    save_trajectory: bool = False
+    plot_field: bool = False
+
+
+@dataclass
+class MetricConfig:
+    names: Any = MISSING              # auto, a name or a list of names (evaluate.resolve_names)
+    cache_dir: str = MISSING
+    inception_weights: Optional[str] = None
+    batch_size: int = MISSING
+    reference_split: Optional[str] = None
+    n_reference: Optional[int] = None
+    kid_subsets: int = MISSING
+    kid_subset_size: int = MISSING
+    classifier_epochs: Optional[int] = None
+    nll_n: int = MISSING
+    probes: int = MISSING
+    rtol: float = MISSING
+    atol: float = MISSING
+
+
+@dataclass
+class SampleApp:
+    sampler: Optional[SamplerConfig] = None
+    ckpt: Optional[str] = None
+    net_class: Optional[str] = None   # your own network class, named on this command line (never from a file)
+    steps: Optional[int] = None
+    eta: float = 0.0
+    n: int = MISSING
+    batch_size: int = MISSING
+    seed: int = 0
+    device: str = "auto"
+    sample: SampleOptions = field(default_factory=SampleOptions)
+
+
+@dataclass
+class EvalApp:
+    sampler: Optional[SamplerConfig] = None
+    ckpt: Optional[str] = None
+    net_class: Optional[str] = None
+    steps: Optional[int] = None
+    eta: float = 0.0
+    n: int = MISSING
+    batch_size: int = MISSING
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    seed: int = 0
+    device: str = "auto"
+
+
+SCHEMAS = {"train_schema": TrainApp, "sample_schema": SampleApp, "eval_schema": EvalApp}
+
+
+def register() -> None:
+    """Put the schemas in Hydra's ConfigStore and the run-folder resolver in OmegaConf (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    store = ConfigStore.instance()
+    for name, node in SCHEMAS.items():
+        store.store(name=name, node=node)
+    OmegaConf.register_new_resolver("diffcli.new_dir", new_dir, replace=True)
+
+
+_CLAIMED: dict[str, str] = {}
+
+
+def new_dir(path: str) -> str:
+    """`path`, or `path_1`, `path_2`, ...: the first that did not exist, created now.
+
+    os.mkdir is atomic, so two runs started in the same second (the run folders are named to the
+    second) never share a folder. Memoized: Hydra resolves a run folder more than once per process.
+    """
+    import os
+
+    if path not in _CLAIMED:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        candidate, k = path, 0
+        while True:
+            try:
+                os.mkdir(candidate)
+                break
+            except FileExistsError:
+                k += 1
+                candidate = f"{path}_{k}"
+        _CLAIMED[path] = candidate
+    return _CLAIMED[path]
+
+
+def validate(cfg, schema: type, source: str) -> DictConfig:
+    """cfg (a config or plain dict) merged onto `schema`: one line for an unknown key or a value of the wrong type.
+
+    Hydra lets `+key=value` through unchecked; merging onto the schema again catches it (and a
+    stored config read from a file gets the same check). Interpolations stay unresolved.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    plain = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), plain)
+    except OmegaConfBaseException as e:
+        raise DiffcliError(f"{source}: {config_error(e)}") from None
+
+
+def config_error(e: BaseException) -> str:
+    """OmegaConf's multi-line error as one phrase naming the key."""
+    lines = str(e).splitlines()
+    key = next((line.split(":", 1)[1].strip() for line in lines if line.strip().startswith("full_key:")), "")
+    head = lines[0] if lines else type(e).__name__
+    if head.startswith("Key '") and "not in" in head:
+        return f"{key or head.split(chr(39))[1]} is not a known key (`--cfg job` lists the keys)"
+    return f"{key}: {head}" if key else head
+
+
+# key -> (test, what it must be); checked on the composed config before any work
+RANGES = {
+    "train.steps": (lambda v: v > 0, "a positive integer"),
+    "train.batch_size": (lambda v: v > 0, "a positive integer"),
+    "train.lr": (lambda v: v > 0, "a positive number"),
+    "train.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. [0.9,0.999]"),
+    "train.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "train.warmup": (lambda v: v >= 0, "an integer >= 0"),
+    "train.grad_clip": (lambda v: v is None or v > 0, "a positive number or null (no clipping)"),
+    "train.ema.decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "train.ema.warmup": (lambda v: v >= 0, "an integer >= 0"),
+    "train.channels_last": (lambda v: v in ("auto", True, False), "auto, true or false"),
+    "train.grad_accum": (lambda v: v > 0, "a positive integer"),
+    "train.max_nonfinite": (lambda v: v > 0, "a positive integer"),
+    "train.log_every": (lambda v: v > 0, "a positive integer"),
+    "train.ckpt_every": (lambda v: v > 0, "a positive integer"),
+    "train.sample_every": (lambda v: v >= 0, "an integer >= 0 (0: never)"),
+    "train.eval_every": (lambda v: v >= 0, "an integer >= 0 (0: never)"),
+    "train.n_samples": (lambda v: v > 0, "a positive integer"),
+    "train.eval_n": (lambda v: v > 0, "a positive integer"),
+    "train.keep_last": (lambda v: v >= 0, "an integer >= 0 (0: keep all)"),
+    "data.sigma_max": (lambda v: v is None or v > 0, "a positive number (the data's largest pairwise distance)"),
+    "steps": (lambda v: v is None or v > 0, "a positive integer (or null for the sampler's default)"),
+    "eta": (lambda v: v >= 0, "a number >= 0 (0: deterministic DDIM, 1: DDPM-like)"),
+    "n": (lambda v: v > 0, "a positive integer"),
+    "batch_size": (lambda v: v > 0, "a positive integer"),
+    "metric.batch_size": (lambda v: v > 0, "a positive integer"),
+    "metric.kid_subsets": (lambda v: v > 0, "a positive integer"),
+    "metric.kid_subset_size": (lambda v: v > 1, "an integer > 1"),
+    "metric.nll_n": (lambda v: v > 0, "a positive integer"),
+    "metric.probes": (lambda v: v > 0, "a positive integer"),
+    "metric.rtol": (lambda v: v > 0, "a positive number"),
+    "metric.atol": (lambda v: v > 0, "a positive number"),
+    "metric.n_reference": (lambda v: v is None or v > 0, "a positive integer or null (all)"),
+    "metric.classifier_epochs": (lambda v: v is None or v > 0, "a positive integer or null"),
+}
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """One line for the first value out of its range (NaN and infinities included)."""
+    from omegaconf import OmegaConf
+
+    for key, (ok, what) in RANGES.items():
+        if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
+            continue
+        value = OmegaConf.select(cfg, key)
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        numbers = value if isinstance(value, list) else [value]
+        finite = all(not isinstance(v, float) or math.isfinite(v) for v in numbers)
+        if not (finite and ok(value)):
+            raise DiffcliError(f"{key}={value} must be {what}")
