@@ -26,4 +26,16 @@ def run_cli(*args, cwd, timeout=600, env=None):
     return subprocess.run([str(DIFFCLI), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def start_training(*args, cwd, run_dir="run", lines=1, timeout=120):
+    """A `diffcli train ... hydra.run.dir=run_dir` subprocess, returned once its log.jsonl has `lines` rows."""
+    import time
+
+    proc = subprocess.Popen([str(DIFFCLI), "train", *args, f"hydra.run.dir={run_dir}"], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = Path(cwd) / run_dir / "log.jsonl", time.time() + timeout
+    while not (log.exists() and log.read_text().count("\n") >= lines) and time.time() < deadline:
+        time.sleep(0.1)
+    return proc
+
+
 needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import DIFFCLI, run_cli
+from conftest import DIFFCLI, run_cli, start_training
 from test_cli import assert_one_line_error
 
 TINY = ["data=moons", "train.steps=4", "train.log_every=2", "train.ckpt_every=2", "train.sample_every=0",
@@ -320,13 +320,8 @@ def test_non_finite_samples_are_one_line(run, tmp_path):
 
 
 def test_second_ctrl_c_exits_at_once_without_traceback(tmp_path):
-    proc = subprocess.Popen([str(DIFFCLI), "train", "data=moons", "train.steps=1000000", "train.batch_size=65536",
-                             "train.log_every=1", "train.ckpt_every=1000000", "hydra.run.dir=run"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "run" / "log.jsonl"
-    deadline = time.time() + 120
-    while not (log.exists() and log.read_text().count("\n") >= 1) and time.time() < deadline:
-        time.sleep(0.1)
+    proc = start_training("data=moons", "train.steps=1000000", "train.batch_size=65536", "train.log_every=1",
+                          "train.ckpt_every=1000000", cwd=tmp_path)  # slow steps: the second signal lands mid-step
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)

@@ -87,19 +87,13 @@ def test_sample_images_from_an_npz_dataset(tmp_path):
 def test_sigterm_checkpoints_and_resumes(tmp_path):
     """SIGTERM to a running `diffcli train`: it saves the step it finished, exits, and resumes from there."""
     import signal
-    import subprocess
-    import time
 
-    from conftest import DIFFCLI, run_cli
+    from conftest import run_cli, start_training
     from diffcli.checkpoint import list_checkpoints
 
-    proc = subprocess.Popen([str(DIFFCLI), "train", "data=moons", "train.steps=1000000", "train.log_every=20",
-                             "train.ckpt_every=1000000", "hydra.run.dir=run"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_training("data=moons", "train.steps=1000000", "train.log_every=20", "train.ckpt_every=1000000",
+                          cwd=tmp_path, lines=2)
     log = tmp_path / "run" / "log.jsonl"
-    deadline = time.time() + 120
-    while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
-        time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
