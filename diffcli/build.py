@@ -11,34 +11,30 @@ refused) and checked against its annotations (a float is never truncated to an i
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import math
 import typing
 from collections.abc import Sequence
+from importlib.resources import files
 
 from . import DiffcliError
 
 PLAIN = (type(None), bool, int, float, str)
 
 
-def _nets() -> dict:
-    from .nets import MLP, UNet
-    from .oracle import Oracle
-
-    return {"diffcli.nets.MLP": MLP, "diffcli.nets.UNet": UNet, "diffcli.oracle.Oracle": Oracle}
-
-
-def _paths() -> dict:
-    from . import paths
-
-    classes = (paths.DDPMPath, paths.NCSNPath, paths.VEPath, paths.VPPath, paths.SubVPPath, paths.FlowPath)
-    return {f"diffcli.paths.{c.__name__}": c for c in classes}
+# What a config may name, as text: checking a name needs no import (cli.preflight runs before torch's).
+NETS = ("diffcli.nets.MLP", "diffcli.nets.UNet", "diffcli.oracle.Oracle")
+PATHS = tuple(f"diffcli.paths.{c}" for c in ("DDPMPath", "NCSNPath", "VEPath", "VPPath", "SubVPPath", "FlowPath"))
+SAMPLER_NAMES = tuple(sorted(f.name[:-5] for f in files("diffcli.configs").joinpath("sampler").iterdir()
+                             if f.name.endswith(".yaml")))  # the shipped sampler configs
+SAMPLER_FNS = tuple(f"diffcli.samplers.{name}" for name in SAMPLER_NAMES)
 
 
-def _sampler_fns() -> dict:
-    from .samplers import SAMPLERS
-
-    return {f"diffcli.samplers.{name}": fn for name, fn in SAMPLERS.items()}
+def _diffcli_object(target: str):
+    """One of the names above as the object it names (the module and attribute are diffcli's own)."""
+    module, _, attr = target.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
 
 
 def plain(value, where: str, targets: bool = False):
@@ -126,45 +122,65 @@ def _split(node, where: str) -> tuple[str, dict]:
     return target, node
 
 
+def _path_node(node, where: str) -> tuple[str, dict]:
+    """(_target_, plain arguments) of a path node, its class one of diffcli's."""
+    target, kwargs = _split(node, where)
+    if target not in PATHS:
+        raise DiffcliError(f"{where}._target_={target} is not a diffcli path; choose one of {', '.join(PATHS)}")
+    return target, plain(kwargs, where)
+
+
+def _net_node(node, user_class: str | None, where: str) -> tuple[str, dict, tuple | None]:
+    """(_target_, plain arguments, the oracle's path node or None) of a net node."""
+    target, kwargs = _split(node, where)
+    if target not in NETS and target != user_class:
+        how = f"name it on the command line (net_class={target})" if user_class is None else \
+            f"the command line names {user_class}"
+        raise DiffcliError(f"{where}._target_={target} is not a diffcli network and {how}; diffcli's own: "
+                           f"{', '.join(NETS)}")
+    path = _path_node(kwargs.pop("path", None), f"{where}.path") if target == "diffcli.oracle.Oracle" else None
+    return target, plain(kwargs, where), path
+
+
+def _sampler_node(node, where: str) -> tuple[str, dict]:
+    target, kwargs = _split(node, where)
+    if target not in SAMPLER_FNS:
+        raise DiffcliError(f"{where}._target_={target} is not a diffcli sampler; choose one of "
+                           f"{', '.join(SAMPLER_NAMES)}")
+    return target, plain(kwargs, where)
+
+
+def check_names(cfg, user_class: str | None = None) -> None:
+    """The classes a config names (net, model.path, sampler.fn) are diffcli's own or `user_class`, with
+    plain arguments: checked on text alone, before anything is imported or built."""
+    _net_node(cfg.net, user_class, "net")
+    _path_node(cfg.model.path, "model.path")
+    sampler = cfg.get("sampler")
+    if sampler is not None and "fn" in sampler and sampler.fn is not None and "_target_" in sampler.fn:
+        _sampler_node(sampler.fn, "sampler.fn")
+
+
 def build_path(node, where: str = "model.path"):
     """The probability path of a model config: one of diffcli.paths' classes."""
-    target, kwargs = _split(node, where)
-    table = _paths()
-    if target not in table:
-        raise DiffcliError(f"{where}._target_={target} is not a diffcli path; choose one of {', '.join(table)}")
-    return call(table[target], plain(kwargs, where), where)
+    target, kwargs = _path_node(node, where)
+    return call(_diffcli_object(target), kwargs, where)
 
 
 def build_net(node, shape, user_class: str | None = None, where: str = "net"):
     """A network: a diffcli class, or the user's own class when it was named on this command line."""
-    target, kwargs = _split(node, where)
-    table = _nets()
-    if target in table:
-        cls = table[target]
-    elif target == user_class:
-        cls = _locate(target, where)
-    else:
-        how = "name it on the command line (net_class=" + target + ")" if user_class is None else \
-            f"the command line names {user_class}"
-        raise DiffcliError(f"{where}._target_={target} is not a diffcli network and {how}; diffcli's own: "
-                           f"{', '.join(table)}")
-    if target == "diffcli.oracle.Oracle":  # the oracle is handed its data (plain) and path (built)
-        path = build_path(kwargs.pop("path", None), f"{where}.path")
-        return call(cls, plain(kwargs, where), where, shape=shape, path=path)
-    return call(cls, plain(kwargs, where), where, shape=shape)
+    target, kwargs, path = _net_node(node, user_class, where)
+    cls = _diffcli_object(target) if target in NETS else _locate(target, where)
+    if path is not None:  # the oracle is handed its data (plain) and its path (built)
+        return call(cls, kwargs, where, shape=shape, path=call(_diffcli_object(path[0]), path[1], f"{where}.path"))
+    return call(cls, kwargs, where, shape=shape)
 
 
 def build_sampler_fn(node, is_image: bool, where: str = "sampler.fn"):
     """A sampler of diffcli.samplers with its options bound; `clip_x0: auto` clamps images only."""
-    target, kwargs = _split(node, where)
-    table = _sampler_fns()
-    if target not in table:
-        raise DiffcliError(f"{where}._target_={target} is not a diffcli sampler; choose one of "
-                           f"{', '.join(t.rsplit('.', 1)[1] for t in table)}")
-    kwargs = plain(kwargs, where)
+    target, kwargs = _sampler_node(node, where)
     if kwargs.get("clip_x0") == "auto":
         kwargs["clip_x0"] = is_image
-    fn = table[target]
+    fn = _diffcli_object(target)
     _check_options(fn, kwargs, where)
     return functools.partial(fn, **kwargs)
 

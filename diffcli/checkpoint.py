@@ -13,12 +13,13 @@ import os
 import re
 from pathlib import Path as FsPath
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from . import DiffcliError
+
+# torch is imported inside the functions that move tensors: a checkpoint's metadata and config are
+# checked (cli.preflight) before torch's import, so a refused file costs a second, not four.
 
 FORMAT, VERSION = "diffcli", "1"
 TMP = ".tmp"  # save_atomic's temporary files: .<name>.tmp<pid>
@@ -30,8 +31,10 @@ def strip_prefixes(state: dict) -> dict:
     return {re.sub(r"(?<![^.])(?:module|_orig_mod)\.", "", k): v for k, v in state.items()}
 
 
-def save_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: FsPath) -> None:
+def save_atomic(tensors: dict, metadata: dict[str, str], path: FsPath) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    from safetensors.torch import save_file
+
     path = FsPath(path)
     tmp = path.with_name(f".{path.name}{TMP}{os.getpid()}")
     # copies: tied or shared tensors (or the same module saved twice) must not alias on disk
@@ -54,20 +57,28 @@ def remove_temporaries(folder: FsPath) -> list[FsPath]:
     return found
 
 
-def _open(path: FsPath):
-    """Tensors and metadata of a diffcli checkpoint, or a one-line error saying what is wrong."""
+def read_metadata(path: FsPath) -> dict:
+    """The metadata of a diffcli checkpoint (no tensors read), or a one-line error saying what is wrong."""
     path = FsPath(path)
     if not path.is_file():
         raise DiffcliError(f"checkpoint {path} does not exist; give ckpt=<run dir or .safetensors file>")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise DiffcliError(f"{path} is a safetensors file but not a diffcli checkpoint (no diffcli metadata)")
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    except DiffcliError:
-        raise
     except Exception as e:  # the safetensors parser's errors say 'header', 'incomplete', ...
+        raise DiffcliError(f"{path} is not a readable checkpoint (truncated or not safetensors: {e})") from None
+    if meta.get("format") != FORMAT:
+        raise DiffcliError(f"{path} is a safetensors file but not a diffcli checkpoint (no diffcli metadata)")
+    return meta
+
+
+def _open(path: FsPath):
+    """Tensors and metadata of a diffcli checkpoint."""
+    meta = read_metadata(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except Exception as e:
         raise DiffcliError(f"{path} is not a readable checkpoint (truncated or not safetensors: {e})") from None
 
 
@@ -117,8 +128,7 @@ def stored_config(meta: dict, path: FsPath) -> DictConfig:
     holds `${...}` was edited by someone); the sampler must be one diffcli ships, since its name
     picks a config file.
     """
-    from .build import plain
-    from .samplers import SAMPLERS
+    from .build import SAMPLER_NAMES, plain
     from .schema import TrainApp, validate
 
     config = _field(meta, "config", path)
@@ -130,9 +140,9 @@ def stored_config(meta: dict, path: FsPath) -> DictConfig:
     except DiffcliError as e:
         raise DiffcliError(f"{path}: the stored {e}; refusing to load it") from None
     cfg = validate(config, TrainApp, f"{path}: the stored config")
-    if cfg.model.sampler not in SAMPLERS:
+    if cfg.model.sampler not in SAMPLER_NAMES:
         raise DiffcliError(f"{path}: the stored model.sampler={cfg.model.sampler!r} is not a diffcli sampler "
-                           f"({', '.join(SAMPLERS)}); refusing to load it")
+                           f"({', '.join(SAMPLER_NAMES)}); refusing to load it")
     return cfg
 
 
@@ -146,6 +156,8 @@ def load_ema(path: FsPath):
 
 def _flatten_optimizer(opt_state: dict):
     """Optimizer state as flat tensors plus JSON for the param groups and any non-tensor entries."""
+    import torch
+
     tensors, scalars = {}, {}
     for idx, entries in opt_state["state"].items():
         for key, value in entries.items():
@@ -169,6 +181,8 @@ def _unflatten_optimizer(tensors: dict, info: dict) -> dict:
 
 def save_state(path: FsPath, *, net, ema_net, optimizer, scaler, step: int, cfg: DictConfig, shape) -> None:
     """Everything needed to resume exactly."""
+    import torch
+
     opt_tensors, opt_info = _flatten_optimizer(optimizer.state_dict())
     tensors = {f"net.{k}": v for k, v in strip_prefixes(net.state_dict()).items()}
     tensors |= {f"ema.{k}": v for k, v in strip_prefixes(ema_net.state_dict()).items()}
@@ -197,6 +211,17 @@ def load_state(path: FsPath) -> dict:
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise DiffcliError(f"{path}: its training state is incomplete ({type(e).__name__}: {e}); the file is "
                            "damaged; resume from an older state_<step>.safetensors") from None
+
+
+def newest_state(run) -> tuple[FsPath, FsPath]:
+    """(run folder, its newest state_<step>.safetensors) for train.resume."""
+    run_dir = FsPath(run)
+    if not run_dir.is_dir():
+        raise DiffcliError(f"train.resume={run_dir} is not a folder; give the run folder of a diffcli train run")
+    states = list_checkpoints(run_dir / "checkpoints", "state")
+    if not states:
+        raise DiffcliError(f"train.resume={run_dir}: no checkpoints/state_<step>.safetensors there to resume from")
+    return run_dir, states[-1]
 
 
 def list_checkpoints(folder: FsPath, kind: str) -> list[FsPath]:

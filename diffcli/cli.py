@@ -52,8 +52,34 @@ def _user_errors_exit(task):
     return job
 
 
+def preflight(command: str, cfg) -> None:
+    """What can be refused on text alone, before torch is imported (a second instead of four): the
+    config's keys, types and ranges, and for sample/eval the checkpoint's metadata and the classes its
+    stored config names. run_* checks all of it again when it builds."""
+    from .build import check_names
+    from .checkpoint import find_ema, newest_state, read_metadata, stored_config
+    from .schema import SCHEMAS, check_ranges, resume_overrides, validate
+
+    cfg = validate(cfg, SCHEMAS[f"{command}_schema"], f"diffcli {command}")
+    check_ranges(cfg)
+    if command == "train" and not cfg.train.get("resume"):
+        check_names(cfg, user_class=cfg.net.get("_target_"))  # the command line's own choice
+        return
+    if command == "train":  # train.resume: the stored run's config, with this command line's changes
+        run_dir, file = newest_state(cfg.train.resume)
+        stored = stored_config(read_metadata(file), file)
+        check_names(*resume_overrides(cfg, stored, _overrides(), run_dir))
+        return
+    file = find_ema(cfg.ckpt)
+    try:
+        check_names(stored_config(read_metadata(file), file), cfg.get("net_class"))
+    except DiffcliError as e:
+        raise DiffcliError(e if str(e).startswith(str(file)) else f"{file}: {e}") from None
+
+
 @_user_errors_exit
 def _train(cfg) -> None:
+    preflight("train", cfg)
     from .train import run_train
 
     run_train(cfg, _run_dir(), overrides=_overrides())
@@ -61,6 +87,7 @@ def _train(cfg) -> None:
 
 @_user_errors_exit
 def _sample(cfg) -> None:
+    preflight("sample", cfg)
     from .sample import run_sample
 
     run_sample(cfg, _run_dir())
@@ -68,6 +95,7 @@ def _sample(cfg) -> None:
 
 @_user_errors_exit
 def _eval(cfg) -> None:
+    preflight("eval", cfg)
     from .evaluate import run_eval
 
     run_eval(cfg, _run_dir())

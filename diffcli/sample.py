@@ -85,7 +85,7 @@ def sampler_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
 
     from omegaconf import OmegaConf
 
-    from .samplers import SAMPLERS
+    from .build import SAMPLER_NAMES
 
     chosen = cfg.get("sampler")
     if chosen is not None and not OmegaConf.is_missing(chosen, "fn"):
@@ -94,9 +94,9 @@ def sampler_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
                                "e.g. sampler=langevin sampler.fn.n_steps=50")
         return chosen
 
-    if model_cfg.sampler not in SAMPLERS:  # the name picks a shipped file: never a path of its own
+    if model_cfg.sampler not in SAMPLER_NAMES:  # the name picks a shipped file: never a path of its own
         raise DiffcliError(f"model.sampler={model_cfg.sampler} is not a diffcli sampler; choose one of "
-                           f"{', '.join(SAMPLERS)}")
+                           f"{', '.join(SAMPLER_NAMES)}")
     node = OmegaConf.load(files("diffcli.configs").joinpath("sampler", f"{model_cfg.sampler}.yaml"))
     if chosen is not None:  # sampler.steps=... given without sampler=...: it applies to the default sampler
         given = OmegaConf.to_container(chosen, resolve=True, throw_on_missing=False)

@@ -214,6 +214,53 @@ def config_error(e: BaseException) -> str:
     return f"{key}: {head}" if key else head
 
 
+# what a resumed run may change: its training schedule, where it runs, Hydra's own settings
+RESUMABLE = ("train.", "hydra.", "hydra/", "device")
+
+
+def resume_overrides(cfg: DictConfig, stored: DictConfig, overrides, run_dir) -> tuple[DictConfig, str | None]:
+    """The stored config of a run to resume with this command's `train.*` overrides on top, and the
+    user's own net class if this command line names it.
+
+    Any other override (model=, net=, data=, seed, ...) that differs from the stored run is refused:
+    the run would silently go on with its old settings. Naming the stored `net._target_` again is
+    how a network class of the user's own is accepted (never from the file alone).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    resumed, user_class = OmegaConf.create(OmegaConf.to_container(stored)), None
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        key = o.key_or_group
+        if key.startswith("train.") and key != "train.resume":
+            OmegaConf.update(resumed, key, o.value(), merge=True)
+        elif not key.startswith(RESUMABLE):
+            here, there = _plain_at(cfg, key), _plain_at(resumed, key)
+            if here != there:
+                where, there, here = _first_difference(key, there, here)
+                raise DiffcliError(f"train.resume continues {run_dir} as it was trained: {where} there is {there!r}, "
+                                   f"here {here!r}; drop {o.input_line} or start a new run")
+            user_class = o.value() if key == "net._target_" else user_class
+    return validate(resumed, TrainApp, f"train.resume={run_dir}"), user_class
+
+
+def _first_difference(key: str, a, b) -> tuple[str, object, object]:
+    """The first dotted key below `key` where two plain values differ, and the two values there."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=lambda k: (k != "name", str(k))):  # a group's name says most
+            if a.get(k) != b.get(k):
+                return _first_difference(f"{key}.{k}", a.get(k), b.get(k))
+    return key, a, b
+
+
+def _plain_at(cfg: DictConfig, key: str):
+    """The resolved value at a dotted key (a group's whole node), as plain data for comparing."""
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(cfg, key.lstrip("+~"), default=None)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 # key -> (test, what it must be); checked on the composed config before any work
 RANGES = {
     "train.steps": (lambda v: v > 0, "a positive integer"),

@@ -20,11 +20,11 @@ from contextlib import nullcontext
 from pathlib import Path as FsPath
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from . import DiffcliError
 from .build import build_net, build_path
-from .checkpoint import list_checkpoints, load_state, prune, remove_temporaries, save_ema, save_state
+from .checkpoint import load_state, newest_state, prune, remove_temporaries, save_ema, save_state
 from .data import build_data
 from .ema import EMA
 from .evaluate import quick_metric
@@ -32,7 +32,7 @@ from . import distributed
 from .losses import check_coupling, check_weighting, draw, pair_loss
 from .prediction import Denoiser, check_prediction
 from .sample import generate, load_weights, pick_device, pyplot, sampler_config, sampler_from_config, save_picture
-from .schema import TrainApp, check_ranges, validate
+from .schema import TrainApp, check_ranges, resume_overrides, validate
 
 log = logging.getLogger("diffcli")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,47 +43,14 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
 
-# what a resumed run may change: its training schedule, where it runs, Hydra's own settings
-RESUMABLE = ("train.", "hydra.", "hydra/", "device")
-
-
 def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict, FsPath, str | None]:
-    """The stored config of the run to resume, with this command's `train.*` overrides on top.
-
-    Any other override (model=, net=, data=, seed, ...) that differs from the stored run is refused:
-    the run would silently go on with its old settings. Naming the stored `net._target_` again is
-    how a network class of the user's own is accepted (never from the file alone).
-    """
-    run_dir = FsPath(cfg.train.resume)
-    if not run_dir.is_dir():
-        raise DiffcliError(f"train.resume={run_dir} is not a folder; give the run folder of a diffcli train run")
+    """The stored config of the run to resume, with this command's `train.*` overrides on top
+    (schema.resume_overrides: any other override that changes the run is refused)."""
+    run_dir, newest = newest_state(cfg.train.resume)
     remove_temporaries(run_dir / "checkpoints")  # half-written files of a killed write
-    states = list_checkpoints(run_dir / "checkpoints", "state")
-    if not states:
-        raise DiffcliError(f"train.resume={run_dir}: no checkpoints/state_<step>.safetensors there to resume from")
-    state = load_state(states[-1])
-    resumed = state["config"]
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    user_class = None
-    for o in OverridesParser.create().parse_overrides(list(overrides)):
-        key = o.key_or_group
-        if key.startswith("train.") and key != "train.resume":
-            OmegaConf.update(resumed, key, o.value(), merge=True)
-        elif not key.startswith(RESUMABLE):
-            given, stored = (_plain_at(c, key) for c in (cfg, resumed))
-            if given != stored:
-                raise DiffcliError(f"train.resume continues {run_dir} as it was trained: {key} there is {stored}, "
-                                   f"here {given}; drop {o.input_line} or start a new run")
-            user_class = o.value() if key == "net._target_" else user_class
-    resumed = validate(resumed, TrainApp, f"train.resume={run_dir}")
+    state = load_state(newest)
+    resumed, user_class = resume_overrides(cfg, state["config"], overrides, run_dir)
     return resumed, state, run_dir, user_class
-
-
-def _plain_at(cfg: DictConfig, key: str):
-    """The resolved value at a dotted key (a group's whole node), as plain data for comparing."""
-    value = OmegaConf.select(cfg, key.lstrip("+~"), default=None)
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def check_train_config(cfg: DictConfig, path) -> None:
