@@ -81,8 +81,17 @@ def _fits(value, hint) -> bool:
     return True
 
 
+WORDS = {int: "an integer", float: "a number", str: "text", bool: "true or false", type(None): "null"}
+
+
 def _describe(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    """An annotation in words: 'an integer', 'a list of an integer', 'a number or null'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if args and origin in (list, tuple, Sequence):
+        return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s"
+    if args:
+        return " or ".join(_describe(a) for a in args)
+    return WORDS.get(hint) or getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def call(target, kwargs: dict, where: str, **runtime):

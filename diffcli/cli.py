@@ -203,12 +203,18 @@ def _user_error(e: BaseException) -> str | None:
     if isinstance(e, (HydraException, OmegaConfBaseException)) or _raised_by_hydra(e):
         message = _one_line(e)
         cause = next((c for c in chain[1:] if isinstance(c, OmegaConfBaseException)), None)
-        if cause is not None and message.startswith("Error"):  # 'Error merging override x=y' does not say what is wrong
-            from .schema import config_error
-
-            message = f"{message}: {config_error(cause)}"
+        if cause is not None and "raised while composing" in message:  # Hydra's wording around OmegaConf's error
+            message = f"{message.split(':')[0]}: {config_error_of(cause)}"
+        elif cause is not None and message.startswith("Error"):  # 'Error merging override x=y' does not say what
+            message = f"{message}: {config_error_of(cause)}"
         return message
     return None
+
+
+def config_error_of(e: BaseException) -> str:
+    from .schema import config_error
+
+    return config_error(e)
 
 
 def _raised_by_hydra(e: BaseException) -> bool:
