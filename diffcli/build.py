@@ -14,6 +14,7 @@ import functools
 import importlib
 import inspect
 import math
+import types
 import typing
 from collections.abc import Sequence
 from importlib.resources import files
@@ -29,6 +30,7 @@ PATHS = tuple(f"diffcli.paths.{c}" for c in ("DDPMPath", "NCSNPath", "VEPath", "
 SAMPLER_NAMES = tuple(sorted(f.name[:-5] for f in files("diffcli.configs").joinpath("sampler").iterdir()
                              if f.name.endswith(".yaml")))  # the shipped sampler configs
 SAMPLER_FNS = tuple(f"diffcli.samplers.{name}" for name in SAMPLER_NAMES)
+SAMPLER_RUNTIME = ("denoiser", "path", "x", "t_grid", "generator", "trajectory")  # what generate() passes
 
 
 def _diffcli_object(target: str):
@@ -64,7 +66,7 @@ def _fits(value, hint) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is inspect.Parameter.empty or hint is typing.Any:
         return True
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_fits(value, a) for a in args)
     if hint is type(None):
         return value is None
@@ -85,7 +87,7 @@ WORDS = {int: "an integer", float: "a number", str: "text", bool: "true or false
 
 
 def _describe(hint) -> str:
-    """An annotation in words: 'an integer', 'a list of an integer', 'a number or null'."""
+    """An annotation in words: 'an integer', 'a list of integers', 'a number or null'."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if args and origin in (list, tuple, Sequence):
         return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s"
@@ -94,24 +96,29 @@ def _describe(hint) -> str:
     return WORDS.get(hint) or getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def call(target, kwargs: dict, where: str, **runtime):
-    """target(**runtime, **kwargs) after binding the names and checking each value against its annotation."""
-    signature = inspect.signature(target)
+def _check_arguments(target, kwargs: dict, where: str, given_at_run_time=()) -> None:
+    """Each config argument is a parameter of `target` (not one it gets at run time) and fits its annotation."""
+    params = inspect.signature(target).parameters
     try:
         hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
-    except Exception:  # a user's class with annotations that do not evaluate: bind names only
+    except Exception:  # a user's class with annotations that do not evaluate: names only
         hints = {}
-    valid = [k for k, p in signature.parameters.items() if k not in runtime and p.kind is not p.VAR_POSITIONAL]
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    valid = [k for k, p in params.items() if k not in given_at_run_time and p.kind is not p.VAR_POSITIONAL]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     for key, value in kwargs.items():
-        if key not in signature.parameters and not takes_any:
+        if key not in valid and not takes_any:
             raise DiffcliError(f"{where}.{key} is not an argument of {target.__name__}; its arguments: {', '.join(valid)}")
         hint = hints.get(key, inspect.Parameter.empty)
         if not _fits(value, hint):
             raise DiffcliError(f"{where}.{key}={value!r} must be {_describe(hint)}")
+
+
+def call(target, kwargs: dict, where: str, **runtime):
+    """target(**runtime, **kwargs) after checking the arguments' names and types."""
+    _check_arguments(target, kwargs, where, runtime)
     try:
-        signature.bind(**runtime, **kwargs)
-    except TypeError as e:
+        inspect.signature(target).bind(**runtime, **kwargs)
+    except TypeError as e:  # a required argument missing
         raise DiffcliError(f"{where}: {e}") from None
     return target(**runtime, **kwargs)
 
@@ -190,21 +197,8 @@ def build_sampler_fn(node, is_image: bool, where: str = "sampler.fn"):
     if kwargs.get("clip_x0") == "auto":
         kwargs["clip_x0"] = is_image
     fn = _diffcli_object(target)
-    _check_options(fn, kwargs, where)
+    _check_arguments(fn, kwargs, where, SAMPLER_RUNTIME)
     return functools.partial(fn, **kwargs)
-
-
-def _check_options(fn, kwargs: dict, where: str) -> None:
-    """Keyword options of a sampler or grid function: known names, values of the annotated type."""
-    hints = typing.get_type_hints(fn)
-    params = inspect.signature(fn).parameters
-    options = [k for k, p in params.items() if (p.kind is p.KEYWORD_ONLY or p.default is not p.empty)
-               and k not in ("generator", "trajectory", "steps")]  # given at run time, not by configs
-    for key, value in kwargs.items():
-        if key not in options:
-            raise DiffcliError(f"{where}.{key} is not an option of {fn.__name__}; its options: {', '.join(options)}")
-        if not _fits(value, hints.get(key, inspect.Parameter.empty)):
-            raise DiffcliError(f"{where}.{key}={value!r} must be {_describe(hints[key])}")
 
 
 def build_grid(node, path, steps, where: str = "sampler.grid"):
@@ -215,8 +209,7 @@ def build_grid(node, path, steps, where: str = "sampler.grid"):
     name = args.pop("name", None) if isinstance(args, dict) else None
     if name not in GRIDS:
         raise DiffcliError(f"{where}.name={name} is not a time grid; choose one of {', '.join(GRIDS)}")
-    _check_options(GRIDS[name], args, where)
-    return GRIDS[name](path, steps, **args)
+    return call(GRIDS[name], args, where, path=path, steps=steps)
 
 
 def _locate(name: str, where: str):

@@ -154,6 +154,16 @@ def load_ema(path: FsPath):
     return tensors, stored_config(meta, path), *_step_and_shape(meta, path)
 
 
+def load_weights(net, state: dict, what: str) -> None:
+    """net.load_state_dict(state), with a one-line error when the tensors do not fit the network."""
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise DiffcliError(f"{what} do not fit the network its config describes ({detail}); the file is "
+                           "damaged or was edited") from None
+
+
 def _flatten_optimizer(opt_state: dict):
     """Optimizer state as flat tensors plus JSON for the param groups and any non-tensor entries."""
     import torch

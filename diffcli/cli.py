@@ -71,10 +71,11 @@ def preflight(command: str, cfg) -> None:
         check_names(*resume_overrides(cfg, stored, _overrides(), run_dir))
         return
     file = find_ema(cfg.ckpt)
+    stored = stored_config(read_metadata(file), file)  # its errors name the file already
     try:
-        check_names(stored_config(read_metadata(file), file), cfg.get("net_class"))
+        check_names(stored, cfg.get("net_class"))
     except DiffcliError as e:
-        raise DiffcliError(e if str(e).startswith(str(file)) else f"{file}: {e}") from None
+        raise DiffcliError(f"{file}: {e}") from None
 
 
 @_user_errors_exit
@@ -189,6 +190,8 @@ def _user_error(e: BaseException) -> str | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from .schema import config_error
+
     chain = [e]
     while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
@@ -204,17 +207,11 @@ def _user_error(e: BaseException) -> str | None:
         message = _one_line(e)
         cause = next((c for c in chain[1:] if isinstance(c, OmegaConfBaseException)), None)
         if cause is not None and "raised while composing" in message:  # Hydra's wording around OmegaConf's error
-            message = f"{message.split(':')[0]}: {config_error_of(cause)}"
+            message = f"{message.split(':')[0]}: {config_error(cause)}"
         elif cause is not None and message.startswith("Error"):  # 'Error merging override x=y' does not say what
-            message = f"{message}: {config_error_of(cause)}"
+            message = f"{message}: {config_error(cause)}"
         return message
     return None
-
-
-def config_error_of(e: BaseException) -> str:
-    from .schema import config_error
-
-    return config_error(e)
 
 
 def _raised_by_hydra(e: BaseException) -> bool:

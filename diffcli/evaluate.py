@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import DiffcliError
 from .data import build_data, to_float
 from .metrics import energy_distance, mmd_rbf, sliced_wasserstein
-from .sample import check_sampling_args, load_model, pick_device, sample_checkpoint, save_picture
+from .sample import load_model, pick_device, sample_checkpoint, save_picture
+from .schema import check_ranges
 
 log = logging.getLogger("diffcli")
 # 2D sample-vs-data distances: metric name -> (key in metrics.json, function of (samples, reference))
@@ -186,7 +187,7 @@ def quick_metric(samples: torch.Tensor, data, data_cfg: DictConfig, seed: int, d
 
 def run_eval(cfg: DictConfig, out_dir) -> dict:
     """Writes metrics.json and samples.png into out_dir and prints the metrics as a table."""
-    check_sampling_args(cfg)
+    check_ranges(cfg)
     mc, t0 = cfg.metric, time.perf_counter()
     device = pick_device(cfg.device)
     loaded = load_model(cfg.ckpt, device, cfg.get("net_class"))

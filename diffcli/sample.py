@@ -11,10 +11,11 @@ import torch
 from omegaconf import DictConfig
 
 from . import DiffcliError
-from .checkpoint import find_ema, load_ema
 from .build import build_grid, build_net, build_path, build_sampler_fn
+from .checkpoint import find_ema, load_ema, load_weights
 from .prediction import Denoiser, check_prediction
 from .samplers import check_sampler
+from .schema import check_ranges
 
 log = logging.getLogger("diffcli")
 
@@ -36,13 +37,6 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def check_sampling_args(cfg: DictConfig) -> None:
-    """Reject bad top-level sampling arguments before any work is done (types and ranges)."""
-    from .schema import check_ranges
-
-    check_ranges(cfg)
-
-
 def load_model(ckpt: str | None, device: torch.device, net_class: str | None = None):
     """(denoiser, train_cfg, step, shape, file) rebuilt from an EMA checkpoint with diffcli's own classes.
 
@@ -61,16 +55,6 @@ def load_model(ckpt: str | None, device: torch.device, net_class: str | None = N
     except DiffcliError as e:
         raise DiffcliError(f"{file}: {e}") from None
     return denoiser, train_cfg, step, shape, file
-
-
-def load_weights(net: torch.nn.Module, state: dict, what: str) -> None:
-    """net.load_state_dict(state), with a one-line error when the tensors do not fit the network."""
-    try:
-        net.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError) as e:
-        detail = " ".join(str(e).split())[:200]
-        raise DiffcliError(f"{what} do not fit the network its config describes ({detail}); the file is "
-                           "damaged or was edited") from None
 
 
 def sampler_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
@@ -223,7 +207,7 @@ def save_picture(samples: torch.Tensor, file: FsPath, reference: torch.Tensor | 
 
 def sample_checkpoint(cfg: DictConfig, trajectory: list | None = None, loaded: tuple | None = None) -> dict:
     """Samples of `cfg.n` from `cfg.ckpt` (or an already `loaded` load_model result) with `cfg.sampler`."""
-    check_sampling_args(cfg)
+    check_ranges(cfg)
     device = pick_device(cfg.device)
     denoiser, train_cfg, step, shape, file = loaded or load_model(cfg.ckpt, device, cfg.get("net_class"))
     sampler, grid = sampler_from_config(sampler_config(cfg, train_cfg.model), denoiser.path, len(shape) == 3)

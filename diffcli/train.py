@@ -24,14 +24,14 @@ from omegaconf import DictConfig
 
 from . import DiffcliError
 from .build import build_net, build_path
-from .checkpoint import load_state, newest_state, prune, remove_temporaries, save_ema, save_state
+from .checkpoint import load_state, load_weights, newest_state, prune, remove_temporaries, save_ema, save_state
 from .data import build_data
 from .ema import EMA
 from .evaluate import quick_metric
 from . import distributed
 from .losses import check_coupling, check_weighting, draw, pair_loss
 from .prediction import Denoiser, check_prediction
-from .sample import generate, load_weights, pick_device, pyplot, sampler_config, sampler_from_config, save_picture
+from .sample import generate, pick_device, pyplot, sampler_config, sampler_from_config, save_picture
 from .schema import TrainApp, check_ranges, resume_overrides, validate
 
 log = logging.getLogger("diffcli")

@@ -70,8 +70,7 @@ def _rewrite(file, edit_config=None, edit_tensors=None, edit_meta=None):
 def _hostile(run, dest, edit_config, kind="ema"):
     """A copy of the run whose newest `kind` checkpoint carries an edited config."""
     _copy_run(run, dest)
-    for f in (dest / "checkpoints").glob(f"{kind}_4.safetensors"):
-        _rewrite(f, edit_config)
+    _rewrite(dest / "checkpoints" / f"{kind}_4.safetensors", edit_config)
     return dest
 
 
