@@ -145,7 +145,8 @@ def test_trajectory_and_field_pictures(tmp_path):
                                          "sample.save_trajectory=true", "sample.plot_field=true", "device=cpu"]),
                tmp_path / "s")
     saved = np.load(tmp_path / "s" / "samples.npz")
-    assert saved["trajectory"].shape == (7, 300, 2) and int(saved["nfe"]) == 11  # Heun: 2 per step, 1 last
+    # Heun on a flow: 1 evaluation on the first step (from s = inf, an Euler step), 2 per step, 1 on the last
+    assert saved["trajectory"].shape == (7, 300, 2) and int(saved["nfe"]) == 10
     np.testing.assert_array_equal(saved["trajectory"][-1], saved["samples"])
     np.testing.assert_allclose(saved["t_grid"][[0, -1]], [1.0, 0.0])
     for picture in ("samples.png", "trajectories.png", "field.png"):

@@ -226,7 +226,9 @@ VALID_PATH = {"midpoint": "flow", "rk4": "flow", "langevin": "ncsn"}
 def test_trajectory_records_every_step(sampler):
     path = PATHS[VALID_PATH.get(sampler, "vp")]
     options = {"n_steps": 2} if sampler == "langevin" else {}
-    grid = {"langevin": GRIDS["levels"](path), "dopri5": GRIDS["ends"](path)}.get(sampler, GRIDS["uniform"](path, 6))
+    # pc on VP takes score_sde's discrete betas beta(t)/N, below 1 only for N > beta_max = 20
+    grid = {"langevin": GRIDS["levels"](path), "dopri5": GRIDS["ends"](path),
+            "pc": GRIDS["uniform"](path, 21)}.get(sampler, GRIDS["uniform"](path, 6))
     trajectory = []
     out = SAMPLERS[sampler](denoiser(path), path, x_prior(path, n=4), grid, generator=torch.Generator().manual_seed(0),
                             trajectory=trajectory, **options)

@@ -1,0 +1,143 @@
+"""Time grids: (path, steps, **options) -> a decreasing float64 tensor of path times, `steps` intervals ending
+at t = 0 (clean data), and the log-SNR lambda = log(alpha/sigma) with its inverse, on which several grids are built."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import DiffcliError
+from .paths import Path
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def ddim_timesteps(T: int, steps: int, spacing: str = "leading") -> np.ndarray:
+    """Integer DDPM steps (descending) for `steps` sampling steps (Lin et al. 2024, Table 2)."""
+    if spacing == "leading":
+        return (np.arange(steps) * (T // steps))[::-1].astype(np.int64)
+    if spacing == "trailing":
+        return (np.round(np.arange(T, 0, -T / steps)) - 1).astype(np.int64)
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
+    raise DiffcliError(f"sampler.spacing={spacing} is unknown; choose one of {', '.join(SPACINGS)}")
+
+
+def ddim_grid(path: Path, steps: int, spacing: str = "leading", t_min: float = 1e-3) -> torch.Tensor:
+    """The path times of DDIM-spaced DDPM steps, followed by t = 0 (clean data).
+
+    Continuous-time paths have no training steps to choose among: they get the uniform grid.
+    """
+    if path.T is None:
+        return uniform_grid(path, steps, t_min)
+    if steps > path.T:
+        raise DiffcliError(f"steps={steps} exceeds the model's T={path.T} training steps; use steps<={path.T}")
+    i = torch.from_numpy(ddim_timesteps(path.T, steps, spacing).copy())
+    return torch.cat([(i.double() + 1) / path.T, torch.zeros(1, dtype=torch.float64)])
+
+
+def _check_t_min(t_min: float) -> None:
+    if not 0 < t_min < 1:
+        raise DiffcliError(f"sampler.grid.t_min={t_min} must lie in (0, 1)")
+
+
+def _then_zero(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+def uniform_grid(path: Path, steps: int, t_min: float = 1e-3) -> torch.Tensor:
+    """`steps` intervals: uniform in t from 1 down to t_min, then a last step to t = 0."""
+    _check_t_min(t_min)
+    return _then_zero(torch.linspace(1, t_min, steps, dtype=torch.float64))
+
+
+def quadratic_grid(path: Path, steps: int, t_min: float = 1e-3) -> torch.Tensor:
+    """t_i = t_min + (1 - t_min) (1 - i / (N - 1))^2 for i = 0..N-1 (N = steps: from 1 to t_min, dense near
+    the data), then a last step to t = 0 (the quadratic DDIM schedule of Song et al. 2021a, App. D.2, in t)."""
+    _check_t_min(t_min)
+    u = torch.linspace(0, 1, steps, dtype=torch.float64)
+    return _then_zero(t_min + (1 - t_min) * (1 - u) ** 2)
+
+
+def log_snr(path: Path, t: torch.Tensor) -> torch.Tensor:
+    """lambda(t) = log(alpha / sigma): decreasing in t, +inf at t = 0 where sigma = 0, -inf where alpha = 0."""
+    return torch.log(path.alpha(t)) - torch.log(path.sigma(t))
+
+
+def t_from_lambda(path: Path, lam, iters: int = 64, t_max: float = 2.0) -> torch.Tensor:
+    """The t in [0, t_max] with log_snr(path, t) = lam, by float64 bisection (paths have no closed-form inverse);
+    values of lam beyond lambda(0) or lambda(t_max) give that end.
+
+    t_max = 2 reaches beyond the prior: EDM's churn raises the noise level of the first step above the
+    path's s(1) = sigma(1)/alpha(1), and alpha, sigma extend past t = 1 (VP, sub-VP, VE in closed form, DDPM by
+    its last log alpha_bar segment). A flow's alpha < 0 there gives lambda = nan, which bisects as "before"."""
+    lam = torch.as_tensor(lam, dtype=torch.float64)
+    lo, hi = torch.zeros_like(lam), torch.full_like(lam, t_max)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        later = log_snr(path, mid) > lam  # lambda decreases in t: the root lies after mid
+        lo, hi = torch.where(later, mid, lo), torch.where(later, hi, mid)
+    return (lo + hi) / 2
+
+
+def _lambda_range(path: Path, t_min: float):
+    """lambda at the top and at t_min. A flow's alpha(1) = 0 puts lambda(1) at -inf, so its range starts
+    at t = 1 - 1e-4; the grids then move that first point to t = 1 exactly."""
+    _check_t_min(t_min)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    t_top = one if path.alpha(one) > 0 else one - 1e-4
+    return log_snr(path, t_top), log_snr(path, torch.tensor(t_min, dtype=torch.float64))
+
+
+def _grid_from_lambdas(path: Path, lam: torch.Tensor) -> torch.Tensor:
+    t = t_from_lambda(path, lam)
+    t[0] = 1.0  # start exactly at the prior
+    return _then_zero(t)
+
+
+def karras_grid(path: Path, steps: int, t_min: float = 1e-3, rho: float = 7.0,
+                sigma_cap: float = 80.0) -> torch.Tensor:
+    """Karras et al. 2022, eq. 5, on the scaled noise level sigma/alpha = exp(-lambda):
+    sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..N-1,
+    between sigma/alpha at t = 1 (capped at EDM's sigma_max = 80: a flow's reaches 1e4, and rho = 7 would
+    spend most steps near t = 1) and at t_min, mapped back to t; the first point is t = 1 exactly; then a
+    last step to t = 0."""
+    lam_max, lam_min = _lambda_range(path, t_min)
+    sigma_max, sigma_min = torch.exp(-lam_max).clamp(max=sigma_cap), torch.exp(-lam_min)
+    u = torch.linspace(0, 1, steps, dtype=torch.float64)
+    sigmas = (sigma_max ** (1 / rho) + u * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return _grid_from_lambdas(path, -torch.log(sigmas))
+
+
+def logsnr_grid(path: Path, steps: int, t_min: float = 1e-3) -> torch.Tensor:
+    """Uniform in lambda = log(alpha/sigma) from t = 1 to t_min (DPM-Solver's recommended grid, Lu et al. 2022,
+    sec. 3.3), mapped back to t; then a last step to t = 0."""
+    lam_max, lam_min = _lambda_range(path, t_min)
+    return _grid_from_lambdas(path, torch.linspace(float(lam_max), float(lam_min), steps, dtype=torch.float64))
+
+
+def ends_grid(path: Path, steps: int | None = None, t_min: float = 1e-3) -> torch.Tensor:
+    """[1, t_min, 0] whatever `steps`: an adaptive solver (dopri5) picks its own steps between the ends."""
+    _check_t_min(t_min)
+    return torch.tensor([1.0, t_min, 0.0], dtype=torch.float64)
+
+
+def levels_grid(path: Path, steps: int | None = None, sigma_min: float = 0.01) -> torch.Tensor:
+    """Noise levels for annealed Langevin, largest first: NCSN's own L levels; for other paths `steps`
+    (default 10) levels geometric in the noise level sigma/alpha from t = 1 down to sigma_min, the
+    spacing NCSN uses, so that Langevin's step rule (calibrated on sigma_L = 0.01) carries over."""
+    levels = getattr(path, "levels", None)
+    if levels is not None:
+        if steps not in (None, len(levels)):
+            raise DiffcliError(f"steps={steps}, but this NCSN model has L={len(levels)} noise levels; "
+                               "leave steps unset for annealed Langevin")
+        return levels.flip(0)
+    lam_top, _ = _lambda_range(path, 0.5)
+    lam = torch.linspace(float(lam_top), -math.log(sigma_min), steps or 10, dtype=torch.float64)
+    return _grid_from_lambdas(path, lam)[:-1]  # Langevin visits levels; no final step to t = 0
+
+
+GRIDS = {"ddim": ddim_grid, "uniform": uniform_grid, "quadratic": quadratic_grid, "karras": karras_grid,
+         "logsnr": logsnr_grid, "ends": ends_grid, "levels": levels_grid}
