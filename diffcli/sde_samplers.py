@@ -253,9 +253,9 @@ def pc(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, predictor
         raise DiffcliError(f"sampler.fn.predictor={predictor} is unknown; choose one of {', '.join(PREDICTORS)}")
     check_sampler("pc", path)
     n = len(t_grid) - 1
-    if isinstance(path, VPPath) and path.beta_max / n >= 1:  # score_sde's beta_k = beta(k/(N-1))/N reaches beta_max/N
+    if isinstance(path, VPPath) and path.beta_max / n > 1:  # score_sde's beta_k = beta(k/(N-1))/N reaches beta_max/N
         raise DiffcliError(f"sampler=pc takes score_sde's discrete betas beta(t)/N on this model, which exceed 1 (nan) "
-                           f"with steps={n} <= beta_max={path.beta_max:g}; use steps>={math.floor(path.beta_max) + 1}")
+                           f"with steps={n} < beta_max={path.beta_max:g}; use steps>={math.ceil(path.beta_max)}")
     record(trajectory, x)
     for t, s in zip(t_grid[:-1], t_grid[1:]):
         alpha = _langevin_alpha(path, t, n)

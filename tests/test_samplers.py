@@ -179,6 +179,7 @@ def test_dopri5_matches_the_closed_form(path_name):
 @pytest.mark.parametrize("sampler, options, steps", [("euler_maruyama", {}, 400),
                                                      ("pc", {"predictor": "reverse_diffusion"}, 200),
                                                      ("pc", {"predictor": "euler_maruyama"}, 200),
+                                                     ("pc", {"predictor": "gaussian_transition"}, 200),
                                                      ("heun", {"s_churn": 10.0, "s_tmax": 50.0}, 40)])
 def test_stochastic_samplers_reach_the_data_distribution(sampler, options, steps):
     path = PATHS["vp"]
@@ -226,9 +227,9 @@ VALID_PATH = {"midpoint": "flow", "rk4": "flow", "langevin": "ncsn"}
 def test_trajectory_records_every_step(sampler):
     path = PATHS[VALID_PATH.get(sampler, "vp")]
     options = {"n_steps": 2} if sampler == "langevin" else {}
-    # pc on VP takes score_sde's discrete betas beta(t)/N, below 1 only for N > beta_max = 20
+    # pc on VP takes score_sde's discrete betas beta(t)/N, at most 1 only for N >= beta_max = 20
     grid = {"langevin": GRIDS["levels"](path), "dopri5": GRIDS["ends"](path),
-            "pc": GRIDS["uniform"](path, 21)}.get(sampler, GRIDS["uniform"](path, 6))
+            "pc": GRIDS["uniform"](path, 20)}.get(sampler, GRIDS["uniform"](path, 6))
     trajectory = []
     out = SAMPLERS[sampler](denoiser(path), path, x_prior(path, n=4), grid, generator=torch.Generator().manual_seed(0),
                             trajectory=trajectory, **options)
