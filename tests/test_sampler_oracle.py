@@ -8,6 +8,7 @@ import pytest
 import scipy.stats
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from conftest import compose_config
 from diffcli import DiffcliError
@@ -35,9 +36,15 @@ def draw(denoiser, sampler, overrides=(), n=N, seed=0):
     return generate(denoiser, fn, grid, n, (2,), batch_size=n, seed=seed, device=torch.device("cpu"))
 
 
+def default_options(sampler):
+    """The sampler's options as its YAML sets them (e.g. dpmpp_2m_sde's eta = 1)."""
+    fn = OmegaConf.to_container(compose_config("sample", [f"sampler={sampler}"]).sampler.fn, resolve=True)
+    return {k: v for k, v in fn.items() if k not in ("_target_", "_partial_")}
+
+
 def valid(sampler, path):
     try:
-        check_sampler(sampler, path)
+        check_sampler(sampler, path, **default_options(sampler))
         return True
     except DiffcliError:
         return False

@@ -11,7 +11,8 @@ from scipy.integrate import solve_ivp
 from diffcli import DiffcliError
 from diffcli.paths import DDPMPath, FlowPath, NCSNPath, VEPath, VPPath
 from diffcli.prediction import Denoiser
-from diffcli.samplers import GRIDS, NEEDS, SAMPLERS, check_sampler, dopri5, karras_grid, logsnr_grid
+from diffcli.samplers import (GRIDS, NEEDS, SAMPLERS, check_sampler, dopri5, karras_grid, logsnr_grid,
+                              t_from_lambda)
 
 F64 = torch.float64
 ONE = torch.tensor(1.0, dtype=F64)
@@ -121,6 +122,34 @@ def test_logsnr_grid_is_uniform_in_lambda(path_name):
     torch.testing.assert_close(lam.diff(), lam.diff().mean().expand(len(lam) - 1), rtol=1e-9, atol=1e-12)
 
 
+def closed_form_lambda(path_name, t):
+    """lambda = log(alpha/sigma) written from each path's closed form: VP -log(e^B - 1)/2, B = int_0^t beta;
+    VE -log sigma_min - t log(sigma_max/sigma_min); flow log((1 - t)/t)."""
+    if path_name == "vp":
+        return -0.5 * torch.log(torch.expm1(0.1 * t + (20.0 - 0.1) * t**2 / 2))
+    if path_name == "ve":
+        return -math.log(0.01) - t * math.log(10.0 / 0.01)
+    return torch.log((1 - t) / t)
+
+
+@pytest.mark.parametrize("path_name, t", [("vp", [0.01, 0.5, 1.0, 1.1, 1.6]), ("ve", [0.01, 0.5, 1.0, 1.3]),
+                                          ("flow", [0.01, 0.5, 0.9999])])
+def test_t_from_lambda_inverts_lambda_beyond_the_prior(path_name, t):
+    """Churn's first step needs t_hat > 1 where VP and VE extend; a flow's lambda covers everything below t = 1."""
+    t = torch.tensor(t, dtype=F64)
+    torch.testing.assert_close(t_from_lambda(PATHS[path_name], closed_form_lambda(path_name, t)), t,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_unknown_sampler_options_refuse_in_one_line():
+    path = PATHS["vp"]
+    for sampler, options, fragment in [("unipc", {"order": 4}, "order=4"), ("dpmpp_2m_sde", {"eta": -1.0}, "eta=-1"),
+                                       ("dpmpp_2m_sde", {"solver_type": "rk"}, "solver_type=rk"),
+                                       ("pc", {"predictor": "ode"}, "predictor=ode")]:
+        with pytest.raises(DiffcliError, match=fragment):
+            SAMPLERS[sampler](denoiser(path), path, x_prior(path), GRIDS["uniform"](path, 25), **options)
+
+
 # ------------------------------------------------------------------------------------- ODE accuracy
 
 @pytest.mark.parametrize("path_name, t_end", [("vp", 1e-2), ("flow", 0.0)])
@@ -145,14 +174,16 @@ def errors(path, sampler, grid, steps, t_end, mixture):
     return out
 
 
-ORDER_BANDS = {1: (0.8, 1.3), 2: (1.6, 2.6), 4: (3.3, 4.8)}
+ORDER_BANDS = {1: (0.8, 1.3), 2: (1.6, 2.6), 3: (2.5, 3.9), 4: (3.3, 4.8)}
 # One Gaussian on VP, ending at t_min = 1e-2 (sigma = 0 at t = 0); on a flow to t = 0, the two-Gaussian mixture:
 # for one Gaussian a flow's ODE is special (midpoint converges at order 3 there).
 CONVERGENCE = [  # (path, sampler, grid, N, order): errors at N and 2N steps
     ("vp", "euler", "uniform", 80, 1), ("vp", "heun", "uniform", 40, 2), ("vp", "heun", "karras", 40, 2),
     ("vp", "dpmpp_2m", "logsnr", 40, 2), ("flow", "euler", "uniform", 20, 1), ("flow", "heun", "uniform", 20, 2),
     ("flow", "heun", "karras", 40, 2), ("flow", "dpmpp_2m", "logsnr", 40, 2), ("flow", "midpoint", "uniform", 20, 2),
-    ("flow", "rk4", "uniform", 10, 4)]
+    ("flow", "rk4", "uniform", 10, 4),
+    # UniPC with order 2: its corrector UniC-2 raises the order to 3 (Zhao et al. 2023, sec. 3.2)
+    ("vp", "unipc", "logsnr", 40, 3), ("flow", "unipc", "logsnr", 40, 3)]
 
 
 @pytest.mark.parametrize("path_name, sampler, grid, steps, order", CONVERGENCE)
@@ -200,6 +231,9 @@ def test_stochastic_samplers_reach_the_data_distribution(sampler, options, steps
     ("euler_maruyama", FlowPath(), {}, "alpha(1) = 0"),  # the reverse SDE's drift is infinite at a flow's t = 1
     ("heun", FlowPath(prior="uniform"), {"s_churn": 1.0}, "s_churn=0"),
     ("ddim", FlowPath(prior="uniform"), {"eta": 1.0}, "eta=0"),
+    ("euler", FlowPath(prior="uniform"), {"s_churn": 1.0}, "s_churn=0"),
+    ("dpmpp_2m_sde", FlowPath(prior="uniform"), {"eta": 1.0}, "eta=0"),
+    ("dpmpp_3m_sde", FlowPath(prior="uniform"), {"eta": 0.5}, "eta=0"),
 ])
 def test_invalid_pairs_refuse_in_one_line(sampler, path, options, fragment):
     with pytest.raises(DiffcliError) as e:
@@ -212,8 +246,10 @@ def test_invalid_pairs_refuse_in_one_line(sampler, path, options, fragment):
 def test_needs_covers_every_sampler_and_valid_pairs_pass():
     assert set(NEEDS) == set(SAMPLERS)
     uniform_flow = FlowPath(prior="uniform")
-    for name in ["euler", "heun", "dpmpp_2m", "midpoint", "rk4", "dopri5", "ddim"]:
+    for name in ["euler", "heun", "dpmpp_2m", "unipc", "midpoint", "rk4", "dopri5", "ddim"]:
         check_sampler(name, uniform_flow)
+    for name in ["dpmpp_2m_sde", "dpmpp_3m_sde"]:
+        check_sampler(name, uniform_flow, eta=0.0)
     with pytest.raises(DiffcliError, match="unknown"):
         check_sampler("rk45", uniform_flow)
 
