@@ -6,13 +6,30 @@ import torch
 
 from . import DiffcliError
 from .paths import Path, expand
-from .prediction import convert, target
+from .prediction import SIGMA_DATA, convert, edm_scale, net_inputs, target
 
-# weighting -> lambda(t) of the score-matching loss lambda(t) ||s_theta(x_t, t) - grad log p(x_t | x0)||^2
+
+def _edm_weight(path: Path, t, sigma_data: float, snr_gamma: float):
+    """(s^2 + sd^2) / (s sd)^2 at s = sigma/alpha, i.e. 1 / c_out^2 (Karras et al. 2022, Table 1), in a form finite
+    at alpha = 0."""
+    return (edm_scale(path.alpha(t), path.sigma(t), sigma_data) / (sigma_data * path.sigma(t))) ** 2
+
+
+def _min_snr_weight(path: Path, t, sigma_data: float, snr_gamma: float):
+    """min(SNR, gamma), SNR = alpha^2 / sigma^2 (Hang et al. 2023, Min-SNR-gamma, weight on the x0 error)."""
+    return torch.clamp((path.alpha(t) / path.sigma(t)) ** 2, max=snr_gamma)
+
+
+# weighting -> (the error it weights, lambda(path, t, sigma_data, snr_gamma)); the error is
+#   None:    the network's own target, unweighted
+#   "score": lambda(t) ||score(net) - grad log p(x_t | x0)||^2 (denoising score matching)
+#   "x0":    lambda(t) ||x0_hat(net) - x0||^2
 WEIGHTINGS = {
-    "simple": None,  # plain MSE on the network's own target (DDPM's L_simple, conditional flow matching)
-    "sigma2": lambda path, t: path.sigma(t) ** 2,  # Song & Ermon 2019, eq. 6; Song et al. 2021, eq. 7
-    "likelihood": lambda path, t: path.g2(t),  # Song et al. 2021b ("maximum likelihood training")
+    "simple": (None, None),  # plain MSE on the network's own target (DDPM's L_simple, conditional flow matching, EDM's F)
+    "sigma2": ("score", lambda path, t, sd, gamma: path.sigma(t) ** 2),  # Song & Ermon 2019, eq. 6; Song et al. 2021, eq. 7
+    "likelihood": ("score", lambda path, t, sd, gamma: path.g2(t)),  # Song et al. 2021b ("maximum likelihood training")
+    "edm": ("x0", _edm_weight),
+    "min_snr": ("x0", _min_snr_weight),
 }
 
 
@@ -20,9 +37,9 @@ def check_weighting(weighting: str, path: Path) -> str:
     """Validate a weighting for this path with a one-line error."""
     if weighting not in WEIGHTINGS:
         raise DiffcliError(f"model.weighting={weighting} is unknown; choose one of {', '.join(WEIGHTINGS)}")
-    if WEIGHTINGS[weighting] is not None and path.prior != "gaussian":
+    if WEIGHTINGS[weighting][0] == "score" and path.prior != "gaussian":
         raise DiffcliError(f"model.weighting={weighting} weights a score-matching loss, which needs a Gaussian "
-                           f"prior; this model's prior is {path.prior}: use model.weighting=simple")
+                           f"prior; this model's prior is {path.prior}: use model.weighting=simple, edm or min_snr")
     return weighting
 
 
@@ -45,35 +62,46 @@ def check_coupling(coupling: str) -> str:
     return coupling
 
 
-def draw(path: Path, x0: torch.Tensor, generator: torch.Generator | None, coupling: str = "independent"):
-    """(x0, x1, t) of one training batch: t ~ the path's training times, x1 ~ the prior, paired by `coupling`.
+def draw(path: Path, x0: torch.Tensor, generator: torch.Generator | None, coupling: str = "independent",
+         times=None):
+    """(x0, x1, t) of one training batch: t ~ the path's training times (`times`: model.times, dist, mean and
+    std; None: uniform), x1 ~ the prior, paired by `coupling`.
 
     Drawn for the whole global batch before it is split among GPUs and accumulation steps, so a
     run's randomness does not depend on how its batch is split.
     """
-    t = path.sample_t(x0.shape[0], generator, x0.device)
+    t = path.sample_t(x0.shape[0], generator, x0.device, **(times or {}))
     x1 = COUPLINGS[coupling](x0, path.sample_prior(x0.shape, generator, x0.device))
     return x0, x1, t
 
 
-def pair_loss(net, path: Path, prediction: str, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
-              weighting: str = "simple") -> torch.Tensor:
-    """The squared error of net(x_t, t) at x_t = alpha x0 + sigma x1, averaged over the batch.
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Low-precision (autocast) outputs in float32 for the loss; float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
-    `simple`: || net - target ||^2 on the network's own kind (eps, x0, v, velocity, ...): DDPM's eq. 14
-    for eps, the conditional flow-matching loss for velocity. Otherwise denoising score matching
-    lambda(t) || score(net) - (-x1 / sigma) ||^2, whatever the network predicts.
+
+def pair_loss(net, path: Path, prediction: str, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
+              weighting: str = "simple", *, precond: str = "none", sigma_data: float = SIGMA_DATA,
+              snr_gamma: float = 5.0) -> torch.Tensor:
+    """The squared error of the net at x_t = alpha x0 + sigma x1 (fed under `precond`), averaged over the batch.
+
+    `simple`: || net - target ||^2 on the network's own kind (eps, x0, v, velocity, F, ...): DDPM's eq. 14
+    for eps, the conditional flow-matching loss for velocity, EDM's loss for F. Otherwise lambda(t) times the
+    squared error of the score (denoising score matching) or of x0_hat, whatever the network predicts.
     """
     x_t = path.marginal(x0, x1, t)
-    out = net(x_t, t).float()
-    if WEIGHTINGS[weighting] is None:
-        return (out - target(prediction, path, x0, x1, t).float()).square().mean()
-    score_error = convert(out, prediction, "score", path, x_t.float(), t) - target("score", path, x0, x1, t).float()
-    per_example = score_error.square().flatten(1).mean(1)
-    return (expand(WEIGHTINGS[weighting](path, t), per_example) * per_example).mean()
+    out = _at_least_float32(net(*net_inputs(net, path, x_t, t, precond, sigma_data)))
+    kind, weight = WEIGHTINGS[weighting]
+    if kind is None:
+        return (out - _at_least_float32(target(prediction, path, x0, x1, t, sigma_data))).square().mean()
+    error = convert(out, prediction, kind, path, _at_least_float32(x_t), t, sigma_data) - \
+        _at_least_float32(target(kind, path, x0, x1, t, sigma_data))
+    per_example = error.square().flatten(1).mean(1)
+    return (expand(weight(path, t, sigma_data, snr_gamma), per_example) * per_example).mean()
 
 
 def denoising_loss(net, path: Path, prediction: str, x0: torch.Tensor, generator: torch.Generator | None,
-                   weighting: str = "simple", coupling: str = "independent") -> torch.Tensor:
-    """E_{t, x1} of the squared error of net(x_t, t): pair_loss on a fresh draw of (x1, t) for x0."""
-    return pair_loss(net, path, prediction, *draw(path, x0, generator, coupling), weighting)
+                   weighting: str = "simple", coupling: str = "independent", times=None, **options) -> torch.Tensor:
+    """E_{t, x1} of the squared error of the net: pair_loss (with `options`: precond, sigma_data, snr_gamma) on a
+    fresh draw of (x1, t) for x0."""
+    return pair_loss(net, path, prediction, *draw(path, x0, generator, coupling, times), weighting, **options)

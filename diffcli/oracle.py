@@ -2,7 +2,8 @@
 
 On a path x_t = alpha x0 + sigma x1 the best any network can do is x0_hat = E[x0 | x_t]; the
 oracle computes it exactly, takes x1_hat = (x_t - alpha x0_hat) / sigma and returns
-target(prediction, path, x0_hat, x1_hat, t), so it drops into the Denoiser like a trained net.
+target(prediction, path, x0_hat, x1_hat, t), so it drops into the Denoiser like a trained net. It takes
+x_t and t as they are (`raw_input`): model.precond, a trained network's input scaling, does not apply.
 It knows Gaussian mixtures (eight_gaussians, gmm) and small point sets (data.kind=npz), under the
 Gaussian prior and the uniform one on [-1, 1]^d. Everything is computed in float64.
 """
@@ -18,7 +19,7 @@ from torch import nn
 from . import DiffcliError
 from .data import build_data, eight_gaussians_modes, gmm_mixture, to_float
 from .paths import Path
-from .prediction import check_prediction, target
+from .prediction import SIGMA_DATA, check_prediction, target
 
 MAX_POINTS = 5000  # the point-set oracle compares x_t with every point at every call
 
@@ -59,11 +60,15 @@ class Oracle(nn.Module):
     """oracle(x_t, t) -> the exact `prediction` for the data config's distribution; no parameters.
 
     The distribution is kept in buffers (means, covs, log_weights or points), so state_dict holds it.
+    `sigma_data` is the model's, for prediction F.
     """
 
-    def __init__(self, shape, data, path: Path, prediction: str):
+    raw_input = True  # E[x0 | x_t] needs the path's own x_t and t (prediction.net_inputs)
+
+    def __init__(self, shape, data, path: Path, prediction: str, sigma_data: float = SIGMA_DATA):
         super().__init__()
         self.shape, self.path, self.prediction = tuple(shape), path, check_prediction(prediction, path)
+        self.sigma_data = sigma_data
         data = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
         name, kind = data.get("name"), data.get("kind")
         if kind == "npz":
@@ -99,7 +104,7 @@ class Oracle(nn.Module):
         s = self.path.sigma(t)[:, None]
         # at sigma = 0, x1 is independent of x_t = x0, so E[x1 | x_t] is the prior's mean, 0
         x1 = torch.where(s > 0, (x - self.path.alpha(t)[:, None] * x0) / torch.where(s > 0, s, 1), 0)
-        return target(self.prediction, self.path, x0, x1, t).reshape(x_t.shape).to(x_t.dtype)
+        return target(self.prediction, self.path, x0, x1, t, self.sigma_data).reshape(x_t.shape).to(x_t.dtype)
 
     def _mixture_gaussian(self, x, a, s):
         """p(k | x_t) ∝ w_k N(x_t; a mu_k, C_k) with C_k = a^2 S_k + s^2 I, and

@@ -28,14 +28,15 @@ PRIORS = {
 
 
 class Path:
-    """Base class: subclasses define alpha, sigma, d_alpha, d_sigma as functions of t.
+    """Base class: subclasses define alpha, sigma, d_alpha, d_sigma as functions of t, and t_from_s.
 
-    Continuous-time paths train on t ~ U(eps, 1); discrete ones override `sample_t`.
+    Continuous-time paths train on times from one of TIME_DISTRIBUTIONS; discrete ones override `sample_t`.
     """
 
     prior = "gaussian"  # x1 ~ N(0, I)
     variance_preserving = False  # alpha^2 + sigma^2 = 1 (where v-prediction is defined)
     T: int | None = None  # number of discrete training steps; None for continuous time
+    discrete = False  # trains on a fixed set of times (its own sample_t), so only dist=uniform over them
 
     def __init__(self, eps: float = 1e-5):
         if not 0 < eps < 1:
@@ -71,9 +72,55 @@ class Path:
         """x1 ~ the prior (standard normal unless the path says otherwise)."""
         return PRIORS[self.prior](shape, generator, device)
 
-    def sample_t(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
-        """Training times t ~ U(eps, 1) (Song et al. 2021, sec. 3.3: eps keeps 1/sigma finite)."""
-        return self.eps + (1 - self.eps) * torch.rand(n, generator=generator, device=device)
+    def t_from_s(self, s: torch.Tensor) -> torch.Tensor:
+        """The t with sigma(t) / alpha(t) = s, in closed form (s may lie beyond the path's s(1))."""
+        raise NotImplementedError
+
+    def sample_t(self, n: int, generator: torch.Generator | None, device, dist: str = "uniform",
+                 mean: float | None = None, std: float | None = None) -> torch.Tensor:
+        """n training times from TIME_DISTRIBUTIONS[dist]; mean and std of its normal (None: the distribution's own)."""
+        sample, (mean_0, std_0) = TIME_DISTRIBUTIONS[check_times(dist, self, mean, std)]
+        return sample(self, n, generator, device, mean_0 if mean is None else mean, std_0 if std is None else std)
+
+
+def _uniform_t(path: Path, n: int, generator, device, mean: float, std: float) -> torch.Tensor:
+    """t ~ U(eps, 1) (Song et al. 2021, sec. 3.3: eps keeps 1/sigma finite)."""
+    return path.eps + (1 - path.eps) * torch.rand(n, generator=generator, device=device)
+
+
+def _lognormal_t(path: Path, n: int, generator, device, mean: float, std: float) -> torch.Tensor:
+    """ln s ~ N(mean, std^2) for s = sigma/alpha (Karras et al. 2022, Table 1: P_mean, P_std), t = t_from_s(s).
+
+    Not clipped to [0, 1]: VE and VP extend beyond it in closed form, so ln s is exactly normal, as EDM draws
+    sigma (training/loss.py, EDMLoss); a flow covers every s > 0 inside (0, 1).
+    """
+    return path.t_from_s(torch.exp(mean + std * torch.randn(n, generator=generator, device=device)))
+
+
+def _logit_normal_t(path: Path, n: int, generator, device, mean: float, std: float) -> torch.Tensor:
+    """t = sigmoid(u), u ~ N(mean, std^2) (Esser et al. 2024, eq. 19), kept in [eps, 1] as the uniform draws."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device)).clamp(path.eps, 1)
+
+
+# model.times.dist -> (fn(path, n, generator, device, mean, std) -> t, its default (mean, std))
+TIME_DISTRIBUTIONS = {
+    "uniform": (_uniform_t, (None, None)),
+    "lognormal": (_lognormal_t, (-1.2, 1.2)),  # EDM's P_mean, P_std
+    "logit_normal": (_logit_normal_t, (0.0, 1.0)),  # SD3's m, s
+}
+
+
+def check_times(dist: str, path: Path, mean: float | None = None, std: float | None = None) -> str:
+    """Validate a training-time distribution for this path with a one-line error."""
+    if dist not in TIME_DISTRIBUTIONS:
+        raise DiffcliError(f"model.times.dist={dist} is unknown; choose one of {', '.join(TIME_DISTRIBUTIONS)}")
+    if dist == "uniform" and (mean, std) != (None, None):
+        raise DiffcliError(f"model.times.mean={mean}, model.times.std={std}: uniform times have neither; "
+                           "set model.times.dist=lognormal or logit_normal, or leave them null")
+    if path.discrete and dist != "uniform":
+        raise DiffcliError(f"model.times.dist={dist}: {type(path).__name__} trains on its own discrete times; "
+                           "use model.times.dist=uniform, or a continuous model (vesde, vpsde, subvpsde, flow, edm)")
+    return dist
 
 
 def _check_range(name_lo: str, lo: float, name_hi: str, hi: float) -> None:
@@ -106,12 +153,17 @@ class VEPath(Path):
     def d_sigma(self, t):
         return self.log_ratio * self.sigma(t)
 
+    def t_from_s(self, s):
+        return torch.log(s / self.sigma_min) / self.log_ratio
+
 
 class NCSNPath(VEPath):
     """NCSN (Song & Ermon 2019): the VE path on L geometric levels sigma_1 > ... > sigma_L.
 
     Level i sits at t = (L - i) / (L - 1): t = 1 is sigma_1 = sigma_max, t = 0 is sigma_L = sigma_min.
     """
+
+    discrete = True
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 1.0, L: int = 10):
         if int(L) != L or L < 2:
@@ -120,8 +172,9 @@ class NCSNPath(VEPath):
         self.L = int(L)
         self.levels = torch.linspace(0, 1, self.L, dtype=torch.float64)  # ascending t: sigma_L ... sigma_1
 
-    def sample_t(self, n, generator, device):
+    def sample_t(self, n, generator, device, dist: str = "uniform", mean=None, std=None):
         """A noise level drawn uniformly among the L (the sum over levels of NCSN's eq. 5)."""
+        check_times(dist, self, mean, std)
         i = torch.randint(0, self.L, (n,), generator=generator, device=device)
         return i.float() / (self.L - 1)
 
@@ -156,6 +209,15 @@ class VPPath(Path):
     def d_sigma(self, t):
         return -self.alpha(t) * self.d_alpha(t) / self.sigma(t)
 
+    def neg_log_alpha_from_s(self, s):
+        """-log alpha at s = sigma/alpha: alpha = 1 / sqrt(1 + s^2)."""
+        return 0.5 * torch.log1p(s**2)
+
+    def t_from_s(self, s):
+        """The root t >= 0 of (b_max - b_min) t^2 / 4 + b_min t / 2 = -log alpha(s), in the form without cancellation."""
+        a, b, c = (self.beta_max - self.beta_min) / 4, self.beta_min / 2, self.neg_log_alpha_from_s(s)
+        return 2 * c / (b + torch.sqrt(b**2 + 4 * a * c))
+
 
 class SubVPPath(VPPath):
     """sub-VP (Song et al. 2021, eq. 34): the VP alpha with sigma = 1 - alpha^2, so g^2 = beta (1 - alpha^4)."""
@@ -167,6 +229,10 @@ class SubVPPath(VPPath):
 
     def d_sigma(self, t):
         return -2 * self.alpha(t) * self.d_alpha(t)
+
+    def neg_log_alpha_from_s(self, s):
+        """-log alpha at s = (1 - alpha^2)/alpha: alpha = (sqrt(s^2 + 4) - s) / 2, so -log alpha = asinh(s / 2)."""
+        return torch.asinh(s / 2)
 
 
 class FlowPath(Path):
@@ -190,6 +256,9 @@ class FlowPath(Path):
 
     def d_sigma(self, t):
         return torch.ones_like(torch.as_tensor(t, dtype=_dtype(t)))
+
+    def t_from_s(self, s):
+        return s / (1 + s)
 
 
 def _linear_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -215,6 +284,7 @@ class DDPMPath(Path):
     """
 
     variance_preserving = True
+    discrete = True
 
     def __init__(self, T: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02):
@@ -258,8 +328,10 @@ class DDPMPath(Path):
         # sigma^2 = 1 - alpha_bar  =>  sigma' = -alpha_bar' / (2 sigma) = -dla alpha_bar / (2 sigma)
         return (-0.5 * dla * torch.exp(la) / torch.sqrt(-torch.expm1(la))).to(_dtype(t))
 
-    def sample_t(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    def sample_t(self, n: int, generator: torch.Generator | None, device, dist: str = "uniform", mean=None,
+                 std=None) -> torch.Tensor:
         """Training times uniform on the grid {1/T, ..., 1}: DDPM's uniform integer step (Alg. 1)."""
+        check_times(dist, self, mean, std)
         i = torch.randint(0, self.T, (n,), generator=generator, device=device)
         return (i + 1).float() / self.T
 

@@ -2,11 +2,17 @@
 
 On a path x_t = alpha x0 + sigma x1 every parameterization is linear in (x0, x1):
     x0 = 1 x0 + 0 x1,   eps = x1 (Gaussian prior),   score = -x1 / sigma,
-    v = alpha x1 - sigma x0 (Salimans & Ho 2022, sec. 4),   velocity = alpha' x0 + sigma' x1.
+    v = alpha x1 - sigma x0 (Salimans & Ho 2022, sec. 4),   velocity = alpha' x0 + sigma' x1,
+    F = (x0 - c_skip x~) / c_out, EDM's network output (Karras et al. 2022, eq. 7), x~ = x_t / alpha.
 So a prediction p = c0 x0 + c1 x1 together with x_t determines (x0, x1) by a 2x2 solve.
+
+The input preconditioning `model.precond` (what the network is fed) lives here too, in `net_inputs`,
+which the Denoiser and the training loss both call.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -14,13 +20,30 @@ from torch import nn
 from . import DiffcliError
 from .paths import Path, expand
 
-# prediction -> (c0, c1) as functions of (alpha, sigma, d_alpha, d_sigma)
+SIGMA_DATA = 0.5  # EDM's sigma_data, the data's standard deviation (Karras et al. 2022, Table 1)
+
+
+def edm_scale(alpha, sigma, sigma_data: float):
+    """sqrt(sigma^2 + sigma_data^2 alpha^2): alpha sqrt(sigma_edm^2 + sigma_data^2) at EDM's noise level
+    sigma_edm = sigma/alpha, in a form finite at alpha = 0."""
+    return torch.sqrt(sigma**2 + sigma_data**2 * alpha**2)
+
+
+def _edm_F(a, s, da, ds, sd):
+    """F = (x0 - c_skip x~) / c_out, EDM's c_skip, c_out (Karras et al. 2022, Table 1) at the level s/a:
+    c0 = s / (sd r), c1 = -sd a / r with r = sqrt(s^2 + sd^2 a^2); finite at both ends of every path."""
+    r = edm_scale(a, s, sd)
+    return s / (sd * r), -sd * a / r
+
+
+# prediction -> (c0, c1) as functions of (alpha, sigma, d_alpha, d_sigma, sigma_data)
 COEFFICIENTS = {
-    "x0": lambda a, s, da, ds: (torch.ones_like(a), torch.zeros_like(a)),
-    "eps": lambda a, s, da, ds: (torch.zeros_like(a), torch.ones_like(a)),
-    "score": lambda a, s, da, ds: (torch.zeros_like(a), -1 / s),
-    "v": lambda a, s, da, ds: (-s, a),
-    "velocity": lambda a, s, da, ds: (da, ds),
+    "x0": lambda a, s, da, ds, sd: (torch.ones_like(a), torch.zeros_like(a)),
+    "eps": lambda a, s, da, ds, sd: (torch.zeros_like(a), torch.ones_like(a)),
+    "score": lambda a, s, da, ds, sd: (torch.zeros_like(a), -1 / s),
+    "v": lambda a, s, da, ds, sd: (-s, a),
+    "velocity": lambda a, s, da, ds, sd: (da, ds),
+    "F": _edm_F,
 }
 
 
@@ -44,40 +67,83 @@ def check_prediction(prediction: str, path: Path | None = None) -> str:
     return prediction
 
 
-def coefficients(prediction: str, path: Path, t: torch.Tensor):
+def coefficients(prediction: str, path: Path, t: torch.Tensor, sigma_data: float = SIGMA_DATA):
     """(c0, c1) with prediction = c0 x0 + c1 x1 at time t."""
-    return COEFFICIENTS[check_prediction(prediction)](path.alpha(t), path.sigma(t), path.d_alpha(t), path.d_sigma(t))
+    return COEFFICIENTS[check_prediction(prediction)](path.alpha(t), path.sigma(t), path.d_alpha(t), path.d_sigma(t),
+                                                      sigma_data)
 
 
-def target(prediction: str, path: Path, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def target(prediction: str, path: Path, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
+           sigma_data: float = SIGMA_DATA) -> torch.Tensor:
     """The regression target of a network trained to predict `prediction`."""
-    c0, c1 = coefficients(prediction, path, t)
+    c0, c1 = coefficients(prediction, path, t, sigma_data)
     return expand(c0, x0) * x0 + expand(c1, x0) * x1
 
 
-def to_x0_x1(pred: torch.Tensor, prediction: str, path: Path, x_t: torch.Tensor, t: torch.Tensor):
+def to_x0_x1(pred: torch.Tensor, prediction: str, path: Path, x_t: torch.Tensor, t: torch.Tensor,
+             sigma_data: float = SIGMA_DATA):
     """Solve [alpha sigma; c0 c1] [x0; x1] = [x_t; pred] for (x0, x1)."""
     a, s = expand(path.alpha(t), x_t), expand(path.sigma(t), x_t)
-    c0, c1 = (expand(c, x_t) for c in coefficients(prediction, path, t))
+    c0, c1 = (expand(c, x_t) for c in coefficients(prediction, path, t, sigma_data))
     det = a * c1 - s * c0
     return (c1 * x_t - s * pred) / det, (a * pred - c0 * x_t) / det
 
 
-def convert(pred: torch.Tensor, source: str, dest: str, path: Path, x_t: torch.Tensor, t: torch.Tensor):
+def convert(pred: torch.Tensor, source: str, dest: str, path: Path, x_t: torch.Tensor, t: torch.Tensor,
+            sigma_data: float = SIGMA_DATA):
     """Convert a prediction of kind `source` into kind `dest` at (x_t, t)."""
-    x0, x1 = to_x0_x1(pred, source, path, x_t, t)
-    return target(dest, path, x0, x1, t)
+    x0, x1 = to_x0_x1(pred, source, path, x_t, t, sigma_data)
+    return target(dest, path, x0, x1, t, sigma_data)
+
+
+# s = sigma/alpha is clamped to this range before EDM's c_noise = ln(s)/4: finite at t = 0 (s = 0) and at a
+# flow's t = 1 (alpha = 0, s = inf); EDM's own levels [0.002, 80] lie well inside
+S_RANGE = (1e-4, 1e4)
+
+
+def edm_inputs(path: Path, x_t: torch.Tensor, t: torch.Tensor, sigma_data: float):
+    """EDM's network inputs (Karras et al. 2022, Table 1) on any path: c_in x~ = x_t / sqrt(sigma^2 + sd^2 alpha^2)
+    and c_noise = ln(s) / 4, with x~ = x_t / alpha and s = sigma / alpha clamped to S_RANGE."""
+    a, s = path.alpha(t), path.sigma(t)
+    log_s = (torch.log(s) - torch.log(a)).clamp(math.log(S_RANGE[0]), math.log(S_RANGE[1]))  # +-inf at the ends
+    return x_t / expand(edm_scale(a, s, sigma_data), x_t), log_s / 4
+
+
+# model.precond -> fn(path, x_t, t, sigma_data) -> (what the network is fed for x, for time)
+PRECONDS = {"none": lambda path, x_t, t, sigma_data: (x_t, t), "edm": edm_inputs}
+
+
+def check_precond(precond: str) -> str:
+    """Validate a model.precond name with a one-line error."""
+    if precond not in PRECONDS:
+        raise DiffcliError(f"model.precond={precond} is unknown; choose one of {', '.join(PRECONDS)}")
+    return precond
+
+
+def net_inputs(net, path: Path, x_t: torch.Tensor, t: torch.Tensor, precond: str = "none",
+               sigma_data: float = SIGMA_DATA):
+    """(x, time) that `net` is fed at (x_t, t) under `precond`; the one place the Denoiser and the loss share.
+
+    A net with `raw_input = True` (net=oracle, whose exact E[x0 | x_t] is a function of the path's own x_t
+    and t) is fed x_t and t as they are: preconditioning is a trained network's input scaling.
+    """
+    if getattr(net, "raw_input", False):
+        return x_t, t
+    return PRECONDS[check_precond(precond)](path, x_t, t, sigma_data)
 
 
 class Denoiser(nn.Module):
-    """What every sampler sees: denoiser(x_t, t) -> x0_hat, from a net predicting `prediction`.
+    """What every sampler sees: denoiser(x_t, t) -> x0_hat, from a net predicting `prediction`, fed its
+    inputs under `precond` (net_inputs); `sigma_data` is EDM's, for prediction F and precond edm.
 
     Counts network evaluations in `nfe`. `t` may be a scalar (one time for the whole batch).
     """
 
-    def __init__(self, net: nn.Module, path: Path, prediction: str):
+    def __init__(self, net: nn.Module, path: Path, prediction: str, precond: str = "none",
+                 sigma_data: float = SIGMA_DATA):
         super().__init__()
         self.net, self.path, self.prediction = net, path, check_prediction(prediction, path)
+        self.precond, self.sigma_data = check_precond(precond), sigma_data
         self.nfe = 0
 
     @property
@@ -90,8 +156,9 @@ class Denoiser(nn.Module):
         t = torch.as_tensor(t, device=x_t.device)
         t_batch = t.expand(x_t.shape[0]) if t.ndim == 0 else t
         self.nfe += 1
-        out = self.net(x_t, t_batch.to(x_t.dtype)).to(x_t.dtype)
-        return to_x0_x1(out, self.prediction, self.path, x_t, t_batch)
+        x_in, t_in = net_inputs(self.net, self.path, x_t, t_batch, self.precond, self.sigma_data)
+        out = self.net(x_in, t_in.to(x_t.dtype)).to(x_t.dtype)
+        return to_x0_x1(out, self.prediction, self.path, x_t, t_batch, self.sigma_data)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.predict(x_t, t)[0]

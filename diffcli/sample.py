@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from . import DiffcliError
 from .build import build_grid, build_net, build_path, build_sampler_fn
 from .checkpoint import find_ema, load_ema, load_weights
-from .prediction import Denoiser, check_prediction
+from .prediction import Denoiser
 from .samplers import check_sampler
 from .schema import check_ranges
 
@@ -50,11 +50,15 @@ def load_model(ckpt: str | None, device: torch.device, net_class: str | None = N
     try:
         net = build_net(train_cfg.net, shape, user_class=net_class)
         load_weights(net, state, "its weights")
-        path = build_path(train_cfg.model.path)
-        denoiser = Denoiser(net.to(device).eval(), path, check_prediction(train_cfg.model.prediction, path))
+        denoiser = model_denoiser(net.to(device).eval(), build_path(train_cfg.model.path), train_cfg.model)
     except DiffcliError as e:
         raise DiffcliError(f"{file}: {e}") from None
     return denoiser, train_cfg, step, shape, file
+
+
+def model_denoiser(net, path, model_cfg: DictConfig) -> Denoiser:
+    """The Denoiser a model config describes: its prediction, input preconditioning and sigma_data."""
+    return Denoiser(net, path, model_cfg.prediction, model_cfg.precond, model_cfg.sigma_data)
 
 
 def sampler_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:

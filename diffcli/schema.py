@@ -66,6 +66,13 @@ class DataConfig:
 
 
 @dataclass
+class TimesConfig:
+    dist: str = "uniform"             # uniform | lognormal (in sigma/alpha) | logit_normal (diffcli/paths.py)
+    mean: Optional[float] = None      # of the normal; null: the distribution's own (lognormal -1.2, logit_normal 0)
+    std: Optional[float] = None       # null: lognormal 1.2, logit_normal 1
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     path: Any = MISSING               # the path class and its arguments (diffcli/build.py)
@@ -74,6 +81,11 @@ class ModelConfig:
     sampler: str = MISSING
     prior: Optional[str] = None       # flow only
     coupling: Optional[str] = None    # flow only
+    # defaults below keep configs and checkpoints written before these keys existed as they were
+    precond: str = "none"             # none | edm: what the network is fed (diffcli/prediction.py)
+    sigma_data: float = 0.5           # EDM's sigma_data: prediction F, precond edm, weighting edm
+    times: TimesConfig = field(default_factory=TimesConfig)  # the training-time distribution
+    snr_gamma: float = 5.0            # weighting min_snr
 
 
 @dataclass
@@ -283,6 +295,10 @@ RANGES = {
     "train.eval_n": (lambda v: v > 0, "a positive integer"),
     "train.keep_last": (lambda v: v >= 0, "an integer >= 0 (0: keep all)"),
     "data.sigma_max": (lambda v: v is None or v > 0, "a positive number (the data's largest pairwise distance)"),
+    "model.sigma_data": (lambda v: v > 0, "a positive number (the data's standard deviation)"),
+    "model.snr_gamma": (lambda v: v > 0, "a positive number"),
+    "model.times.mean": (lambda v: True, "a finite number or null"),
+    "model.times.std": (lambda v: v is None or v > 0, "a positive number or null"),
     "steps": (lambda v: v is None or v > 0, "a positive integer (or null for the sampler's default)"),
     "eta": (lambda v: v >= 0, "a number >= 0 (0: deterministic DDIM, 1: DDPM-like)"),
     "n": (lambda v: v > 0, "a positive integer"),

@@ -30,8 +30,9 @@ from .ema import EMA
 from .evaluate import quick_metric
 from . import distributed
 from .losses import check_coupling, check_weighting, draw, pair_loss
-from .prediction import Denoiser, check_prediction
-from .sample import generate, pick_device, pyplot, sampler_config, sampler_from_config, save_picture
+from .paths import check_times
+from .prediction import check_precond, check_prediction
+from .sample import generate, model_denoiser, pick_device, pyplot, sampler_config, sampler_from_config, save_picture
 from .schema import TrainApp, check_ranges, resume_overrides, validate
 
 log = logging.getLogger("diffcli")
@@ -63,6 +64,8 @@ def check_train_config(cfg: DictConfig, path) -> None:
         raise DiffcliError(f"model.prior={cfg.model.prior}: {cfg.model.name}'s path has a Gaussian prior only; "
                            "other priors need model=flow")
     check_prediction(cfg.model.prediction, path)
+    check_precond(cfg.model.precond)
+    check_times(cfg.model.times.dist, path, cfg.model.times.mean, cfg.model.times.std)
     check_weighting(cfg.model.weighting, path)
     check_coupling(cfg.model.get("coupling") or "independent")
 
@@ -249,7 +252,7 @@ def train_step(model, path, model_cfg, x0, g, opt, scaler, autocast, grad_clip, 
     Returns (loss, grad_norm, finite) as device tensors; a step whose loss or gradient is not finite
     leaves weights and optimizer state untouched (decided on the device: no host sync).
     """
-    x0, x1, t = draw(path, x0, g, model_cfg.get("coupling") or "independent")  # the whole global batch
+    x0, x1, t = draw(path, x0, g, model_cfg.get("coupling") or "independent", model_cfg.times)  # the global batch
     accum = x0.shape[0] // (micro * world.size)
     opt.zero_grad(set_to_none=True)
     loss = torch.zeros((), device=x0.device)
@@ -257,8 +260,9 @@ def train_step(model, path, model_cfg, x0, g, opt, scaler, autocast, grad_clip, 
         part = slice((world.rank * accum + k) * micro, (world.rank * accum + k + 1) * micro)
         sync = k == accum - 1 or world.size == 1  # DDP: all-reduce gradients on the last micro-batch only
         with (nullcontext() if sync else model.no_sync()), autocast:
-            micro_loss = pair_loss(model, path, model_cfg.prediction, x0[part], x1[part], t[part],
-                                   model_cfg.weighting) / accum
+            micro_loss = pair_loss(model, path, model_cfg.prediction, x0[part], x1[part], t[part], model_cfg.weighting,
+                                   precond=model_cfg.precond, sigma_data=model_cfg.sigma_data,
+                                   snr_gamma=model_cfg.snr_gamma) / accum
         scaler.scale(micro_loss).backward()
         loss += micro_loss.detach()
     scaler.unscale_(opt)  # clip the true gradient, not the scaled one
@@ -351,7 +355,7 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world, us
     def ema_samples(n: int) -> torch.Tensor:
         """n samples of the EMA weights with the run's sampler, the same noise every time (seed)."""
         sampler, grid = sampler_from_config(sampler_config(cfg, cfg.model), path, data.is_image)
-        return generate(Denoiser(ema.net, path, cfg.model.prediction), sampler, grid, n, data.shape,
+        return generate(model_denoiser(ema.net, path, cfg.model), sampler, grid, n, data.shape,
                         batch_size=min(n, 1000), seed=cfg.seed, device=device)
 
     def sample_grid(step: int) -> None:

@@ -15,7 +15,7 @@ B_MIN, B_MAX, S_MIN, S_MAX = 0.1, 20.0, 0.01, 50.0
 PATHS = {
     "ve": VEPath(S_MIN, S_MAX), "ncsn": NCSNPath(S_MIN, 5.0, L=10), "vp": VPPath(B_MIN, B_MAX),
     "subvp": SubVPPath(B_MIN, B_MAX), "flow": FlowPath(), "flow_uniform": FlowPath(prior="uniform"),
-    "ddpm": DDPMPath(T=1000),
+    "ddpm": DDPMPath(T=1000), "edm": VEPath(0.002, 80.0),
 }
 
 
@@ -143,11 +143,16 @@ def test_bad_path_settings(make, fragment):
 # Given x_t, x0 is Gaussian with variance v = s0^2 sigma^2 / (alpha^2 s0^2 + sigma^2), and every target
 # c0 x0 + c1 x1 = (c0 - c1 alpha / sigma) x0 + (function of x_t): its conditional variance is
 # (c0 - c1 alpha / sigma)^2 v. Written out per target:
-M, S0 = 0.5, 0.8
+M, S0, SD, GAMMA = 0.5, 0.8, 0.5, 5.0  # SD: sigma_data, GAMMA: min-SNR's gamma (the defaults)
 
 
 def posterior_var(a, s):
     return S0**2 * s**2 / (a**2 * S0**2 + s**2)
+
+
+def edm_c_out(a, s):
+    """c_out = sigma sd / sqrt(sigma^2 + sd^2) at EDM's sigma = s/a (Karras et al. 2022, Table 1)."""
+    return (s / a) * SD / ((s / a) ** 2 + SD**2).sqrt()
 
 
 MIN_CONDITIONAL_VAR = {  # (a, s, da, ds) -> Var[target | x_t]
@@ -156,6 +161,14 @@ MIN_CONDITIONAL_VAR = {  # (a, s, da, ds) -> Var[target | x_t]
     "v": lambda a, s, da, ds: (a**2 + s**2) ** 2 * S0**2 / (a**2 * S0**2 + s**2),
     "velocity": lambda a, s, da, ds: (da - ds * a / s) ** 2 * posterior_var(a, s),
     "score": lambda a, s, da, ds: (a / s**2) ** 2 * posterior_var(a, s),
+    # F = (x0 - c_skip x~) / c_out with x~ = x_t / a fixed given x_t
+    "F": lambda a, s, da, ds: posterior_var(a, s) / edm_c_out(a, s) ** 2,
+}
+
+# weighting -> lambda(t) on the x0 error, from the papers
+X0_WEIGHTS = {
+    "edm": lambda a, s: ((s / a) ** 2 + SD**2) / ((s / a) * SD) ** 2,  # NVlabs/edm training/loss.py:75, sigma = s/a
+    "min_snr": lambda a, s: torch.clamp(a**2 / s**2, max=GAMMA),  # Hang et al. 2023
 }
 
 
@@ -172,23 +185,30 @@ class OptimalNet(torch.nn.Module):
         return target(self.prediction, self.path, x0, (x_t - a * x0) / s, t)
 
 
-CASES = [(name, pred, w) for name in ("ve", "vp", "subvp", "flow", "ddpm", "ncsn") for pred in COEFFICIENTS
-         for w in ("simple", "sigma2", "likelihood") if _valid(pred, PATHS[name]) and not (
-             name == "flow" and w == "likelihood")]  # g^2 = 2t/(1-t) has infinite mean on U(eps, 1)
+CASES = [(name, pred, w, "uniform") for name in ("ve", "vp", "subvp", "flow", "ddpm", "ncsn") for pred in COEFFICIENTS
+         for w in ("simple", "sigma2", "likelihood", "edm", "min_snr") if _valid(pred, PATHS[name]) and not (
+             name == "flow" and w == "likelihood")  # g^2 = 2t/(1-t) has infinite mean on U(eps, 1)
+         and (w not in X0_WEIGHTS or pred in ("F", "velocity"))]  # x0 errors: two predictions suffice
+CASES += [("edm", "F", "simple", "lognormal"), ("edm", "eps", "edm", "lognormal"), ("edm", "x0", "min_snr", "lognormal"),
+          ("vp", "F", "simple", "lognormal"), ("subvp", "velocity", "edm", "lognormal"),
+          ("flow", "velocity", "simple", "logit_normal"), ("flow", "F", "edm", "logit_normal"),
+          ("flow", "F", "simple", "lognormal")]
 
 
-@pytest.mark.parametrize("name, prediction, weighting", CASES, ids=["-".join(c) for c in CASES])
-def test_loss_at_the_optimum_equals_its_analytic_minimum(name, prediction, weighting):
+@pytest.mark.parametrize("name, prediction, weighting, times", CASES, ids=["-".join(c) for c in CASES])
+def test_loss_at_the_optimum_equals_its_analytic_minimum(name, prediction, weighting, times):
     torch.manual_seed(0)
     path, n, d = PATHS[name], 200_000, 16
     g = torch.Generator().manual_seed(1)
     x0 = (M + S0 * torch.randn(n, d, generator=g)).double()
     loss = denoising_loss(OptimalNet(path, prediction), path, prediction, x0, torch.Generator().manual_seed(2),
-                          weighting=weighting).item()
-    t = path.sample_t(n, torch.Generator().manual_seed(2), "cpu").double()  # the same times the loss drew
+                          weighting=weighting, times={"dist": times}).item()
+    t = path.sample_t(n, torch.Generator().manual_seed(2), "cpu", times).double()  # the same times the loss drew
     a, s, da, ds = path.alpha(t), path.sigma(t), path.d_alpha(t), path.d_sigma(t)
     if weighting == "simple":
         expected = MIN_CONDITIONAL_VAR[prediction](a, s, da, ds)
+    elif weighting in X0_WEIGHTS:
+        expected = X0_WEIGHTS[weighting](a, s) * MIN_CONDITIONAL_VAR["x0"](a, s, da, ds)
     else:
         lam = s**2 if weighting == "sigma2" else path.g2(t)
         expected = lam * MIN_CONDITIONAL_VAR["score"](a, s, da, ds)
