@@ -169,7 +169,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def _epoch_seed(seed, epoch):
     """A well-mixed 63-bit seed from (seed, epoch), so nearby pairs give unrelated permutations."""
     entropy = [int(seed) % 2**64, int(epoch)]  # SeedSequence takes non-negative ints only
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1  # a Python int: NumPy 1.x refuses uint64 >> int
 
 
 class ImageData:
