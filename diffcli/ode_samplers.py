@@ -136,7 +136,7 @@ def _unipc_update(x, x0s, lams, lam_t, alpha_t, sigma_t, sigma_s, order: int, x0
     h_phi_1 = torch.expm1(hh)  # h phi_1(h) = e^h - 1
     B_h = torch.expm1(hh)  # the 'bh2' choice of B(h)
     h_phi_k, factorial, R, b = h_phi_1 / hh - 1, 1, [], []
-    for k in range(1, order + 1):  # R_p rho = b_p / B(h), the order conditions (Zhao et al. 2023, Thm 3.1)
+    for k in range(1, order + 1):  # R_p rho = b_p / B(h): UniPC's order conditions
         R.append(rks ** (k - 1))
         b.append(h_phi_k * factorial / B_h)
         factorial *= k + 1

@@ -62,7 +62,7 @@ def _check_eta(eta: float) -> None:
 
 
 def _sde_step(x, x0, alpha_s, sigma_s, sigma_t, h, eta):
-    """First-order DPM-Solver++ SDE step (Lu et al. 2022, eq. 18 with eta scaling the noise): x_s =
+    """The first-order DPM-Solver++ SDE step, eta scaling the noise (k-diffusion's form): x_s =
     (sigma_s/sigma_t) e^{-eta h} x + alpha_s (1 - e^{-(1+eta) h}) x0_hat; returns it with (1+eta) h."""
     eta_h = eta * h if eta > 0 else torch.zeros_like(h)  # h = inf from a flow's t = 1: 0 inf would be nan
     return (sigma_s / sigma_t) * torch.exp(-eta_h) * x - alpha_s * torch.expm1(-h - eta_h) * x0, h + eta_h
@@ -82,9 +82,9 @@ SOLVER_TYPES = ("midpoint", "heun")
 def dpmpp_2m_sde(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, eta: float = 1.0,
                  s_noise: float = 1.0, solver_type: str = "midpoint", generator: torch.Generator | None = None,
                  trajectory: list | None = None) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022, sec. 5; k-diffusion's sample_dpmpp_2m_sde) in lambda = log(alpha/sigma),
-    h = lambda_s - lambda_t: x_s = (sigma_s/sigma_t) e^{-eta h} x + alpha_s (1 - e^{-(1+eta) h}) x0_hat
-    + alpha_s c (x0_hat - x0_prev) h/h_prev + sigma_s sqrt(1 - e^{-2 eta h}) z, with c = (1 - e^{-(1+eta) h})/2
+    """DPM-Solver++(2M) SDE (Lu et al. 2022's SDE variant; k-diffusion's sample_dpmpp_2m_sde) in lambda =
+    log(alpha/sigma), h = lambda_s - lambda_t: x_s = (sigma_s/sigma_t) e^{-eta h} x + alpha_s (1 - e^{-(1+eta) h})
+    x0_hat + alpha_s c (x0_hat - x0_prev) h/h_prev + sigma_s sqrt(1 - e^{-2 eta h}) z, with c = (1 - e^{-(1+eta) h})/2
     (midpoint) or 1 - (1 - e^{-(1+eta) h})/((1+eta) h) (heun). eta = 0: DPM-Solver++(2M); the step to t = 0
     returns x0_hat."""
     if solver_type not in SOLVER_TYPES:

@@ -182,7 +182,7 @@ CONVERGENCE = [  # (path, sampler, grid, N, order): errors at N and 2N steps
     ("vp", "dpmpp_2m", "logsnr", 40, 2), ("flow", "euler", "uniform", 20, 1), ("flow", "heun", "uniform", 20, 2),
     ("flow", "heun", "karras", 40, 2), ("flow", "dpmpp_2m", "logsnr", 40, 2), ("flow", "midpoint", "uniform", 20, 2),
     ("flow", "rk4", "uniform", 10, 4),
-    # UniPC with order 2: its corrector UniC-2 raises the order to 3 (Zhao et al. 2023, sec. 3.2)
+    # UniPC with order 2: its corrector UniC-2 raises the order to 3 (Zhao et al. 2023)
     ("vp", "unipc", "logsnr", 40, 3), ("flow", "unipc", "logsnr", 40, 3)]
 
 
