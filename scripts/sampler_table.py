@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from diffcli import DiffcliError
 from diffcli.samplers import NEEDS, check_sampler
 
-FORMULATIONS = {"ddpm": [], "ncsn": [], "vesde": [], "vpsde": [], "subvpsde": [], "flow": [],
+FORMULATIONS = {"ddpm": [], "ncsn": [], "vesde": [], "edm": [], "vpsde": [], "subvpsde": [], "flow": [],
                 "flow, uniform prior": ["model.prior=uniform"]}
 
 
