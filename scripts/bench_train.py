@@ -39,11 +39,13 @@ from diffcli.data import ImageData
 from diffcli.losses import denoising_loss
 from diffcli.paths import DDPMPath
 from diffcli.sample import pick_device
+from diffcli.schema import ModelConfig
 from diffcli.distributed import World
 from diffcli.train import PRECISIONS, build_optimization, step_generator, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = OmegaConf.create({"prediction": "eps", "weighting": "simple"})  # configs/model/ddpm.yaml's choices
+# configs/model/ddpm.yaml's choices over the schema's defaults (precond, sigma_data, times, snr_gamma)
+MODEL = OmegaConf.structured(ModelConfig(name="ddpm", path={}, prediction="eps", weighting="simple", sampler="ancestral"))
 DATA_BATCHES = 100  # batches timed for the data pipeline
 
 
