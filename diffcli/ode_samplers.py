@@ -16,6 +16,7 @@ from . import DiffcliError
 from .grids import t_from_lambda
 from .paths import Path
 from .sampler_core import alpha_sigma, check_sampler, draw_noise, edm_sigma, record, velocity_at
+from .sde_samplers import dpmpp_2m_sde
 
 # ---------------------------------------------------------------------------------------------
 # EDM's Euler and Heun in x~ = x/alpha, s = sigma/alpha
@@ -100,27 +101,14 @@ def heun(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, s_churn
 # Multistep exponential integrators in lambda = log(alpha/sigma)
 
 
-@torch.no_grad()
 def dpmpp_2m(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *,
              generator: torch.Generator | None = None, trajectory: list | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): x_s = (sigma_s/sigma_t) x - alpha_s (e^-h - 1) D with
-    h = lambda_s - lambda_t, D = x0_hat corrected by the previous step's; the step to t = 0 returns x0_hat."""
+    h = lambda_s - lambda_t, D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_prev, r = h_prev/h (first order on the first step);
+    the step to t = 0 returns x0_hat. It is dpmpp_2m_sde at eta = 0 (midpoint form), term for term."""
     check_sampler("dpmpp_2m", path)
-    alpha, sigma, lam = alpha_sigma(path, t_grid)
-    record(trajectory, x)
-    x0_prev = h_prev = None
-    for i in range(len(t_grid) - 1):
-        x0 = denoiser(x, t_grid[i])
-        h = lam[i + 1] - lam[i]
-        if sigma[i + 1] == 0:  # lambda_s = inf: the exponential integrator's limit
-            x = x0
-        else:  # D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev, r = h_prev / h; first order on the first step
-            D = x0 if x0_prev is None else x0 + (h / (2 * h_prev)) * (x0 - x0_prev)
-            x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * torch.expm1(-h) * D
-        # a step from lambda = -inf (a flow's t = 1) has no slope to carry over
-        x0_prev, h_prev = (x0, h) if torch.isfinite(lam[i]) else (None, None)
-        record(trajectory, x)
-    return x
+    return dpmpp_2m_sde(denoiser, path, x, t_grid, eta=0.0, solver_type="midpoint", generator=generator,
+                        trajectory=trajectory)
 
 
 def _unipc_update(x, x0s, lams, lam_t, alpha_t, sigma_t, sigma_s, order: int, x0_t=None):
