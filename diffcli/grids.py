@@ -66,20 +66,11 @@ def log_snr(path: Path, t: torch.Tensor) -> torch.Tensor:
     return torch.log(path.alpha(t)) - torch.log(path.sigma(t))
 
 
-def t_from_lambda(path: Path, lam, iters: int = 64, t_max: float = 2.0) -> torch.Tensor:
-    """The t in [0, t_max] with log_snr(path, t) = lam, by float64 bisection (paths have no closed-form inverse);
-    values of lam beyond lambda(0) or lambda(t_max) give that end.
-
-    t_max = 2 reaches beyond the prior: EDM's churn raises the noise level of the first step above the
-    path's s(1) = sigma(1)/alpha(1), and alpha, sigma extend past t = 1 (VP, sub-VP, VE in closed form, DDPM by
-    its last log alpha_bar segment). A flow's alpha < 0 there gives lambda = nan, which bisects as "before"."""
-    lam = torch.as_tensor(lam, dtype=torch.float64)
-    lo, hi = torch.zeros_like(lam), torch.full_like(lam, t_max)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        later = log_snr(path, mid) > lam  # lambda decreases in t: the root lies after mid
-        lo, hi = torch.where(later, mid, lo), torch.where(later, hi, mid)
-    return (lo + hi) / 2
+def t_from_lambda(path: Path, lam) -> torch.Tensor:
+    """The t >= 0 with log_snr(path, t) = lam: the path's closed-form inverse of s = sigma/alpha = e^-lam, which
+    reaches beyond t = 1 where alpha, sigma extend (EDM's churn raises the first step's noise level above s(1));
+    values of lam beyond lambda(0) (a VE path's smallest level) give t = 0."""
+    return path.t_from_s(torch.exp(-torch.as_tensor(lam, dtype=torch.float64))).clamp(min=0)
 
 
 def _lambda_range(path: Path, t_min: float):

@@ -13,7 +13,6 @@ import math
 import torch
 
 from . import DiffcliError
-from .grids import t_from_lambda
 from .paths import Path
 from .sampler_core import alpha_sigma, check_sampler, draw_noise, edm_sigma, record, velocity_at
 from .sde_samplers import dpmpp_2m_sde
@@ -31,7 +30,7 @@ def _churn(path: Path, x_tilde, s, gamma, eps):
     """EDM's churn (Karras et al. 2022, Alg. 2): s_hat = (1 + gamma) s, x~ += sqrt(s_hat^2 - s^2) eps;
     returns x~, s_hat and its time t_hat (beyond t = 1 on the first step: the paths extend there)."""
     s_hat = (1 + gamma) * s
-    return x_tilde + torch.sqrt(s_hat**2 - s**2) * eps, s_hat, t_from_lambda(path, -torch.log(s_hat))
+    return x_tilde + torch.sqrt(s_hat**2 - s**2) * eps, s_hat, path.t_from_s(s_hat)
 
 
 def _edm_steps(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, second_order: bool, s_churn: float,
@@ -166,8 +165,8 @@ def unipc(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, order:
             p = min(order, n - i, len(x0s))
             x_prev, p_prev = x, p
             x = _unipc_update(x, x0s, lams, lam[i + 1], alpha[i + 1], sigma[i + 1], sigma[i], p)
-        else:  # alpha = 0: x~ is infinite; DDIM's step x_s = alpha_s x0_hat + sigma_s x1 (x = x1 here)
-            x = alpha[i + 1] * x0 + sigma[i + 1] * x
+        else:  # alpha = 0: x~ is infinite; DDIM's step x_s = alpha_s x0_hat + sigma_s x1_hat, x1_hat = x / sigma
+            x = alpha[i + 1] * x0 + (sigma[i + 1] / sigma[i]) * x
         record(trajectory, x)
     return x
 

@@ -258,7 +258,7 @@ class FlowPath(Path):
         return torch.ones_like(torch.as_tensor(t, dtype=_dtype(t)))
 
     def t_from_s(self, s):
-        return s / (1 + s)
+        return 1 / (1 + 1 / s)  # s / (1 + s), also at s = inf (t = 1)
 
 
 def _linear_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -334,6 +334,15 @@ class DDPMPath(Path):
         check_times(dist, self, mean, std)
         i = torch.randint(0, self.T, (n,), generator=generator, device=device)
         return (i + 1).float() / self.T
+
+    def t_from_s(self, s):
+        """alpha_bar = 1 / (1 + s^2) located on the piecewise-linear log alpha_bar (its last segment extended beyond
+        t = 1, as alpha and sigma are)."""
+        s = torch.as_tensor(s)
+        la = -torch.log1p(s.double() ** 2)
+        table = self.log_alpha_bar.to(la.device)
+        i = (torch.searchsorted(-table, -la) - 1).clamp(0, self.T - 1)  # log alpha_bar decreases: -table ascends
+        return ((i + (la - table[i]) / (table[i + 1] - table[i])) / self.T).to(_dtype(s))
 
     def timestep_to_t(self, i: torch.Tensor) -> torch.Tensor:
         """DDPM's integer step i in {0..T-1} (diffusers' `timestep`) as path time t = (i + 1) / T."""

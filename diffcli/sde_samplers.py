@@ -75,7 +75,52 @@ def _sde_noise(x, sigma_s, h, eta, s_noise, generator):
     return sigma_s * torch.sqrt(-torch.expm1(-2 * eta * h)) * s_noise * draw_noise(x, generator)
 
 
-SOLVER_TYPES = ("midpoint", "heun")
+def _midpoint_term(x0, history, h, g):
+    """(1 - e^{-g})/2 (x0_hat - x0_prev) h/h_prev: the second-order term in its midpoint form (k-diffusion's
+    sample_dpmpp_2m_sde, solver_type=midpoint; at eta = 0 DPM-Solver++(2M), Lu et al. 2022, Alg. 2)."""
+    x0_1, h_1 = history[0]
+    return -torch.expm1(-g) / 2 * (h / h_1) * (x0 - x0_1)
+
+
+def _phi_terms(x0, history, h, g):
+    """phi_2 d1 - phi_3 d2 from the divided differences of up to two earlier evaluations, phi_2 = (e^{-g} - 1)/g + 1,
+    phi_3 = phi_2/g - 1/2 (k-diffusion's sample_dpmpp_3m_sde); with one, phi_2 (x0_hat - x0_prev) h/h_prev, which
+    is also sample_dpmpp_2m_sde's solver_type=heun."""
+    phi_2 = torch.expm1(-g) / g + 1
+    if len(history) == 1:
+        x0_1, h_1 = history[0]
+        return phi_2 * (x0 - x0_1) / (h_1 / h)
+    (x0_1, h_1), (x0_2, h_2) = history
+    r0, r1 = h_1 / h, h_2 / h
+    d1_0, d1_1 = (x0 - x0_1) / r0, (x0_1 - x0_2) / r1
+    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    return phi_2 * d1 - (phi_2 / g - 0.5) * d2
+
+
+SOLVER_TYPES = {"midpoint": _midpoint_term, "heun": _phi_terms}
+
+
+def _dpmpp_sde(denoiser, path: Path, x, t_grid, *, eta, s_noise, generator, trajectory, multistep_term, memory):
+    """The multistep DPM-Solver++ SDE loop in lambda = log(alpha/sigma): each step the first-order step, plus
+    alpha_s multistep_term(x0_hat, history, h, (1+eta) h) from the last `memory` evaluations, plus the noise; the
+    step to t = 0 returns x0_hat. A step from lambda = -inf (a flow's t = 1) leaves no slope to carry over."""
+    alpha, sigma, lam = alpha_sigma(path, t_grid)
+    record(trajectory, x)
+    history = []  # (x0_hat, h) of the previous steps, newest first
+    for i in range(len(t_grid) - 1):
+        x0 = denoiser(x, t_grid[i])
+        h = lam[i + 1] - lam[i]
+        if sigma[i + 1] == 0:  # the denoising step
+            x = x0
+        else:
+            x, g = _sde_step(x, x0, alpha[i + 1], sigma[i + 1], sigma[i], h, eta)
+            if history:
+                x = x + alpha[i + 1] * multistep_term(x0, history, h, g)
+            x = x + _sde_noise(x, sigma[i + 1], h, eta, s_noise, generator)
+        history = [(x0, h), *history][:memory] if torch.isfinite(lam[i]) else []
+        record(trajectory, x)
+    return x
 
 
 @torch.no_grad()
@@ -91,24 +136,8 @@ def dpmpp_2m_sde(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *,
         raise DiffcliError(f"sampler.fn.solver_type={solver_type} is unknown; choose one of {', '.join(SOLVER_TYPES)}")
     _check_eta(eta)
     check_sampler("dpmpp_2m_sde", path, eta=eta)
-    alpha, sigma, lam = alpha_sigma(path, t_grid)
-    record(trajectory, x)
-    x0_prev = h_prev = None
-    for i in range(len(t_grid) - 1):
-        x0 = denoiser(x, t_grid[i])
-        h = lam[i + 1] - lam[i]
-        if sigma[i + 1] == 0:  # the denoising step
-            x = x0
-        else:
-            x, h_eta = _sde_step(x, x0, alpha[i + 1], sigma[i + 1], sigma[i], h, eta)
-            if x0_prev is not None:  # the second-order term from the previous evaluation (1/r = h/h_prev)
-                phi = -torch.expm1(-h_eta)
-                c = phi / 2 if solver_type == "midpoint" else 1 - phi / h_eta
-                x = x + alpha[i + 1] * c * (h / h_prev) * (x0 - x0_prev)
-            x = x + _sde_noise(x, sigma[i + 1], h, eta, s_noise, generator)
-        x0_prev, h_prev = (x0, h) if torch.isfinite(lam[i]) else (None, None)  # no slope from lambda = -inf
-        record(trajectory, x)
-    return x
+    return _dpmpp_sde(denoiser, path, x, t_grid, eta=eta, s_noise=s_noise, generator=generator, trajectory=trajectory,
+                      multistep_term=SOLVER_TYPES[solver_type], memory=1)
 
 
 @torch.no_grad()
@@ -117,35 +146,12 @@ def dpmpp_3m_sde(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *,
                  trajectory: list | None = None) -> torch.Tensor:
     """DPM-Solver++(3M) SDE (k-diffusion's sample_dpmpp_3m_sde; Lu et al. 2022's multistep scheme at third order)
     in lambda = log(alpha/sigma): the first-order step of dpmpp_2m_sde plus alpha_s (phi_2 d1 - phi_3 d2) from the
-    two previous evaluations' divided differences, phi_2 = (e^{-g} - 1)/g + 1, phi_3 = phi_2/g - 1/2, g = (1+eta) h
-    (second order on the second step, first on the first); the step to t = 0 returns x0_hat."""
+    two previous evaluations' divided differences (second order on the second step, first on the first); the step
+    to t = 0 returns x0_hat."""
     _check_eta(eta)
     check_sampler("dpmpp_3m_sde", path, eta=eta)
-    alpha, sigma, lam = alpha_sigma(path, t_grid)
-    record(trajectory, x)
-    history = []  # (x0_hat, h) of the previous steps, newest first
-    for i in range(len(t_grid) - 1):
-        x0 = denoiser(x, t_grid[i])
-        h = lam[i + 1] - lam[i]
-        if sigma[i + 1] == 0:  # the denoising step
-            x = x0
-        else:
-            x, g = _sde_step(x, x0, alpha[i + 1], sigma[i + 1], sigma[i], h, eta)
-            phi_2 = torch.expm1(-g) / g + 1
-            if len(history) >= 2:
-                (x0_1, h_1), (x0_2, h_2) = history[:2]
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0, d1_1 = (x0 - x0_1) / r0, (x0_1 - x0_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                x = x + alpha[i + 1] * (phi_2 * d1 - (phi_2 / g - 0.5) * d2)
-            elif history:
-                x0_1, h_1 = history[0]
-                x = x + alpha[i + 1] * phi_2 * (x0 - x0_1) / (h_1 / h)
-            x = x + _sde_noise(x, sigma[i + 1], h, eta, s_noise, generator)
-        history = [(x0, h), *history[:1]] if torch.isfinite(lam[i]) else []  # no slope from lambda = -inf
-        record(trajectory, x)
-    return x
+    return _dpmpp_sde(denoiser, path, x, t_grid, eta=eta, s_noise=s_noise, generator=generator, trajectory=trajectory,
+                      multistep_term=_phi_terms, memory=2)
 
 
 # ---------------------------------------------------------------------------------------------

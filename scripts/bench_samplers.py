@@ -19,13 +19,12 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
-from hydra.utils import instantiate
 
 from diffcli import DiffcliError
 from diffcli.data import build_data
 from diffcli.metrics import sliced_wasserstein
-from diffcli.prediction import Denoiser
-from diffcli.sample import generate, pyplot, sampler_from_config
+from diffcli.build import build_net, build_path
+from diffcli.sample import generate, model_denoiser, pyplot, sampler_from_config
 
 STEPS = [2, 5, 10, 20, 50, 100, 200, 500, 1000]
 
@@ -73,8 +72,7 @@ def compose_cfg(name, overrides):
 def oracle(model_overrides):
     cfg = compose_cfg("train", ["data=eight_gaussians", "net=oracle", *model_overrides])
     data = build_data(cfg.data, torch.device("cpu"))
-    net = instantiate(cfg.net, shape=data.shape)
-    return Denoiser(net, instantiate(cfg.model.path), cfg.model.prediction), data
+    return model_denoiser(build_net(cfg.net, data.shape), build_path(cfg.model.path), cfg.model), data
 
 
 def run(label, denoiser, k, n):

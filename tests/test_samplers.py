@@ -141,6 +141,21 @@ def test_t_from_lambda_inverts_lambda_beyond_the_prior(path_name, t):
                                rtol=1e-12, atol=1e-12)
 
 
+def test_ddpm_t_from_lambda_inverts_diffusers_alphas_cumprod():
+    """On DDPM's grid, lambda from diffusers' alphas_cumprod (the reference) maps back to t = (i + 1) / T; between
+    and beyond the grid points (churn's t > 1) t_from_s inverts the path's own sigma/alpha."""
+    from diffusers import DDPMScheduler
+
+    path = PATHS["ddpm"]
+    alpha_bar = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").alphas_cumprod.double()
+    i = torch.tensor([0, 1, 10, 499, 998, 999])
+    lam = 0.5 * torch.log(alpha_bar[i] / (1 - alpha_bar[i]))
+    # diffusers computes alphas_cumprod in float32: 1e-6 is a thousandth of a step
+    torch.testing.assert_close(t_from_lambda(path, lam), (i + 1).double() / 1000, rtol=0, atol=1e-6)
+    t = torch.tensor([0.0, 1e-4, 0.0125, 0.5, 0.9995, 1.0, 1.2], dtype=F64)
+    torch.testing.assert_close(path.t_from_s(path.sigma(t) / path.alpha(t)), t, rtol=1e-10, atol=1e-12)
+
+
 def test_unknown_sampler_options_refuse_in_one_line():
     path = PATHS["vp"]
     for sampler, options, fragment in [("unipc", {"order": 4}, "order=4"), ("dpmpp_2m_sde", {"eta": -1.0}, "eta=-1"),
