@@ -3,6 +3,7 @@ mode coverage of samples from its default sampler, as one Markdown table.
 
     python scripts/formulations.py            # 2000 steps each
     python scripts/formulations.py 5000
+    python scripts/formulations.py 2000 edm "vpsde, EDM preconditioning"    # only these rows
 """
 
 import sys
@@ -28,6 +29,9 @@ RUNS = {  # label -> overrides
     "flow": ["model=flow"],
     "flow, uniform prior": ["model=flow", "model.prior=uniform"],
     "flow, OT coupling": ["model=flow", "model.coupling=ot"],
+    "edm": ["model=edm"],
+    "vpsde, EDM preconditioning": ["model=vpsde", "model.precond=edm", "model.prediction=F",
+                                   "model.times.dist=lognormal", "model.weighting=simple"],
 }
 
 
@@ -53,14 +57,16 @@ def measure(overrides, steps: int, n: int = 2000) -> dict:
             "swd": sliced_wasserstein(result["samples"], reference)}
 
 
-def main(steps: int) -> None:
+def main(steps: int, labels: list[str]) -> None:
     print(f"| formulation | train {steps} steps (s) | sampler (NFE) | modes covered | samples within 4 std | sliced W2 |")
     print("|---|---|---|---|---|---|")
     for label, overrides in RUNS.items():
+        if labels and label not in labels:
+            continue
         r = measure(overrides, steps)
         print(f"| {label} | {r['seconds']:.1f} | {r['sampler']} ({r['nfe']}) | {r['covered']}/8 | "
               f"{100 * r['in_modes']:.1f}% | {r['swd']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2000)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2000, sys.argv[2:])
