@@ -180,3 +180,57 @@ def test_ancestral_with_guidance_runs_on_ddpm():
     d = cfg(EIGHT, path, labels, 1.0)
     x = ancestral(d, path, torch.randn(64, 2, generator=gen(7), dtype=torch.float64), ts, generator=gen(8))
     assert (torch.cdist(x, d.net.means).argmin(1) == labels).all()
+
+
+class Unconditional(torch.nn.Module):
+    """The oracle with its labels ignored: an unconditional model of the same data (n_classes = 0)."""
+
+    raw_input = True
+
+    def __init__(self, oracle):
+        super().__init__()
+        self.oracle = oracle
+
+    def forward(self, x_t, t):
+        return self.oracle(x_t, t)
+
+
+@pytest.mark.parametrize("path", ["vp", "flow"])
+def test_autoguidance_with_the_unconditional_model_as_guide_is_cfg(path):
+    """D_guide + w (D - D_guide) with D_guide = D(x | no label) is CFG's rule, term for term; a guide equal to the
+    model changes nothing at any w (Karras et al. 2024, eq. 2)."""
+    path, labels = PATHS[path], torch.tensor([0, 3, 5, 7, 2])
+    t = torch.tensor([0.02, 0.2, 0.5, 0.8, 0.97], dtype=torch.float64)
+    x_t = torch.randn(5, 2, generator=gen(9), dtype=torch.float64)
+    for w in (0.0, 1.0, 2.5):
+        auto = cfg(EIGHT, path, labels, w)
+        auto.guide = Denoiser(Unconditional(auto.net), path, "x0")
+        for g, want in zip(auto.predict(x_t, t), cfg(EIGHT, path, labels, w).predict(x_t, t)):
+            torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)
+        same = cfg(EIGHT, path, labels, w)
+        same.guide = oracle_denoiser(EIGHT, path)
+        torch.testing.assert_close(same(x_t, t), cfg(EIGHT, path, labels, 1.0)(x_t, t), rtol=1e-12, atol=1e-12)
+
+
+def test_guidance_interval_guides_only_inside_it():
+    """Inside lo < sigma/alpha <= hi the step is CFG's at w, outside it the conditional model's (w = 1)."""
+    path, labels = VEPath(0.01, 7.4), torch.tensor([1, 4, 6])
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)  # sigma/alpha below, inside, above the interval
+    s = path.sigma(t)
+    x_t = torch.randn(3, 2, generator=gen(10), dtype=torch.float64)
+    d = cfg(EIGHT, path, labels, 4.0)
+    d.guidance_interval = (float(s[0]) * 1.01, float(s[2]) * 0.99)
+    got = d(x_t, t)
+    guided, plain = cfg(EIGHT, path, labels, 4.0)(x_t, t), cfg(EIGHT, path, labels, 1.0)(x_t, t)
+    torch.testing.assert_close(got, torch.stack([plain[0], guided[1], plain[2]]), rtol=1e-12, atol=1e-12)
+    d.guidance_interval = (0.0, float(s[0]) * 0.5)  # the whole batch outside: the conditional model alone
+    torch.testing.assert_close(d(x_t, t), plain, rtol=1e-12, atol=1e-12)
+
+
+def test_classifier_guidance_refuses_a_flow_without_a_score():
+    path = FlowPath(prior="uniform")
+    diag = {"kind": "toy", "name": "gmm", "params": {"means": [[-1.0, 0.5], [1.5, -0.5]],
+                                                     "covs": [[[0.3, 0.0], [0.0, 0.05]], [[0.1, 0.0], [0.0, 0.4]]]}}
+    d = classifier_guided(diag, path, torch.tensor([0, 1]), 2.0)
+    with pytest.raises(DiffcliError, match="uniform prior has none"):
+        d(torch.zeros(2, 2, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64))
