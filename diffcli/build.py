@@ -182,13 +182,14 @@ def build_path(node, where: str = "model.path"):
     return call(_diffcli_object(target), kwargs, where)
 
 
-def build_net(node, shape, user_class: str | None = None, where: str = "net"):
-    """A network: a diffcli class, or the user's own class when it was named on this command line."""
+def build_net(node, shape, user_class: str | None = None, where: str = "net", n_classes: int = 0):
+    """A network: a diffcli class, or the user's own class when it was named on this command line; with
+    n_classes > 0 it also takes class labels (the oracle knows its mixture's classes itself)."""
     target, kwargs, path = _net_node(node, user_class, where)
     cls = _diffcli_object(target) if target in NETS else _locate(target, where)
     if path is not None:  # the oracle is handed its data (plain) and its path (built)
         return call(cls, kwargs, where, shape=shape, path=call(_diffcli_object(path[0]), path[1], f"{where}.path"))
-    return call(cls, kwargs, where, shape=shape)
+    return call(cls, {**kwargs, "n_classes": n_classes} if n_classes else kwargs, where, shape=shape)
 
 
 def build_sampler_fn(node, is_image: bool, where: str = "sampler.fn"):

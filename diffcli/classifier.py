@@ -226,8 +226,12 @@ def classifier_outputs(model, images: torch.Tensor, batch_size=500) -> tuple[tor
     return torch.cat(feats), torch.cat(probs)
 
 
-def classifier_fid(model, samples, reference) -> dict:
-    """{"cfid": Fréchet distance of classifier features, plus the samples' class balance and confidence}."""
+def classifier_fid(model, samples, reference, labels=None) -> dict:
+    """{"cfid": Fréchet distance of classifier features, plus the samples' class balance and confidence, and with
+    the requested labels the classifier's agreement with them}."""
     f_samples, p_samples = classifier_outputs(model, samples)
     f_reference, _ = classifier_outputs(model, reference)
-    return {"cfid": frechet_distance(f_samples, f_reference), **class_balance(p_samples)}
+    out = {"cfid": frechet_distance(f_samples, f_reference), **class_balance(p_samples)}
+    if labels is not None:
+        out["agreement"] = (p_samples.argmax(1) == labels.cpu()).double().mean().item()
+    return out

@@ -59,12 +59,15 @@ def eight_gaussians_modes(radius=2.0, std=0.1):
     return radius * torch.stack([torch.cos(angle), torch.sin(angle)], 1), float(std)
 
 
-def eight_gaussians(n, *, generator, device, radius=2.0, std=0.1):
-    """Equal mixture of 8 isotropic Gaussians on a circle of the given radius."""
+def eight_gaussians(n, *, generator, device, radius=2.0, std=0.1, return_labels=False):
+    """Equal mixture of 8 isotropic Gaussians on a circle of the given radius (with return_labels: and the
+    component k of each point, its class)."""
     # centres computed on the device from k (same formula as eight_gaussians_modes): no host copy
-    angle = (2 * math.pi / 8) * _randint(8, n, generator, device).float()
+    k = _randint(8, n, generator, device)
+    angle = (2 * math.pi / 8) * k.float()
     centres = radius * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
-    return centres + std * _randn((n, 2), generator, device)
+    x = centres + std * _randn((n, 2), generator, device)
+    return (x, k) if return_labels else x
 
 
 # the `gmm` toy's default mixture (configs/data/gmm.yaml): three components, distinct full covariances
@@ -91,12 +94,14 @@ def gmm_modes(means=GMM_MEANS, covs=GMM_COVS, weights=None):
     return means.float(), torch.linalg.eigvalsh(covs).max().sqrt().item()
 
 
-def gmm(n, *, generator, device, means=GMM_MEANS, covs=GMM_COVS, weights=None):
-    """Mixture of Gaussians N(means[k], covs[k]) (2x2 covariances) picked with probability weights[k]."""
+def gmm(n, *, generator, device, means=GMM_MEANS, covs=GMM_COVS, weights=None, return_labels=False):
+    """Mixture of Gaussians N(means[k], covs[k]) (2x2 covariances) picked with probability weights[k] (with
+    return_labels: and each point's component k, its class)."""
     means, covs, weights = (x.to(device) for x in gmm_mixture(means, covs, weights))
     k = torch.searchsorted(weights.cumsum(0), _rand(n, generator, device).double()).clamp(max=len(means) - 1)
     z = _randn((n, 2, 1), generator, device).double()
-    return (means[k] + (torch.linalg.cholesky(covs)[k] @ z)[..., 0]).float()
+    x = (means[k] + (torch.linalg.cholesky(covs)[k] @ z)[..., 0]).float()
+    return (x, k) if return_labels else x
 
 
 def checkerboard(n, *, generator, device, scale=2.0):
@@ -129,11 +134,20 @@ TOYS = {
 TOY_MODES = {"eight_gaussians": eight_gaussians_modes, "gmm": gmm_modes}
 
 
+def no_labels(name: str) -> DiffcliError:
+    """The one-line refusal of a conditional model on data without labels."""
+    return DiffcliError(f"data={name} has no class labels, so a conditional model (model.cond=class) cannot be "
+                        "trained on it; use model.cond=none, or labelled data (mnist, fashion_mnist, cifar10, "
+                        "eight_gaussians, gmm, an npz with 'labels', a folder with one subfolder per class)")
+
+
 class ToyData:
-    """A 2D toy distribution; every batch is a fresh draw from the caller's generator."""
+    """A 2D toy distribution; every batch is a fresh draw from the caller's generator. A mixture's classes are
+    its components."""
 
     shape = (2,)
     is_image = False
+    class_names = None
 
     def __init__(self, name, params, device):
         self.name, self.params, self.device = name, dict(params), torch.device(device)
@@ -143,6 +157,7 @@ class ToyData:
         if mixture is not None:
             modes, self.mode_std = mixture(**self.params)
             self.modes = modes.to(self.device)
+        self.n_classes = 0 if self.modes is None else len(self.modes)
 
     def sample(self, n, generator):
         """n fresh points (n, 2) on the device."""
@@ -151,6 +166,12 @@ class ToyData:
     def batch(self, step, batch_size, generator):
         """A training batch; the step is unused because the generator is seeded per step."""
         return self.sample(batch_size, generator)
+
+    def labelled_batch(self, step, batch_size, generator):
+        """(x0, the component each point was drawn from) for a conditional model."""
+        if not self.n_classes:
+            raise no_labels(self.name)
+        return self.fn(batch_size, generator=generator, device=self.device, return_labels=True, **self.params)
 
 
 # ---------------------------------------------------------------------------- images
@@ -177,10 +198,18 @@ class ImageData:
 
     is_image = True
 
-    def __init__(self, name, images, labels=None, *, device, seed=0, hflip=False):
+    def __init__(self, name, images, labels=None, *, device, seed=0, hflip=False, class_names=None):
         self.name, self.device, self.seed, self.hflip = name, torch.device(device), seed, bool(hflip)
         self.images = images.to(self.device)
         self.labels = None if labels is None else labels.to(torch.int64).to(self.device)
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
+        if self.labels is None:
+            self.n_classes = 0
+        else:  # the names fix the count (a subset may miss a class); bare integer labels count up to their max
+            self.n_classes = len(self.class_names) if self.class_names else int(self.labels.max()) + 1
+            if int(self.labels.min()) < 0 or int(self.labels.max()) >= self.n_classes:
+                raise DiffcliError(f"{name}: labels must lie in [0, {self.n_classes}); got {int(self.labels.min())}"
+                                   f" to {int(self.labels.max())}; fix the labels")
         self.shape = tuple(self.images.shape[1:])
         self._perm = (None, None)  # (epoch, permutation) of the last epoch used
 
@@ -206,11 +235,21 @@ class ImageData:
 
     def batch(self, step, batch_size, generator):
         """Batch `step` as float32 in [-1, 1]; a random half mirrored when hflip is on."""
-        x = to_float(self.images[self.indices(step, batch_size).to(self.device)])
+        return self._batch(self.indices(step, batch_size).to(self.device), generator)
+
+    def _batch(self, idx, generator):
+        x = to_float(self.images[idx])
         if self.hflip:
-            flip = _rand(batch_size, generator, self.device) < 0.5
+            flip = _rand(len(idx), generator, self.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x
+
+    def labelled_batch(self, step, batch_size, generator):
+        """(batch `step`, its labels), for a conditional model; the same images as `batch`."""
+        if self.labels is None:
+            raise no_labels(self.name)
+        idx = self.indices(step, batch_size).to(self.device)
+        return self._batch(idx, generator), self.labels[idx]
 
     def sample(self, n, generator):
         """n reference images in [-1, 1], chosen at random (without repeats while n <= N)."""
@@ -310,6 +349,14 @@ def _load_cifar10(root, split, download):
     return ds.data, np.asarray(ds.targets)
 
 
+# the class names of the labelled datasets, in label order
+CLASS_NAMES = {
+    "mnist": [str(d) for d in range(10)],
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
+
 TORCHVISION = {
     "mnist": partial(_load_idx_dataset, folder="MNIST", title="MNIST", tv_class="MNIST"),
     "fashion_mnist": partial(_load_idx_dataset, folder="FashionMNIST", title="Fashion-MNIST", tv_class="FashionMNIST"),
@@ -350,7 +397,7 @@ def _build_toy(cfg, device, seed):
     try:  # check the parameter names now rather than in the middle of training
         signature.bind(1, generator=None, device=None, **params)
     except TypeError as e:
-        allowed = ", ".join(k for k in signature.parameters if k not in ("n", "generator", "device"))
+        allowed = ", ".join(k for k in signature.parameters if k not in ("n", "generator", "device", "return_labels"))
         raise DiffcliError(f"data.params for toy {name}: {e}; its params are: {allowed}") from None
     data = ToyData(name, params, device)
     probe = data.sample(1000, torch.Generator().manual_seed(seed))
@@ -360,12 +407,13 @@ def _build_toy(cfg, device, seed):
     return data
 
 
-def _image_data(cfg, images, labels, device, seed, source):
-    """Wrap uint8 images (N, H, W[, C]) and optional labels as ImageData."""
+def _image_data(cfg, images, labels, device, seed, source, class_names=None):
+    """Wrap uint8 images (N, H, W[, C]) and optional labels (and their class names) as ImageData."""
     labels = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
     hflip = bool(cfg.get("hflip", False))
     name = str(cfg.get("name", "images"))
-    return ImageData(name, _to_nchw(images, source), labels, device=device, seed=seed, hflip=hflip)
+    return ImageData(name, _to_nchw(images, source), labels, device=device, seed=seed, hflip=hflip,
+                     class_names=class_names)
 
 
 def _build_torchvision(cfg, device, seed):
@@ -374,7 +422,7 @@ def _build_torchvision(cfg, device, seed):
     split = _one_of(cfg, "split", ["train", "test"])
     root = Path(str(cfg.get("root") or "~/.cache/diffcli")).expanduser()
     images, labels = TORCHVISION[name](root, split, bool(cfg.get("download", False)))
-    return _image_data(cfg, images, labels, device, seed, f"{name} {split} split in {root}")
+    return _image_data(cfg, images, labels, device, seed, f"{name} {split} split in {root}", CLASS_NAMES[name])
 
 
 def _check_npz_images(images, path):
@@ -452,7 +500,19 @@ def _build_folder(cfg, device, seed):
         kinds = ", ".join(sorted(IMAGE_SUFFIXES))
         raise DiffcliError(f"no images ({kinds}) found in {folder}; set data.path to a folder of images")
     images = np.stack([_load_image(f, mode, size) for f in files])
-    return _image_data(cfg, images, None, device, seed, str(folder))
+    labels, names = _folder_classes(folder, files)
+    return _image_data(cfg, images, labels, device, seed, str(folder), names)
+
+
+def _folder_classes(folder, files):
+    """torchvision's ImageFolder layout: with every image inside a first-level subfolder, the subfolder is its
+    class (sorted names); otherwise the folder is unlabelled: (None, None)."""
+    parts = [f.relative_to(folder).parts for f in files]
+    if any(len(p) < 2 for p in parts):
+        return None, None
+    names = sorted({p[0] for p in parts})
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([index[p[0]] for p in parts], dtype=np.int64), names
 
 
 BUILDERS = {"toy": _build_toy, "torchvision": _build_torchvision, "npz": _build_npz, "folder": _build_folder}

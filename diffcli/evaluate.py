@@ -67,6 +67,19 @@ def data_log_prob(data_cfg: DictConfig, x: torch.Tensor) -> torch.Tensor | None:
     return mixture.log_prob(x.double())
 
 
+def toy_agreement(data_cfg: DictConfig, samples: torch.Tensor, labels: torch.Tensor) -> dict:
+    """{"agreement": the share of samples whose most probable component, argmax_k w_k N(x; mu_k, S_k), is the
+    requested class} for a mixture toy; {} for other data."""
+    from .oracle import MIXTURES
+
+    if data_cfg.get("kind") != "toy" or data_cfg.name not in MIXTURES:
+        return {}
+    params = OmegaConf.to_container(data_cfg.get("params") or {}, resolve=True)
+    means, covs, weights = MIXTURES[data_cfg.name](**params)
+    log_p = torch.distributions.MultivariateNormal(means.double(), covs.double()).log_prob(samples.double()[:, None])
+    return {"agreement": ((log_p + weights.double().log()).argmax(1) == labels).double().mean().item()}
+
+
 def resolve_names(names, is_image: bool, data) -> list[str]:
     """The metric names to compute: `auto` picks the usual ones for the data; unknown names are errors."""
     if names == "auto" or names == ["auto"]:
@@ -97,7 +110,7 @@ def reference_images(data_cfg: DictConfig, mc: DictConfig, seed: int, split: str
     return data, images, name
 
 
-def image_metrics(names, samples, train_cfg, mc, denoiser, seed: int, device) -> dict:
+def image_metrics(names, samples, train_cfg, mc, denoiser, seed: int, device, labels=None) -> dict:
     """FID/KID (Inception), classifier-FID and bits/dim for an image model."""
     out = {}
     if {"fid", "kid"} & set(names):
@@ -108,7 +121,7 @@ def image_metrics(names, samples, train_cfg, mc, denoiser, seed: int, device) ->
         _, images, _ = reference_images(train_cfg.data, mc, seed)
         classifier, info = classifier_for(train_cfg.data, cache_dir=FsPath(mc.cache_dir).expanduser(), device=device,
                                           seed=seed, epochs=mc.classifier_epochs, log=log)
-        out |= classifier_fid(classifier, samples, to_float(images))
+        out |= classifier_fid(classifier, samples, to_float(images), labels)
         out |= {"classifier_accuracy": info["accuracy"], "classifier_trained_on": info["trained_on"]}
     if "bpd" in names:
         out |= _bits_per_dim(denoiser, train_cfg, mc, seed)
@@ -206,17 +219,23 @@ def run_eval(cfg: DictConfig, out_dir) -> dict:
     metrics, samples = {}, None
     if set(names) - LIKELIHOODS:
         out = sample_checkpoint(cfg, loaded=loaded)
-        samples = out["samples"]
+        samples, labels = out["samples"], out["labels"]
         record |= {"sampler": out["sampler"], "steps": out["steps"], "nfe": out["nfe"], "n": cfg.n}
+        if labels is not None:
+            record |= {"guidance": out["guidance"], "labels": sorted(set(labels.tolist()))}
+    else:
+        labels = None
     if data.is_image:
-        metrics = image_metrics(names, samples, train_cfg, mc, denoiser, cfg.seed, device)
+        metrics = image_metrics(names, samples, train_cfg, mc, denoiser, cfg.seed, device, labels)
         if samples is not None:
-            save_picture(samples, out_dir / "samples.png")
+            save_picture(samples, out_dir / "samples.png", labels=labels)
     else:
         if samples is not None:
             reference = data.sample(cfg.n, torch.Generator().manual_seed(cfg.seed + 1))  # as reference_data draws
             metrics = toy_metrics(samples, reference, data, names)
-            save_picture(samples, out_dir / "samples.png", reference)
+            if labels is not None:
+                metrics |= toy_agreement(train_cfg.data, samples, labels)
+            save_picture(samples, out_dir / "samples.png", reference, labels)
         if "nll" in names:
             metrics |= nll_2d(denoiser, data, train_cfg.data, mc, cfg.seed)
     record |= {"metrics": metrics, "metric_settings": OmegaConf.to_container(mc, resolve=True),
@@ -263,12 +282,13 @@ def collect(root) -> list[dict]:
         scalars = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         rows.append({"run": str(f.parent.relative_to(root)) if f.parent != FsPath(root) else ".",
                      "overrides": _overrides_of(f.parent), **{k: record.get(k) for k in
-                     ("model", "data", "step", "sampler", "steps", "nfe", "n")}, **scalars})
+                     ("model", "data", "step", "sampler", "steps", "nfe", "n", "guidance")}, **scalars})
     return rows
 
 
 def summarize(root) -> dict:
-    """One table (printed, summary.csv) and a quality-vs-NFE plot (quality_vs_nfe.png) of a sweep's evaluations."""
+    """One table (printed, summary.csv) and quality-vs-NFE (quality_vs_nfe.png) and, for a sweep over guidance=,
+    quality-vs-w (quality_vs_guidance.png) plots of a sweep's evaluations."""
     import csv
 
     root = FsPath(root)
@@ -282,11 +302,13 @@ def summarize(root) -> dict:
     out = {"rows": rows, "csv": str(root / "summary.csv")}
     plotted = [k for k in columns if k not in _INFO_COLUMNS and any(isinstance(r.get(k), float) for r in rows)]
     if plotted and any(r.get("nfe") for r in rows):
-        out["plot"] = str(_plot_vs_nfe(rows, plotted, root / "quality_vs_nfe.png"))
+        out["plot"] = str(_plot_against(rows, plotted, "nfe", root / "quality_vs_nfe.png"))
+    if plotted and len({r.get("guidance") for r in rows if r.get("guidance") is not None}) > 1:
+        out["guidance_plot"] = str(_plot_against(rows, plotted, "guidance", root / "quality_vs_guidance.png"))
     return out
 
 
-_INFO_COLUMNS = ("run", "overrides", "model", "data", "step", "sampler", "steps", "nfe", "n")
+_INFO_COLUMNS = ("run", "overrides", "model", "data", "step", "sampler", "steps", "nfe", "n", "guidance")
 _SKIP_PLOT = ("_sem", "_std", "_nfe", "_total", "_covered")
 
 
@@ -315,23 +337,29 @@ def _varying_overrides(rows) -> set[str]:
     return set().union(*sets) - set.intersection(*sets) if sets else set()
 
 
-def _plot_vs_nfe(rows, metrics, file: FsPath) -> FsPath:
-    """One panel per metric: value against NFE (log scale), one line per (model, sampler)."""
+_AXES = {"nfe": ("NFE per sample", "log", "NFE"), "guidance": ("guidance weight w", "linear", "w")}
+
+
+def _plot_against(rows, metrics, key: str, file: FsPath) -> FsPath:
+    """One panel per metric: value against `key` (NFE on a log scale, or the guidance weight), one line per
+    (model, sampler) and, against NFE, per guidance weight."""
     from .sample import pyplot
 
     plt = pyplot()
+    label_x, scale, short = _AXES[key]
     metrics = [m for m in metrics if not m.endswith(_SKIP_PLOT)][:6]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
     groups = {}
     for r in rows:
-        if r.get("nfe"):
-            groups.setdefault(f"{r['model']} / {r['sampler']}", []).append(r)
+        if r.get(key) is not None:
+            w = f", w = {r['guidance']:g}" if key != "guidance" and r.get("guidance") is not None else ""
+            groups.setdefault(f"{r['model']} / {r['sampler']}{w}", []).append(r)
     for ax, metric in zip(axes[0], metrics):
         for label, group in groups.items():
-            pts = sorted((r["nfe"], r[metric]) for r in group if isinstance(r.get(metric), (int, float)))
+            pts = sorted((r[key], r[metric]) for r in group if isinstance(r.get(metric), (int, float)))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
-        ax.set(xscale="log", xlabel="NFE per sample", ylabel=metric, title=f"{metric} vs NFE")
+        ax.set(xscale=scale, xlabel=label_x, ylabel=metric, title=f"{metric} vs {short}")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()

@@ -82,15 +82,16 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
 
 def pair_loss(net, path: Path, prediction: str, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
               weighting: str = "simple", *, precond: str = "none", sigma_data: float = SIGMA_DATA,
-              snr_gamma: float = 5.0) -> torch.Tensor:
-    """The squared error of the net at x_t = alpha x0 + sigma x1 (fed under `precond`), averaged over the batch.
+              snr_gamma: float = 5.0, y: torch.Tensor | None = None) -> torch.Tensor:
+    """The squared error of the net at x_t = alpha x0 + sigma x1 (fed under `precond`, with class labels y for a
+    conditional net), averaged over the batch.
 
     `simple`: || net - target ||^2 on the network's own kind (eps, x0, v, velocity, F, ...): DDPM's eq. 14
     for eps, the conditional flow-matching loss for velocity, EDM's loss for F. Otherwise lambda(t) times the
     squared error of the score (denoising score matching) or of x0_hat, whatever the network predicts.
     """
     x_t = path.marginal(x0, x1, t)
-    out = _at_least_float32(net(*net_inputs(net, path, x_t, t, precond, sigma_data)))
+    out = _at_least_float32(net(*net_inputs(net, path, x_t, t, precond, sigma_data), *(() if y is None else (y,))))
     kind, weight = WEIGHTINGS[weighting]
     if kind is None:
         return (out - _at_least_float32(target(prediction, path, x0, x1, t, sigma_data))).square().mean()

@@ -1,6 +1,7 @@
 """Networks: time embeddings, an MLP for 2D toys and the DDPM U-Net for 28/32 px images.
 
-Every net maps ``(x, t) -> tensor shaped like x`` with ``t`` in [0, 1]; what the output means
+Every net maps ``(x, t[, y]) -> tensor shaped like x`` with ``t`` in [0, 1] and optional class labels ``y``
+(nets built with ``n_classes > 0``); what the output means
 (eps, x0, v, ...) is decided by the prediction config, not here. Any rescaling of ``t`` is an
 explicit constructor argument (``time_scale``), never hidden.
 """
@@ -71,6 +72,33 @@ class TimeEmbedding(nn.Module):
         return self.mlp(self.embed(t).to(self.mlp[0].weight.dtype))
 
 
+class LabelEmbedding(nn.Module):
+    """y -> a learned vector added to the time embedding; class n_classes is "no label", the unconditional model
+    that classifier-free guidance needs (Ho & Salimans 2022, sec. 3.2). y=None means "no label" for every sample."""
+
+    def __init__(self, n_classes: int, dim: int):
+        super().__init__()
+        if n_classes < 0:
+            raise DiffcliError(f"n_classes={n_classes} must be >= 0 (0: an unconditional net)")
+        self.n_classes = n_classes
+        self.embed = nn.Embedding(n_classes + 1, dim)
+
+    def forward(self, temb: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if y is None:
+            y = torch.full((temb.shape[0],), self.n_classes, device=temb.device)
+        return temb + self.embed(y.to(temb.device).long()).to(temb.dtype)
+
+
+def _conditioned(net: nn.Module, temb: torch.Tensor, y) -> torch.Tensor:
+    """The time embedding plus the label's, for a net built with classes; an unconditional net refuses labels."""
+    if net.label_embed is not None:
+        return net.label_embed(temb, y)
+    if y is not None:
+        raise DiffcliError("this network was built without classes (n_classes=0) and cannot take labels; "
+                           "train a conditional model (model.cond=class)")
+    return temb
+
+
 def _batch_times(t, x: torch.Tensor) -> torch.Tensor:
     """t as a (B,) tensor on x's device: a scalar or 0-dim t is broadcast over the batch."""
     t = torch.as_tensor(t, device=x.device)
@@ -98,17 +126,19 @@ class MLP(nn.Module):
 
     def __init__(self, shape, hidden: int = 256, depth: int = 3, emb_dim: int = 128,
                  time_embedding: str = "sinusoidal", time_scale: float = 1000.0,
-                 fourier_scale: float = 16.0):
+                 fourier_scale: float = 16.0, n_classes: int = 0):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         d = math.prod(self.shape)
         self.time_embed = TimeEmbedding(emb_dim, time_embedding, time_scale, fourier_scale)
+        self.n_classes = int(n_classes)
+        self.label_embed = LabelEmbedding(n_classes, self.time_embed.out_dim) if n_classes else None
         self.fc_in = nn.Linear(d, hidden)
         self.blocks = nn.ModuleList(ResidualMLPBlock(hidden, self.time_embed.out_dim) for _ in range(depth))
         self.fc_out = nn.Linear(hidden, d)
 
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        temb = self.time_embed(_batch_times(t, x))
+    def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
+        temb = _conditioned(self, self.time_embed(_batch_times(t, x)), y)
         h = self.fc_in(x.reshape(x.shape[0], -1))
         for block in self.blocks:
             h = block(h, temb)
@@ -210,12 +240,14 @@ class UNet(nn.Module):
     def __init__(self, shape, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1,
                  time_embedding: str = "sinusoidal", time_scale: float = 1000.0,
-                 fourier_scale: float = 16.0, groups: int = 32):
+                 fourier_scale: float = 16.0, groups: int = 32, n_classes: int = 0):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         ch_mult, attn_resolutions = [int(m) for m in ch_mult], {int(r) for r in attn_resolutions}
         _check_image_shape(self.shape, len(ch_mult))
         self.time_embed = TimeEmbedding(ch, time_embedding, time_scale, fourier_scale)
+        self.n_classes = int(n_classes)
+        self.label_embed = LabelEmbedding(n_classes, self.time_embed.out_dim) if n_classes else None
         block = dict(temb_dim=self.time_embed.out_dim, dropout=dropout, groups=groups)
         self.conv_in = nn.Conv2d(self.shape[0], ch, 3, padding=1)
 
@@ -246,8 +278,8 @@ class UNet(nn.Module):
         self.norm_out = _group_norm(c, groups)
         self.conv_out = nn.Conv2d(c, self.shape[0], 3, padding=1)  # default init (DDPM zero-inits it)
 
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        temb = self.time_embed(_batch_times(t, x))
+    def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
+        temb = _conditioned(self, self.time_embed(_batch_times(t, x)), y)
         hs = [self.conv_in(x)]
         for block in self.down:
             hs.append(block(hs[-1], temb))

@@ -6,6 +6,10 @@ target(prediction, path, x0_hat, x1_hat, t), so it drops into the Denoiser like 
 x_t and t as they are (`raw_input`): model.precond, a trained network's input scaling, does not apply.
 It knows Gaussian mixtures (eight_gaussians, gmm) and small point sets (data.kind=npz), under the
 Gaussian prior and the uniform one on [-1, 1]^d. Everything is computed in float64.
+
+A mixture's component is its class label: oracle(x_t, t, y) is the exact E[x0 | x_t, y] (class K, one past
+the last, means "no label"), and `log_class_probs` is the exact noisy classifier log p_t(y | x_t), the
+posterior over components, for classifier guidance.
 """
 
 from __future__ import annotations
@@ -86,28 +90,63 @@ class Oracle(nn.Module):
             raise DiffcliError(f"net=oracle knows eight_gaussians, gmm and npz point sets; data={name} has no "
                                f"closed-form E[x0|x_t]")
 
-    def x0_hat(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """E[x0 | x_t] in float64, shape (B, d) for x_t flattened to (B, d)."""
+    @property
+    def n_classes(self) -> int:
+        """The number of mixture components (the classes); 0 for a point set, which has none."""
+        return len(self.log_weights) if hasattr(self, "log_weights") else 0
+
+    def components(self, x_t: torch.Tensor, t: torch.Tensor):
+        """(log p_t(k | x_t) (B, K), E[x0 | x_t, k] (B, K, d)) for a mixture, in float64."""
         x = x_t.flatten(1).double()
         a, s = self.path.alpha(t)[:, None], self.path.sigma(t)[:, None]
-        uniform = self.path.prior == "uniform"
-        if hasattr(self, "points"):
-            return (self._points_uniform if uniform else self._points_gaussian)(x, a, s)
-        if uniform:  # at sigma = 0 the box is a point: x0 = x_t / alpha exactly
-            return torch.where(s > 0, self._mixture_uniform(x, a, s), x / a)
-        return self._mixture_gaussian(x, a, s)
+        if self.path.prior == "uniform":
+            log_p, x0_k = self._mixture_uniform(x, a, s)
+            # at sigma = 0 the box is a point: x0 = x_t / alpha exactly, and p(k | x0) is Bayes on the density
+            x0 = x / a.clamp_min(1e-300)
+            var = self.covs.diagonal(dim1=-2, dim2=-1)  # (K, d)
+            log_p0 = self.log_weights - 0.5 * ((x0[:, None] - self.means) ** 2 / var + var.log()).sum(-1)
+            log_p = torch.where(s > 0, log_p, log_p0)
+            x0_k = torch.where(s[:, :, None] > 0, x0_k, x0[:, None])
+        else:
+            log_p, x0_k = self._mixture_gaussian(x, a, s)
+        return torch.log_softmax(log_p, 1), x0_k
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def log_class_probs(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """The exact noisy classifier log p_t(y | x_t) over the components, (B, K), float64."""
+        if not self.n_classes:
+            raise DiffcliError("net=oracle on a point set has no classes; use a mixture (data=eight_gaussians or gmm)")
+        t = torch.as_tensor(t, device=x_t.device).double().expand(x_t.shape[0])
+        return self.components(x_t, t)[0]
+
+    def x0_hat(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """E[x0 | x_t] (or E[x0 | x_t, y] where y < K) in float64, shape (B, d) for x_t flattened to (B, d)."""
+        if hasattr(self, "points"):
+            if y is not None:
+                raise DiffcliError("net=oracle on a point set has no classes; use a mixture (data=eight_gaussians "
+                                   "or gmm) for labels")
+            x = x_t.flatten(1).double()
+            a, s = self.path.alpha(t)[:, None], self.path.sigma(t)[:, None]
+            return (self._points_uniform if self.path.prior == "uniform" else self._points_gaussian)(x, a, s)
+        log_post, x0_k = self.components(x_t, t)
+        x0 = (log_post.exp()[..., None] * x0_k).sum(1)
+        if y is None:
+            return x0
+        y = y.to(x0.device).long()
+        labelled = y < self.n_classes
+        x0_y = x0_k[torch.arange(len(y), device=y.device), y.clamp(max=self.n_classes - 1)]
+        return torch.where(labelled[:, None], x0_y, x0)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.as_tensor(t, device=x_t.device).double().expand(x_t.shape[0])
         x = x_t.flatten(1).double()
-        x0 = self.x0_hat(x_t, t)
+        x0 = self.x0_hat(x_t, t, y)
         s = self.path.sigma(t)[:, None]
         # at sigma = 0, x1 is independent of x_t = x0, so E[x1 | x_t] is the prior's mean, 0
         x1 = torch.where(s > 0, (x - self.path.alpha(t)[:, None] * x0) / torch.where(s > 0, s, 1), 0)
         return target(self.prediction, self.path, x0, x1, t, self.sigma_data).reshape(x_t.shape).to(x_t.dtype)
 
     def _mixture_gaussian(self, x, a, s):
-        """p(k | x_t) ∝ w_k N(x_t; a mu_k, C_k) with C_k = a^2 S_k + s^2 I, and
+        """log p(k | x_t) + const = log w_k N(x_t; a mu_k, C_k) with C_k = a^2 S_k + s^2 I, and
         E[x0 | x_t, k] = mu_k + a S_k C_k^-1 (x_t - a mu_k) (Gaussian conditioning)."""
         eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
         cov = a[:, :, None, None] ** 2 * self.covs + s[:, :, None, None] ** 2 * eye  # (B, K, d, d)
@@ -116,17 +155,16 @@ class Oracle(nn.Module):
         solved = torch.cholesky_solve(r[..., None], chol)  # C_k^-1 r
         log_det = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         log_p = self.log_weights - 0.5 * (r[..., None] * solved).sum((-2, -1)) - 0.5 * log_det
-        x0_k = self.means + a[:, :, None] * (self.covs @ solved)[..., 0]
-        return (torch.softmax(log_p, 1)[..., None] * x0_k).sum(1)
+        return log_p, self.means + a[:, :, None] * (self.covs @ solved)[..., 0]
 
     def _mixture_uniform(self, x, a, s):
-        """x1 uniform on [-1, 1]^d: given k, x0 is N(mu_k, diag S_k) truncated to the box |x_t - a x0|_inf <= s."""
+        """x1 uniform on [-1, 1]^d: given k, x0 is N(mu_k, diag S_k) truncated to the box |x_t - a x0|_inf <= s;
+        the unnormalised log p(k | x_t) and E[x0 | x_t, k]."""
         a = a.clamp_min(1e-6)  # alpha -> 0 (t = 1): the box covers (nearly) everything
         sd = self.covs.diagonal(dim1=-2, dim2=-1).sqrt()  # (K, d)
         lo, hi = ((x - s) / a)[:, None], ((x + s) / a)[:, None]  # (B, 1, d)
         log_z, mean = _truncated_normal((lo - self.means) / sd, (hi - self.means) / sd)
-        weights = torch.softmax(self.log_weights + log_z.sum(-1), 1)
-        return (weights[..., None] * (self.means + sd * mean)).sum(1)
+        return self.log_weights + log_z.sum(-1), self.means + sd * mean
 
     def _points_gaussian(self, x, a, s):
         """Softmax over points of log N(x_t; a x_i, s^2 I); as s -> 0 the nearest point."""

@@ -136,7 +136,10 @@ class Denoiser(nn.Module):
     """What every sampler sees: denoiser(x_t, t) -> x0_hat, from a net predicting `prediction`, fed its
     inputs under `precond` (net_inputs); `sigma_data` is EDM's, for prediction F and precond edm.
 
-    Counts network evaluations in `nfe`. `t` may be a scalar (one time for the whole batch).
+    Conditions live here, so every sampler gets them unchanged: `labels` (the classes of the batch being
+    sampled, set by `generate`), `guidance` (the guidance weight w: classifier-free, or autoguidance when a
+    weaker `guide` Denoiser is set) and `classifier` / `classifier_scale` (classifier guidance). Counts network
+    evaluations in `nfe` (a guided evaluation, one batched forward of both halves, counts once). `t` may be a scalar (one time for the whole batch).
     """
 
     def __init__(self, net: nn.Module, path: Path, prediction: str, precond: str = "none",
@@ -145,20 +148,104 @@ class Denoiser(nn.Module):
         self.net, self.path, self.prediction = net, path, check_prediction(prediction, path)
         self.precond, self.sigma_data = check_precond(precond), sigma_data
         self.nfe = 0
+        self.labels: torch.Tensor | None = None  # (B,) requested classes; None: unconditional
+        self.guidance = 1.0  # w: D_uncond + w (D_cond - D_uncond); 1 is the plain conditional model
+        self.classifier = None  # fn(x_t, t) -> log p_t(. | x_t), (B, K), differentiable in x_t
+        self.classifier_scale = 0.0
+        self.guide: Denoiser | None = None  # autoguidance's weaker model, on the same path
+        self.guidance_interval: tuple[float, float] | None = None  # guide only where lo < sigma/alpha <= hi
+
+    def _weight(self, t: torch.Tensor):
+        """w where the noise level s = sigma/alpha lies in the guidance interval (Kynkäänniemi et al. 2024, eq. 5),
+        1 elsewhere: a float when the batch agrees, else a per-sample tensor."""
+        w = float(self.guidance)
+        if self.guidance_interval is None:
+            return w
+        lo, hi = self.guidance_interval
+        s = self.path.sigma(t) / self.path.alpha(t)  # inf where alpha = 0
+        inside = (s > lo) & (s <= hi)
+        if inside.all() or not inside.any():
+            return w if inside.all() else 1.0
+        return torch.where(inside, w, 1.0).to(t.dtype)
 
     @property
     def device(self) -> torch.device:
         """Where the net lives (its first parameter or buffer; the CPU for a net with neither)."""
         return next(iter([*self.net.parameters(), *self.net.buffers()]), torch.empty(0)).device
 
+    @property
+    def n_classes(self) -> int:
+        """The classes the net was trained on (0: unconditional); class n_classes is "no label"."""
+        return int(getattr(self.net, "n_classes", 0))
+
+    def _x0_x1(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None):
+        """(x0_hat, x1_hat) of one forward of the net, given labels y (None: the net's unconditional input)."""
+        x_in, t_in = net_inputs(self.net, self.path, x_t, t, self.precond, self.sigma_data)
+        args = (x_in, t_in.to(x_t.dtype)) if y is None else (x_in, t_in.to(x_t.dtype), y)
+        return to_x0_x1(self.net(*args).to(x_t.dtype), self.prediction, self.path, x_t, t, self.sigma_data)
+
+    def _guided(self, x_t: torch.Tensor, t: torch.Tensor):
+        """Classifier-free guidance (Ho & Salimans 2022, eq. 6) on (x0_hat, x1_hat), both halves in one forward;
+        linear in the prediction, so it is the same rule on the score, eps or velocity."""
+        y, w = self.labels, self._weight(t)
+        if self.guide is not None:
+            return self._autoguided(x_t, t, w)
+        if not self.n_classes:
+            if self.guidance != 1:
+                raise DiffcliError(f"guidance={w} needs a class-conditional model; this one was trained without "
+                                   "labels (train it with model.cond=class)")
+            return self._x0_x1(x_t, t, None)
+        if isinstance(w, float) and w in (0, 1):  # one half suffices: conditional, or unconditional ("no label")
+            return self._x0_x1(x_t, t, y if w == 1 else torch.full_like(y, self.n_classes))
+        null = torch.full_like(y, self.n_classes)
+        x0, x1 = self._x0_x1(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
+        (x0_c, x0_u), (x1_c, x1_u) = x0.chunk(2), x1.chunk(2)
+        w = w if isinstance(w, float) else expand(w.flatten(), x_t)
+        return x0_u + w * (x0_c - x0_u), x1_u + w * (x1_c - x1_u)
+
+    def _autoguided(self, x_t: torch.Tensor, t: torch.Tensor, w):
+        """Autoguidance (Karras et al. 2024, eq. 2): D_guide + w (D - D_guide), the guide a weaker version of the
+        same model (conditional or not) given the same labels."""
+        x0, x1 = self._x0_x1(x_t, t, self.labels if self.n_classes else None)
+        self.guide.labels = self.labels if self.guide.n_classes else None
+        x0_g, x1_g = self.guide.predict(x_t, t)
+        w = w if isinstance(w, float) else expand(w.flatten(), x_t)
+        return x0_g + w * (x0 - x0_g), x1_g + w * (x1 - x1_g)
+
+    def _classifier_guided(self, x0: torch.Tensor, x1: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """Classifier guidance (Dhariwal & Nichol 2021, sec. 4): score + s grad log p_t(y | x_t), written through
+        Tweedie, x0_hat = (x_t + sigma^2 score) / alpha: x0 += s sigma^2/alpha grad, x1 -= s sigma grad."""
+        if self.path.prior != "gaussian":
+            raise DiffcliError("classifier guidance adds to the score, and a flow with a uniform prior has none (Tweedie's "
+                               "formula needs Gaussian x1); use classifier-free guidance (guidance=) instead")
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            log_p = self.classifier(x, t).gather(1, self.labels.long()[:, None]).sum()
+            grad = torch.autograd.grad(log_p, x)[0].to(x_t.dtype)
+        a, s = expand(self.path.alpha(t), x_t), expand(self.path.sigma(t), x_t)
+        scale = self.classifier_scale
+        # alpha = 0 (a flow's t = 1): grad vanishes while sigma^2/alpha diverges; their product's limit,
+        # s (E[x0 | y] - E[x0]), is not in a classifier's gradient, so that evaluation stays unguided
+        return x0 + torch.where(a > 0, scale * s**2 / torch.where(a > 0, a, 1) * grad, 0), x1 - scale * s * grad
+
     def predict(self, x_t: torch.Tensor, t: torch.Tensor):
-        """(x0_hat, x1_hat) at (x_t, t)."""
+        """(x0_hat, x1_hat) at (x_t, t), under the labels and guidance set on the Denoiser."""
         t = torch.as_tensor(t, device=x_t.device)
         t_batch = t.expand(x_t.shape[0]) if t.ndim == 0 else t
         self.nfe += 1
-        x_in, t_in = net_inputs(self.net, self.path, x_t, t_batch, self.precond, self.sigma_data)
-        out = self.net(x_in, t_in.to(x_t.dtype)).to(x_t.dtype)
-        return to_x0_x1(out, self.prediction, self.path, x_t, t_batch, self.sigma_data)
+        if self.labels is None and self.guide is not None:
+            return self._autoguided(x_t, t_batch, self._weight(t_batch))
+        if self.labels is None:
+            if self.guidance != 1 or self.classifier is not None:
+                raise DiffcliError("guidance needs the classes to generate: set label= or labels= (or leave "
+                                   "both unset for an even spread over the classes)")
+            return self._x0_x1(x_t, t_batch, None)
+        if len(self.labels) != len(x_t):
+            raise ValueError(f"{len(self.labels)} labels for a batch of {len(x_t)}")
+        x0, x1 = self._guided(x_t, t_batch)
+        if self.classifier is not None and self.classifier_scale:
+            x0, x1 = self._classifier_guided(x0, x1, x_t, t_batch)
+        return x0, x1
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.predict(x_t, t)[0]

@@ -48,12 +48,48 @@ def load_model(ckpt: str | None, device: torch.device, net_class: str | None = N
         log.info("no ckpt given: using the newest training run, %s", file)
     state, train_cfg, step, shape = load_ema(file)
     try:
-        net = build_net(train_cfg.net, shape, user_class=net_class)
+        net = build_net(train_cfg.net, shape, user_class=net_class, n_classes=model_classes(train_cfg.model))
         load_weights(net, state, "its weights")
         denoiser = model_denoiser(net.to(device).eval(), build_path(train_cfg.model.path), train_cfg.model)
     except DiffcliError as e:
         raise DiffcliError(f"{file}: {e}") from None
     return denoiser, train_cfg, step, shape, file
+
+
+def model_classes(model_cfg: DictConfig) -> int:
+    """The classes a model was trained on (0: unconditional)."""
+    return int(model_cfg.get("n_classes") or 0) if model_cfg.get("cond", "none") == "class" else 0
+
+
+def requested_labels(cfg: DictConfig, denoiser: Denoiser, conditional: bool) -> torch.Tensor | None:
+    """The class of each of the cfg.n samples: `label=`, `labels=` (cycled), or for a model trained with labels an
+    even spread; None when none was asked of a model trained without (net=oracle knows its mixture's classes
+    but samples the mixture itself unless asked for one)."""
+    k, label, labels = denoiser.n_classes, cfg.get("label"), cfg.get("labels")
+    if label is not None and labels is not None:
+        raise DiffcliError("give label=<class> or labels=[...], not both")
+    asked = [label] if label is not None else (list(labels) if labels is not None else None)
+    if not k:
+        if asked is not None or (cfg.get("guidance", 1.0) != 1.0 and not cfg.get("guide")):
+            what = "label=/labels=" if asked is not None else f"guidance={cfg.get('guidance')}"
+            raise DiffcliError(f"{what} needs a class-conditional model; this one was trained without labels "
+                               "(train one with model.cond=class)")
+        return None
+    if asked is None:
+        return torch.arange(cfg.n) % k if conditional else None
+    if max(asked) >= k:
+        raise DiffcliError(f"class {max(asked)} does not exist: this model knows classes 0 to {k - 1}")
+    return torch.tensor(asked).repeat(math.ceil(cfg.n / len(asked)))[: cfg.n]
+
+
+def load_guide(ckpt: str, device, net_class, train_cfg: DictConfig, shape) -> Denoiser:
+    """Autoguidance's weaker model: a checkpoint of the same data shape and path (an earlier or smaller run)."""
+    guide, guide_cfg, _, guide_shape, file = load_model(ckpt, device, net_class)
+    if tuple(guide_shape) != tuple(shape) or guide_cfg.model.path != train_cfg.model.path:
+        raise DiffcliError(f"guide={file} was trained on {guide_cfg.data.name} {tuple(guide_shape)} with path "
+                           f"{guide_cfg.model.path._target_.rsplit('.', 1)[-1]}; autoguidance needs the model's own data"
+                           " shape and path: pick an earlier checkpoint or a smaller model of the same formulation")
+    return guide
 
 
 def model_denoiser(net, path, model_cfg: DictConfig) -> Denoiser:
@@ -109,8 +145,9 @@ def sampler_from_config(sampler_cfg: DictConfig, path, is_image: bool = False):
 
 @torch.no_grad()
 def generate(denoiser: Denoiser, sampler, grid, n: int, shape, *, batch_size: int, seed: int,
-             device: torch.device, trajectory: list | None = None) -> torch.Tensor:
-    """n samples in batches, reproducible from `seed`, returned on the CPU.
+             device: torch.device, trajectory: list | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """n samples in batches, reproducible from `seed`, returned on the CPU; sample i of class labels[i] when
+    labels are given (the Denoiser applies them, and any guidance set on it).
 
     With a `trajectory` list, it receives one tensor (frames, n, *shape): the states the sampler visited.
     """
@@ -119,12 +156,14 @@ def generate(denoiser: Denoiser, sampler, grid, n: int, shape, *, batch_size: in
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         x1 = denoiser.path.sample_prior((b, *shape), g, device)
+        denoiser.labels = None if labels is None else labels[start : start + b].to(device)
         visited = [] if trajectory is not None else None
         extra = {} if visited is None else {"trajectory": visited}
         out.append(sampler(denoiser, denoiser.path, x1 * denoiser.path.sigma(grid[0]), grid, generator=g,
                            **extra).cpu())
         if visited is not None:
             frames.append(torch.stack(visited))
+    denoiser.labels = None
     if trajectory is not None:
         trajectory.append(torch.cat(frames, dim=1))
     return torch.cat(out)
@@ -188,21 +227,42 @@ def save_field_picture(denoiser: Denoiser, reference: torch.Tensor, file: FsPath
     return FsPath(file)
 
 
-def save_picture(samples: torch.Tensor, file: FsPath, reference: torch.Tensor | None = None) -> FsPath:
-    """An image grid for images in [-1, 1]; a scatter plot (over reference data) for 2D points."""
+def class_rows(samples: torch.Tensor, labels: torch.Tensor, cols: int = 10, max_rows: int = 20) -> torch.Tensor:
+    """Images arranged one row per requested class (the first `cols` of each; short rows padded in black)."""
+    rows = []
+    for c in sorted(set(labels.tolist()))[:max_rows]:
+        row = samples[labels == c][:cols]
+        rows.append(torch.cat([row, -torch.ones(cols - len(row), *samples.shape[1:])]))
+    return torch.cat(rows)
+
+
+def save_picture(samples: torch.Tensor, file: FsPath, reference: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None, title: str | None = None) -> FsPath:
+    """An image grid for images in [-1, 1] (one row per class when labels are given); a scatter plot (over
+    reference data, coloured by requested class) for 2D points."""
     file = FsPath(file)
     if samples.ndim == 4:
         from torchvision.utils import save_image
 
-        save_image((samples[:256] + 1) / 2, file, nrow=int(math.ceil(math.sqrt(min(len(samples), 256)))))
+        if labels is not None:
+            save_image((class_rows(samples, labels.cpu()) + 1) / 2, file, nrow=10)
+        else:
+            save_image((samples[:256] + 1) / 2, file, nrow=int(math.ceil(math.sqrt(min(len(samples), 256)))))
         return file
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     if reference is not None:
         ax.scatter(*reference.T.cpu(), s=2, c="0.75", label="data")
-    ax.scatter(*samples.T, s=2, c="tab:blue", label="samples")
+    if labels is None:
+        ax.scatter(*samples.T, s=2, c="tab:blue", label="samples")
+    else:
+        points = ax.scatter(*samples.T, s=2, c=labels.cpu() % 10, cmap="tab10", vmin=0, vmax=9)
+        ax.legend(*points.legend_elements(), title="class", loc="upper right", fontsize="small")
     ax.set_aspect("equal")
-    ax.legend(loc="upper right", markerscale=4)
+    if labels is None:
+        ax.legend(loc="upper right", markerscale=4)
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     plt.close(fig)
@@ -215,16 +275,23 @@ def sample_checkpoint(cfg: DictConfig, trajectory: list | None = None, loaded: t
     device = pick_device(cfg.device)
     denoiser, train_cfg, step, shape, file = loaded or load_model(cfg.ckpt, device, cfg.get("net_class"))
     sampler, grid = sampler_from_config(sampler_config(cfg, train_cfg.model), denoiser.path, len(shape) == 3)
-    log.info("sampling %d from %s (step %d) with %d steps", cfg.n, file, step, len(grid) - 1)
+    labels = requested_labels(cfg, denoiser, model_classes(train_cfg.model) > 0)
+    denoiser.guidance = float(cfg.get("guidance", 1.0))
+    interval = cfg.get("guidance_interval")
+    denoiser.guidance_interval = None if interval is None else (float(interval[0]), float(interval[1]))
+    if cfg.get("guide"):
+        denoiser.guide = load_guide(cfg.guide, device, cfg.get("net_class"), train_cfg, shape)
+    log.info("sampling %d from %s (step %d) with %d steps%s", cfg.n, file, step, len(grid) - 1,
+             "" if labels is None else f", classes {sorted(set(labels.tolist()))[:10]}, guidance w = {denoiser.guidance}")
     samples = generate(denoiser, sampler, grid, cfg.n, shape, batch_size=cfg.batch_size, seed=cfg.seed,
-                       device=device, trajectory=trajectory)
+                       device=device, trajectory=trajectory, labels=labels)
     bad = (~torch.isfinite(samples.flatten(1))).any(1).sum().item()
     if bad:
         raise DiffcliError(f"{bad} of {cfg.n} samples from {file} (step {step}) are not finite (NaN or inf): the "
                            "weights diverged or the sampler is unstable; try an earlier checkpoint or another sampler")
     nfe = denoiser.nfe // math.ceil(cfg.n / cfg.batch_size)  # evaluations per sample
-    return {"samples": samples, "nfe": nfe, "ckpt": str(file), "step": step, "steps": len(grid) - 1,
-            "sampler": sampler.func.__name__,
+    return {"samples": samples, "labels": labels, "nfe": nfe, "ckpt": str(file), "step": step,
+            "steps": len(grid) - 1, "sampler": sampler.func.__name__, "guidance": denoiser.guidance,
             "train_cfg": train_cfg, "shape": shape, "denoiser": denoiser, "grid": grid}
 
 
@@ -244,13 +311,15 @@ def run_sample(cfg: DictConfig, out_dir) -> dict:
     out_dir = FsPath(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = {"samples": out["samples"].numpy(), "nfe": out["nfe"], "t_grid": out["grid"].numpy()}
+    if out["labels"] is not None:  # the requested class of every sample
+        arrays["labels"] = out["labels"].numpy()
     if trajectory is not None:
         frames = trajectory[0] if len(out["shape"]) == 1 else _thin(trajectory[0])
         arrays["trajectory"] = frames.numpy()
         out["trajectory_picture"] = str(save_trajectory_picture(frames, out_dir / "trajectories.png"))
     np.savez(out_dir / "samples.npz", **arrays)
     reference = reference_data(out["train_cfg"], cfg.n, cfg.seed) if len(out["shape"]) == 1 else None
-    out["picture"] = str(save_picture(out["samples"], out_dir / "samples.png", reference))
+    out["picture"] = str(save_picture(out["samples"], out_dir / "samples.png", reference, out["labels"]))
     if options.get("plot_field"):
         if reference is None:
             raise DiffcliError("sample.plot_field=true draws 2D fields; this model was trained on images")

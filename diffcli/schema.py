@@ -48,6 +48,7 @@ class TrainConfig:
     ckpt_every: int = MISSING
     keep_last: int = MISSING
     resume: Optional[str] = None
+    p_uncond: float = 0.1             # model.cond=class: share of labels replaced by "no label" (Ho & Salimans 2022)
 
 
 @dataclass
@@ -86,6 +87,9 @@ class ModelConfig:
     sigma_data: float = 0.5           # EDM's sigma_data: prediction F, precond edm, weighting edm
     times: TimesConfig = field(default_factory=TimesConfig)  # the training-time distribution
     snr_gamma: float = 5.0            # weighting min_snr
+    cond: str = "none"                # none | class: a label embedding, trained with train.p_uncond label dropout
+    n_classes: Optional[int] = None   # set from the data when cond=class, so the checkpoint records it
+    class_names: Optional[List[str]] = None
 
 
 @dataclass
@@ -145,6 +149,11 @@ class SampleApp:
     seed: int = 0
     device: str = "auto"
     sample: SampleOptions = field(default_factory=SampleOptions)
+    label: Optional[int] = None       # conditional models: every sample of this class
+    labels: Optional[List[int]] = None  # or these classes, cycled over the n samples; neither: an even spread
+    guidance: float = 1.0             # guidance weight w: classifier-free, or autoguidance with guide=
+    guide: Optional[str] = None       # autoguidance: the checkpoint (or run folder) of a weaker model
+    guidance_interval: Optional[List[float]] = None  # [lo, hi]: guide only where lo < sigma/alpha <= hi
 
 
 @dataclass
@@ -159,6 +168,11 @@ class EvalApp:
     metric: MetricConfig = field(default_factory=MetricConfig)
     seed: int = 0
     device: str = "auto"
+    label: Optional[int] = None
+    labels: Optional[List[int]] = None
+    guidance: float = 1.0
+    guide: Optional[str] = None
+    guidance_interval: Optional[List[float]] = None
 
 
 SCHEMAS = {"train_schema": TrainApp, "sample_schema": SampleApp, "eval_schema": EvalApp}
@@ -299,6 +313,13 @@ RANGES = {
     "model.snr_gamma": (lambda v: v > 0, "a positive number"),
     "model.times.mean": (lambda v: True, "a finite number or null"),
     "model.times.std": (lambda v: v is None or v > 0, "a positive number or null"),
+    "model.cond": (lambda v: v in ("none", "class"), "none or class (a class-conditional model)"),
+    "train.p_uncond": (lambda v: 0 <= v <= 1, "a number in [0, 1] (the share of labels dropped; 0.1 is usual)"),
+    "label": (lambda v: v is None or v >= 0, "a class index >= 0"),
+    "labels": (lambda v: v is None or (len(v) > 0 and all(c >= 0 for c in v)), "a non-empty list of class indices"),
+    "guidance_interval": (lambda v: v is None or (len(v) == 2 and 0 <= v[0] < v[1]),
+                          "[lo, hi] with 0 <= lo < hi, noise levels sigma/alpha (e.g. [0.28,5.42])"),
+    "guidance": (lambda v: v >= 0, "a number >= 0 (0: unconditional, 1: conditional, > 1: guided)"),
     "steps": (lambda v: v is None or v > 0, "a positive integer (or null for the sampler's default)"),
     "eta": (lambda v: v >= 0, "a number >= 0 (0: deterministic DDIM, 1: DDPM-like)"),
     "n": (lambda v: v > 0, "a positive integer"),

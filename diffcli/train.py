@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from . import DiffcliError
 from .build import build_net, build_path
 from .checkpoint import load_state, load_weights, newest_state, prune, remove_temporaries, save_ema, save_state
-from .data import build_data
+from .data import build_data, no_labels
 from .ema import EMA
 from .evaluate import quick_metric
 from . import distributed
@@ -203,10 +203,28 @@ class StopFlag:
 
 
 def build_model(cfg: DictConfig, device: torch.device, user_class: str | None = None):
-    """Data and network of a run (the network from diffcli's classes, or `user_class` named on the command line)."""
+    """Data and network of a run (the network from diffcli's classes, or `user_class` named on the command line);
+    model.cond=class gives the network the data's classes and records them in cfg.model (so in checkpoints)."""
     torch.manual_seed(cfg.seed)  # initialisation (and Fourier features); dropout after it
     data = build_data(cfg.data, device, seed=cfg.seed)
-    return data, build_net(cfg.net, data.shape, user_class=user_class).to(device)
+    n_classes = 0
+    if cfg.model.get("cond", "none") == "class":
+        if not data.n_classes:
+            raise no_labels(cfg.data.name)
+        n_classes = data.n_classes
+        cfg.model.n_classes, cfg.model.class_names = n_classes, data.class_names
+    return data, build_net(cfg.net, data.shape, user_class=user_class, n_classes=n_classes).to(device)
+
+
+def even_labels(n: int, n_classes: int, device=None) -> torch.Tensor | None:
+    """0, 1, ..., K-1, 0, 1, ...: n labels spread evenly over the classes (None for an unconditional model)."""
+    return torch.arange(n, device=device) % n_classes if n_classes else None
+
+
+def drop_labels(y: torch.Tensor, n_classes: int, p_uncond: float, g: torch.Generator) -> torch.Tensor:
+    """Each label replaced by the "no label" class n_classes with probability p_uncond (Ho & Salimans 2022, Alg. 1)."""
+    drop = torch.rand(y.shape, generator=g, device=g.device).to(y.device) < p_uncond
+    return torch.where(drop, n_classes, y)
 
 
 def build_optimization(cfg: DictConfig, net, device: torch.device):
@@ -246,8 +264,10 @@ def channels_last(cfg: DictConfig, device: torch.device, data) -> bool:
     return data.is_image and (device.type == "cuda" if setting == "auto" else bool(setting))
 
 
-def train_step(model, path, model_cfg, x0, g, opt, scaler, autocast, grad_clip, micro: int, world) -> tuple:
-    """One optimizer step on the global batch x0, this rank's share of it in micro-batches of `micro`.
+def train_step(model, path, model_cfg, x0, g, opt, scaler, autocast, grad_clip, micro: int, world,
+               y: torch.Tensor | None = None) -> tuple:
+    """One optimizer step on the global batch x0 (labels y, already dropped to "no label" where drawn), this
+    rank's share of it in micro-batches of `micro`.
 
     Returns (loss, grad_norm, finite) as device tensors; a step whose loss or gradient is not finite
     leaves weights and optimizer state untouched (decided on the device: no host sync).
@@ -262,7 +282,7 @@ def train_step(model, path, model_cfg, x0, g, opt, scaler, autocast, grad_clip, 
         with (nullcontext() if sync else model.no_sync()), autocast:
             micro_loss = pair_loss(model, path, model_cfg.prediction, x0[part], x1[part], t[part], model_cfg.weighting,
                                    precond=model_cfg.precond, sigma_data=model_cfg.sigma_data,
-                                   snr_gamma=model_cfg.snr_gamma) / accum
+                                   snr_gamma=model_cfg.snr_gamma, y=None if y is None else y[part]) / accum
         scaler.scale(micro_loss).backward()
         loss += micro_loss.detach()
     scaler.unscale_(opt)  # clip the true gradient, not the scaled one
@@ -323,6 +343,8 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world, us
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         remove_temporaries(ckpt_dir)
     data, net = build_model(cfg, device, user_class)
+    n_classes = cfg.model.get("n_classes") or 0
+    conditional = cfg.model.get("cond", "none") == "class"
     if tc.get("eval_every") and data.is_image and data.labels is None:
         raise DiffcliError(f"train.eval_every={tc.eval_every} scores samples by classifier-FID, which needs labelled "
                            f"images; {cfg.data.name} has none: set train.eval_every=0 and run diffcli eval on checkpoints")
@@ -356,11 +378,13 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world, us
         """n samples of the EMA weights with the run's sampler, the same noise every time (seed)."""
         sampler, grid = sampler_from_config(sampler_config(cfg, cfg.model), path, data.is_image)
         return generate(model_denoiser(ema.net, path, cfg.model), sampler, grid, n, data.shape,
-                        batch_size=min(n, 1000), seed=cfg.seed, device=device)
+                        batch_size=min(n, 1000), seed=cfg.seed, device=device,
+                        labels=even_labels(n, cfg.model.get("n_classes") or 0))
 
     def sample_grid(step: int) -> None:
         ref = None if data.is_image else data.sample(tc.n_samples, torch.Generator(device).manual_seed(cfg.seed))
-        save_picture(ema_samples(tc.n_samples), out_dir / f"samples_{step:07d}.png", ref)
+        save_picture(ema_samples(tc.n_samples), out_dir / f"samples_{step:07d}.png", ref,
+                     even_labels(tc.n_samples, n_classes))
 
     def evaluate(step: int) -> None:
         logger.metrics(step, quick_metric(ema_samples(tc.eval_n), data, cfg.data, cfg.seed, device))
@@ -374,11 +398,13 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world, us
         model.train()
         for step in range(start, tc.steps):
             g = step_generator(cfg.seed, step, device)
-            x0 = data.batch(step, tc.batch_size, g)
+            x0, y = data.labelled_batch(step, tc.batch_size, g) if conditional else (data.batch(step, tc.batch_size, g),
+                                                                                     None)
             if nhwc:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             loss, grad_norm, finite = train_step(model, path, cfg.model, x0, g, opt, scaler, autocast,
-                                                 tc.grad_clip, micro, world)
+                                                 tc.grad_clip, micro, world,
+                                                 y if y is None else drop_labels(y, n_classes, tc.p_uncond, g))
             sched.step()
             ema.update(net, step)
             loss_sum += torch.where(finite, loss, 0)  # stays on the device: no host sync until the log line
