@@ -393,6 +393,9 @@ def _build_toy(cfg, device, seed):
         numbers = np.asarray(value, dtype=object).ravel() if isinstance(value, list) else [value]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
             raise DiffcliError(f"data.params.{key}={value!r} must be a number (or a list of numbers) for toy {name}")
+    if "return_labels" in params:
+        raise DiffcliError(f"data.params.return_labels is not a parameter of toy {name}; labels come with "
+                           "model.cond=class")
     signature = inspect.signature(TOYS[name])
     try:  # check the parameter names now rather than in the middle of training
         signature.bind(1, generator=None, device=None, **params)

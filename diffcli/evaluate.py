@@ -54,8 +54,8 @@ def toy_metrics(samples: torch.Tensor, reference: torch.Tensor, data, names=("sl
     return metrics
 
 
-def data_log_prob(data_cfg: DictConfig, x: torch.Tensor) -> torch.Tensor | None:
-    """Analytic log-density of a Gaussian-mixture toy at x (None for other data)."""
+def _mixture(data_cfg: DictConfig):
+    """A Gaussian-mixture toy as torch.distributions (MixtureSameFamily), or None for other data."""
     from .oracle import MIXTURES
 
     if data_cfg.get("kind") != "toy" or data_cfg.name not in MIXTURES:
@@ -63,21 +63,23 @@ def data_log_prob(data_cfg: DictConfig, x: torch.Tensor) -> torch.Tensor | None:
     params = OmegaConf.to_container(data_cfg.get("params") or {}, resolve=True)
     means, covs, weights = MIXTURES[data_cfg.name](**params)
     D = torch.distributions
-    mixture = D.MixtureSameFamily(D.Categorical(weights.double()), D.MultivariateNormal(means.double(), covs.double()))
-    return mixture.log_prob(x.double())
+    return D.MixtureSameFamily(D.Categorical(weights.double()), D.MultivariateNormal(means.double(), covs.double()))
+
+
+def data_log_prob(data_cfg: DictConfig, x: torch.Tensor) -> torch.Tensor | None:
+    """Analytic log-density of a Gaussian-mixture toy at x (None for other data)."""
+    mixture = _mixture(data_cfg)
+    return None if mixture is None else mixture.log_prob(x.double())
 
 
 def toy_agreement(data_cfg: DictConfig, samples: torch.Tensor, labels: torch.Tensor) -> dict:
     """{"agreement": the share of samples whose most probable component, argmax_k w_k N(x; mu_k, S_k), is the
     requested class} for a mixture toy; {} for other data."""
-    from .oracle import MIXTURES
-
-    if data_cfg.get("kind") != "toy" or data_cfg.name not in MIXTURES:
+    mixture = _mixture(data_cfg)
+    if mixture is None:
         return {}
-    params = OmegaConf.to_container(data_cfg.get("params") or {}, resolve=True)
-    means, covs, weights = MIXTURES[data_cfg.name](**params)
-    log_p = torch.distributions.MultivariateNormal(means.double(), covs.double()).log_prob(samples.double()[:, None])
-    return {"agreement": ((log_p + weights.double().log()).argmax(1) == labels).double().mean().item()}
+    log_p = mixture.component_distribution.log_prob(samples.double()[:, None]) + mixture.mixture_distribution.logits
+    return {"agreement": (log_p.argmax(1) == labels).double().mean().item()}
 
 
 def resolve_names(names, is_image: bool, data) -> list[str]:

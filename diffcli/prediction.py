@@ -132,6 +132,12 @@ def net_inputs(net, path: Path, x_t: torch.Tensor, t: torch.Tensor, precond: str
     return PRECONDS[check_precond(precond)](path, x_t, t, sigma_data)
 
 
+def _extrapolate(base, target, w):
+    """base + w (target - base) on (x0_hat, x1_hat): the one rule of CFG and autoguidance; w a float or (B,)."""
+    w = w if isinstance(w, float) else expand(w, base[0])
+    return tuple(b + w * (c - b) for b, c in zip(base, target))
+
+
 class Denoiser(nn.Module):
     """What every sampler sees: denoiser(x_t, t) -> x0_hat, from a net predicting `prediction`, fed its
     inputs under `precond` (net_inputs); `sigma_data` is EDM's, for prediction F and precond edm.
@@ -200,17 +206,14 @@ class Denoiser(nn.Module):
         null = torch.full_like(y, self.n_classes)
         x0, x1 = self._x0_x1(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
         (x0_c, x0_u), (x1_c, x1_u) = x0.chunk(2), x1.chunk(2)
-        w = w if isinstance(w, float) else expand(w.flatten(), x_t)
-        return x0_u + w * (x0_c - x0_u), x1_u + w * (x1_c - x1_u)
+        return _extrapolate((x0_u, x1_u), (x0_c, x1_c), w)
 
     def _autoguided(self, x_t: torch.Tensor, t: torch.Tensor, w):
         """Autoguidance (Karras et al. 2024, eq. 2): D_guide + w (D - D_guide), the guide a weaker version of the
         same model (conditional or not) given the same labels."""
         x0, x1 = self._x0_x1(x_t, t, self.labels if self.n_classes else None)
         self.guide.labels = self.labels if self.guide.n_classes else None
-        x0_g, x1_g = self.guide.predict(x_t, t)
-        w = w if isinstance(w, float) else expand(w.flatten(), x_t)
-        return x0_g + w * (x0 - x0_g), x1_g + w * (x1 - x1_g)
+        return _extrapolate(self.guide.predict(x_t, t), (x0, x1), w)
 
     def _classifier_guided(self, x0: torch.Tensor, x1: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Classifier guidance (Dhariwal & Nichol 2021, sec. 4): score + s grad log p_t(y | x_t), written through

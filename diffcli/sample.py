@@ -56,6 +56,11 @@ def load_model(ckpt: str | None, device: torch.device, net_class: str | None = N
     return denoiser, train_cfg, step, shape, file
 
 
+def even_labels(n: int, n_classes: int) -> torch.Tensor | None:
+    """0, 1, ..., K-1, 0, 1, ...: n labels spread evenly over the classes (None for an unconditional model)."""
+    return torch.arange(n) % n_classes if n_classes else None
+
+
 def model_classes(model_cfg: DictConfig) -> int:
     """The classes a model was trained on (0: unconditional)."""
     return int(model_cfg.get("n_classes") or 0) if model_cfg.get("cond", "none") == "class" else 0
@@ -76,7 +81,7 @@ def requested_labels(cfg: DictConfig, denoiser: Denoiser, conditional: bool) -> 
                                "(train one with model.cond=class)")
         return None
     if asked is None:
-        return torch.arange(cfg.n) % k if conditional else None
+        return even_labels(cfg.n, k if conditional else 0)
     if max(asked) >= k:
         raise DiffcliError(f"class {max(asked)} does not exist: this model knows classes 0 to {k - 1}")
     return torch.tensor(asked).repeat(math.ceil(cfg.n / len(asked)))[: cfg.n]

@@ -32,7 +32,7 @@ from . import distributed
 from .losses import check_coupling, check_weighting, draw, pair_loss
 from .paths import check_times
 from .prediction import check_precond, check_prediction
-from .sample import generate, model_denoiser, pick_device, pyplot, sampler_config, sampler_from_config, save_picture
+from .sample import even_labels, generate, model_denoiser, pick_device, pyplot, sampler_config, sampler_from_config, save_picture
 from .schema import TrainApp, check_ranges, resume_overrides, validate
 
 log = logging.getLogger("diffcli")
@@ -214,11 +214,6 @@ def build_model(cfg: DictConfig, device: torch.device, user_class: str | None = 
         n_classes = data.n_classes
         cfg.model.n_classes, cfg.model.class_names = n_classes, data.class_names
     return data, build_net(cfg.net, data.shape, user_class=user_class, n_classes=n_classes).to(device)
-
-
-def even_labels(n: int, n_classes: int, device=None) -> torch.Tensor | None:
-    """0, 1, ..., K-1, 0, 1, ...: n labels spread evenly over the classes (None for an unconditional model)."""
-    return torch.arange(n, device=device) % n_classes if n_classes else None
 
 
 def drop_labels(y: torch.Tensor, n_classes: int, p_uncond: float, g: torch.Generator) -> torch.Tensor:

@@ -10,6 +10,7 @@ CFG does not sample the tilted density p(x | y)^w p(x)^(1-w); the table shows wh
 
 import torch
 
+from diffcli.data import gmm
 from diffcli.oracle import Oracle
 from diffcli.paths import FlowPath, VPPath
 from diffcli.prediction import Denoiser
@@ -44,12 +45,10 @@ def main() -> None:
 
 
 def bayes_accuracy(n: int = 200000) -> float:
-    """How often the data's own most probable class is the class a point was drawn from."""
-    g = torch.Generator().manual_seed(1)
-    y = torch.arange(2).repeat(n // 2)
-    x = torch.randn(n, 2, generator=g, dtype=torch.float64) * 0.5 + torch.tensor([[-0.4, 0.0], [0.4, 0.0]],
-                                                                                   dtype=torch.float64)[y]
-    return ((x[:, 0] > 0).long() == y).double().mean().item()
+    """How often the data's most probable class (the oracle's p(y | x) at t = 0) is the class a point came from."""
+    x, y = gmm(n, generator=torch.Generator().manual_seed(1), device="cpu", return_labels=True, **CLOSE["params"])
+    posterior = Oracle((2,), CLOSE, VPPath(), "x0").log_class_probs(x.double(), torch.zeros(n, dtype=torch.float64))
+    return (posterior.argmax(1) == y).double().mean().item()
 
 
 if __name__ == "__main__":

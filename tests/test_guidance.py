@@ -234,3 +234,53 @@ def test_classifier_guidance_refuses_a_flow_without_a_score():
     d = classifier_guided(diag, path, torch.tensor([0, 1]), 2.0)
     with pytest.raises(DiffcliError, match="uniform prior has none"):
         d(torch.zeros(2, 2, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("path", ["vp", "ve"])
+def test_noisy_classifier_is_the_bayes_posterior_of_the_noised_mixture(path):
+    """log p_t(y | x_t) = log softmax_k [log w_k + log N(x_t; a mu_k, a^2 S_k + s^2 I)], from torch.distributions."""
+    path, oracle = PATHS[path], Oracle((2,), GMM, PATHS[path], "x0")
+    t = torch.tensor([0.0, 0.05, 0.3, 0.7, 1.0], dtype=torch.float64)
+    x_t = 1.5 * torch.randn(5, 2, generator=gen(11), dtype=torch.float64)
+    a, s = path.alpha(t)[:, None, None, None], path.sigma(t)[:, None, None, None]
+    noised = torch.distributions.MultivariateNormal(a[..., 0] * oracle.means,
+                                                    a**2 * oracle.covs + s**2 * torch.eye(2, dtype=torch.float64))
+    want = torch.log_softmax(noised.log_prob(x_t[:, None]) + oracle.log_weights, 1)
+    torch.testing.assert_close(oracle.log_class_probs(x_t, t), want, rtol=1e-9, atol=1e-9)
+
+
+def test_noisy_classifier_under_the_uniform_prior_is_the_box_probability():
+    """x1 uniform on [-1, 1]^d: p(y | x_t) ∝ w_y P(|x_t - a x0|_inf <= s | y), a product of normal cdf differences;
+    at s = 0 (t = 0) the posterior of the diagonal Gaussians' densities at x0 = x_t."""
+    path = FlowPath(prior="uniform")
+    diag = {"kind": "toy", "name": "gmm", "params": {"means": [[-1.0, 0.5], [1.5, -0.5]],
+                                                     "covs": [[[0.3, 0.0], [0.0, 0.05]], [[0.1, 0.0], [0.0, 0.4]]],
+                                                     "weights": [0.7, 0.3]}}
+    oracle = Oracle((2,), diag, path, "x0")
+    t = torch.tensor([0.1, 0.4, 0.8], dtype=torch.float64)
+    x_t = torch.tensor([[0.2, 0.1], [-0.5, 0.3], [0.6, -0.2]], dtype=torch.float64)
+    a, s = path.alpha(t)[:, None, None], path.sigma(t)[:, None, None]
+    normal = torch.distributions.Normal(oracle.means, oracle.covs.diagonal(dim1=-2, dim2=-1).sqrt())
+    box = normal.cdf((x_t[:, None] + s) / a) - normal.cdf((x_t[:, None] - s) / a)  # (B, K, d)
+    want = torch.log_softmax(oracle.log_weights + box.log().sum(-1), 1)
+    torch.testing.assert_close(oracle.log_class_probs(x_t, t), want, rtol=1e-9, atol=1e-9)
+    at_zero = torch.log_softmax(oracle.log_weights + normal.log_prob(x_t[:, None]).sum(-1), 1)
+    torch.testing.assert_close(oracle.log_class_probs(x_t, torch.zeros(3, dtype=torch.float64)), at_zero,
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_cfg_on_x0_is_diffusers_rule_on_eps():
+    """diffusers' pipelines guide eps: eps_u + w (eps_c - eps_u); the Denoiser's x0_hat is that eps's
+    (x_t - sigma eps) / alpha (Ho et al. 2020, eq. 15)."""
+    torch.manual_seed(1)
+    path = DDPMPath()
+    net = MLP((2,), hidden=32, depth=1, emb_dim=8, n_classes=4).double()
+    torch.nn.init.normal_(net.label_embed.embed.weight)
+    x_t, t, labels = torch.randn(6, 2, dtype=torch.float64), torch.full((6,), 0.3, dtype=torch.float64), \
+        torch.tensor([0, 1, 2, 3, 0, 1])
+    eps_c, eps_u = net(x_t, t, labels), net(x_t, t, torch.full((6,), 4))
+    eps = eps_u + 3.0 * (eps_c - eps_u)
+    d = Denoiser(net, path, "eps")
+    d.labels, d.guidance = labels, 3.0
+    torch.testing.assert_close(d(x_t, t), (x_t - path.sigma(t)[:, None] * eps) / path.alpha(t)[:, None],
+                               rtol=1e-10, atol=1e-10)
