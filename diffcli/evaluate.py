@@ -224,7 +224,8 @@ def run_eval(cfg: DictConfig, out_dir) -> dict:
         samples, labels = out["samples"], out["labels"]
         record |= {"sampler": out["sampler"], "steps": out["steps"], "nfe": out["nfe"], "n": cfg.n}
         if labels is not None:
-            record |= {"guidance": out["guidance"], "labels": sorted(set(labels.tolist()))}
+            record |= {"guidance": out["guidance"], "classifier_scale": out["classifier_scale"],
+                       "labels": sorted(set(labels.tolist()))}
     else:
         labels = None
     if data.is_image:
@@ -284,13 +285,15 @@ def collect(root) -> list[dict]:
         scalars = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         rows.append({"run": str(f.parent.relative_to(root)) if f.parent != FsPath(root) else ".",
                      "overrides": _overrides_of(f.parent), **{k: record.get(k) for k in
-                     ("model", "data", "step", "sampler", "steps", "nfe", "n", "guidance")}, **scalars})
+                     ("model", "data", "step", "sampler", "steps", "nfe", "n", "guidance", "classifier_scale")},
+                     **scalars})
     return rows
 
 
 def summarize(root) -> dict:
-    """One table (printed, summary.csv) and quality-vs-NFE (quality_vs_nfe.png) and, for a sweep over guidance=,
-    quality-vs-w (quality_vs_guidance.png) plots of a sweep's evaluations."""
+    """One table (printed, summary.csv) and quality-vs-NFE (quality_vs_nfe.png) and, for a sweep over guidance= or
+    classifier_scale=, quality-vs-w (quality_vs_guidance.png, quality_vs_classifier_scale.png) plots of a sweep's
+    evaluations."""
     import csv
 
     root = FsPath(root)
@@ -305,12 +308,14 @@ def summarize(root) -> dict:
     plotted = [k for k in columns if k not in _INFO_COLUMNS and any(isinstance(r.get(k), float) for r in rows)]
     if plotted and any(r.get("nfe") for r in rows):
         out["plot"] = str(_plot_against(rows, plotted, "nfe", root / "quality_vs_nfe.png"))
-    if plotted and len({r.get("guidance") for r in rows if r.get("guidance") is not None}) > 1:
-        out["guidance_plot"] = str(_plot_against(rows, plotted, "guidance", root / "quality_vs_guidance.png"))
+    for key in ("guidance", "classifier_scale"):
+        if plotted and len({r.get(key) for r in rows if r.get(key) is not None}) > 1:
+            out[f"{key}_plot"] = str(_plot_against(rows, plotted, key, root / f"quality_vs_{key}.png"))
     return out
 
 
-_INFO_COLUMNS = ("run", "overrides", "model", "data", "step", "sampler", "steps", "nfe", "n", "guidance")
+_INFO_COLUMNS = ("run", "overrides", "model", "data", "step", "sampler", "steps", "nfe", "n", "guidance",
+                 "classifier_scale")
 _SKIP_PLOT = ("_sem", "_std", "_nfe", "_total", "_covered")
 
 
@@ -339,11 +344,12 @@ def _varying_overrides(rows) -> set[str]:
     return set().union(*sets) - set.intersection(*sets) if sets else set()
 
 
-_AXES = {"nfe": ("NFE per sample", "log", "NFE"), "guidance": ("guidance weight w", "linear", "w")}
+_AXES = {"nfe": ("NFE per sample", "log", "NFE"), "guidance": ("guidance weight w", "linear", "w"),
+         "classifier_scale": ("classifier scale s", "linear", "s")}
 
 
 def _plot_against(rows, metrics, key: str, file: FsPath) -> FsPath:
-    """One panel per metric: value against `key` (NFE on a log scale, or the guidance weight), one line per
+    """One panel per metric: value against `key` (NFE on a log scale, the guidance weight or scale), one line per
     (model, sampler) and, against NFE, per guidance weight."""
     from .sample import pyplot
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import DiffcliError
 from .paths import Path, expand
@@ -106,3 +107,11 @@ def denoising_loss(net, path: Path, prediction: str, x0: torch.Tensor, generator
     """E_{t, x1} of the squared error of the net: pair_loss (with `options`: precond, sigma_data, snr_gamma) on a
     fresh draw of (x1, t) for x0."""
     return pair_loss(net, path, prediction, *draw(path, x0, generator, coupling, times), weighting, **options)
+
+
+def classifier_loss(net, path: Path, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+                    precond: str = "none", sigma_data: float = SIGMA_DATA, **_) -> torch.Tensor:
+    """Cross-entropy of a noise-conditional classifier on x_t = alpha x0 + sigma x1 (fed under `precond`, as the
+    model it guides is): the classifier p_t(y | x_t) of Dhariwal & Nichol 2021, sec. 4, on any path."""
+    logits = net(*net_inputs(net, path, path.marginal(x0, x1, t), t, precond, sigma_data))
+    return F.cross_entropy(_at_least_float32(logits), y.long())

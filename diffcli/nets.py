@@ -2,7 +2,8 @@
 
 Every net maps ``(x, t[, y]) -> tensor shaped like x`` with ``t`` in [0, 1] and optional class labels ``y``
 (nets built with ``n_classes > 0``); what the output means
-(eps, x0, v, ...) is decided by the prediction config, not here. Any rescaling of ``t`` is an
+(eps, x0, v, ...) is decided by the prediction config, not here. The noise-conditional classifiers
+(``MLPClassifier``, ``UNetClassifier``) map ``(x_t, t) -> (B, n_classes)`` logits of p_t(y | x_t) instead. Any rescaling of ``t`` is an
 explicit constructor argument (``time_scale``), never hidden.
 """
 
@@ -145,6 +146,32 @@ class MLP(nn.Module):
         return self.fc_out(F.silu(h)).reshape(x.shape)
 
 
+class MLPClassifier(MLP):
+    """The MLP's body with a head of n_classes logits: a noise-conditional classifier p_t(y | x_t) for 2D toys."""
+
+    is_classifier = True
+
+    def __init__(self, shape, n_classes: int, hidden: int = 128, depth: int = 3, emb_dim: int = 32,
+                 time_embedding: str = "sinusoidal", time_scale: float = 1000.0, fourier_scale: float = 16.0):
+        super().__init__(shape, hidden, depth, emb_dim, time_embedding, time_scale, fourier_scale)
+        self.n_classes = _check_classes(n_classes)
+        self.fc_out = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        temb = self.time_embed(_batch_times(t, x))
+        h = self.fc_in(x.reshape(x.shape[0], -1))
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.fc_out(F.silu(h))
+
+
+def _check_classes(n_classes: int) -> int:
+    """A classifier needs two classes or more (set from the data's labels by `diffcli train`)."""
+    if n_classes < 2:
+        raise DiffcliError(f"a classifier needs at least 2 classes, got n_classes={n_classes}: train it on labelled data")
+    return int(n_classes)
+
+
 # ----------------------------------------------------------------------------- U-Net (images)
 
 
@@ -234,6 +261,21 @@ def _check_image_shape(shape: tuple, levels: int) -> None:
                            f"got {shape}: use net=mlp for 2D data, or fewer ch_mult levels")
 
 
+def _down_path(res: int, ch: int, ch_mult, num_res_blocks: int, attn_resolutions, block: dict):
+    """The U-Net's down path: (blocks, the channels of every skip, channels and resolution at the bottom)."""
+    c, skips, down = ch, [ch], nn.ModuleList()
+    for level, mult in enumerate(ch_mult):
+        for _ in range(num_res_blocks):
+            down.append(ResAttnBlock(c, ch * mult, attn=res in attn_resolutions, **block))
+            c = ch * mult
+            skips.append(c)
+        if level != len(ch_mult) - 1:
+            down.append(Downsample(c))
+            skips.append(c)
+            res //= 2
+    return down, skips, c, res
+
+
 class UNet(nn.Module):
     """The DDPM U-Net (Ho et al. 2020, Appendix B; the architecture of PixelCNN++ / Wide ResNet)."""
 
@@ -250,19 +292,7 @@ class UNet(nn.Module):
         self.label_embed = LabelEmbedding(n_classes, self.time_embed.out_dim) if n_classes else None
         block = dict(temb_dim=self.time_embed.out_dim, dropout=dropout, groups=groups)
         self.conv_in = nn.Conv2d(self.shape[0], ch, 3, padding=1)
-
-        # Down path: every block's output is a skip for the up path.
-        res, c, skips, self.down = self.shape[1], ch, [ch], nn.ModuleList()
-        for level, mult in enumerate(ch_mult):
-            for _ in range(num_res_blocks):
-                self.down.append(ResAttnBlock(c, ch * mult, attn=res in attn_resolutions, **block))
-                c = ch * mult
-                skips.append(c)
-            if level != len(ch_mult) - 1:
-                self.down.append(Downsample(c))
-                skips.append(c)
-                res //= 2
-
+        self.down, skips, c, res = _down_path(self.shape[1], ch, ch_mult, num_res_blocks, attn_resolutions, block)
         self.mid = nn.ModuleList([ResAttnBlock(c, c, attn=True, **block), ResAttnBlock(c, c, attn=False, **block)])
 
         # Up path: num_res_blocks + 1 blocks per level, each consuming one skip.
@@ -289,3 +319,34 @@ class UNet(nn.Module):
         for block in self.up:
             h = block(h) if isinstance(block, Upsample) else block(torch.cat([h, hs.pop()], dim=1), temb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class UNetClassifier(nn.Module):
+    """The U-Net's down path and middle block, average-pooled to n_classes logits: the noise-conditional classifier
+    p_t(y | x_t) of classifier guidance (Dhariwal & Nichol 2021, sec. 4, "the downsampling trunk of the UNet
+    model with an attention pool"; here a mean pool)."""
+
+    is_classifier = True
+
+    def __init__(self, shape, n_classes: int, ch: int = 32, ch_mult: Sequence[int] = (1, 2, 2),
+                 num_res_blocks: int = 1, attn_resolutions: Sequence[int] = (), dropout: float = 0.0,
+                 time_embedding: str = "sinusoidal", time_scale: float = 1000.0, fourier_scale: float = 16.0,
+                 groups: int = 32):
+        super().__init__()
+        self.shape, self.n_classes = tuple(int(s) for s in shape), _check_classes(n_classes)
+        ch_mult, attn_resolutions = [int(m) for m in ch_mult], {int(r) for r in attn_resolutions}
+        _check_image_shape(self.shape, len(ch_mult))
+        self.time_embed = TimeEmbedding(ch, time_embedding, time_scale, fourier_scale)
+        block = dict(temb_dim=self.time_embed.out_dim, dropout=dropout, groups=groups)
+        self.conv_in = nn.Conv2d(self.shape[0], ch, 3, padding=1)
+        self.down, _, c, _ = _down_path(self.shape[1], ch, ch_mult, num_res_blocks, attn_resolutions, block)
+        self.mid = ResAttnBlock(c, c, attn=True, **block)
+        self.norm_out, self.head = _group_norm(c, groups), nn.Linear(c, n_classes)
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        temb = self.time_embed(_batch_times(t, x))
+        h = self.conv_in(x)
+        for block in self.down:
+            h = block(h, temb)
+        h = F.silu(self.norm_out(self.mid(h, temb)))
+        return self.head(h.mean(dim=(2, 3)))

@@ -138,6 +138,20 @@ def _extrapolate(base, target, w):
     return tuple(b + w * (c - b) for b, c in zip(base, target))
 
 
+class NoisyClassifier(nn.Module):
+    """log p_t(y | x_t), (B, K), from a classifier net trained on the same path (losses.classifier_loss), fed its
+    inputs under `precond` as in training: what the Denoiser's classifier guidance differentiates."""
+
+    def __init__(self, net: nn.Module, path: Path, precond: str = "none", sigma_data: float = SIGMA_DATA):
+        super().__init__()
+        self.net, self.path, self.precond, self.sigma_data = net, path, check_precond(precond), sigma_data
+        self.n_classes = int(net.n_classes)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x_in, t_in = net_inputs(self.net, self.path, x_t, t, self.precond, self.sigma_data)
+        return torch.log_softmax(self.net(x_in, t_in.to(x_t.dtype)).to(x_t.dtype), dim=-1)
+
+
 class Denoiser(nn.Module):
     """What every sampler sees: denoiser(x_t, t) -> x0_hat, from a net predicting `prediction`, fed its
     inputs under `precond` (net_inputs); `sigma_data` is EDM's, for prediction F and precond edm.

@@ -11,9 +11,9 @@ import torch
 from omegaconf import DictConfig
 
 from . import DiffcliError
-from .build import build_grid, build_net, build_path, build_sampler_fn
+from .build import CLASSIFIERS, build_grid, build_net, build_path, build_sampler_fn
 from .checkpoint import find_ema, load_ema, load_weights
-from .prediction import Denoiser
+from .prediction import Denoiser, NoisyClassifier
 from .samplers import check_sampler
 from .schema import check_ranges
 
@@ -47,6 +47,9 @@ def load_model(ckpt: str | None, device: torch.device, net_class: str | None = N
     if ckpt is None:
         log.info("no ckpt given: using the newest training run, %s", file)
     state, train_cfg, step, shape = load_ema(file)
+    if train_cfg.net.get("_target_") in CLASSIFIERS:
+        raise DiffcliError(f"ckpt={file} is a noise-conditional classifier, which guides a model but cannot sample: "
+                           f"give a model's checkpoint as ckpt= and this one as classifier={file}")
     try:
         net = build_net(train_cfg.net, shape, user_class=net_class, n_classes=model_classes(train_cfg.model))
         load_weights(net, state, "its weights")
@@ -54,6 +57,32 @@ def load_model(ckpt: str | None, device: torch.device, net_class: str | None = N
     except DiffcliError as e:
         raise DiffcliError(f"{file}: {e}") from None
     return denoiser, train_cfg, step, shape, file
+
+
+def load_classifier(ckpt: str, device: torch.device, train_cfg: DictConfig, shape) -> NoisyClassifier:
+    """Classifier guidance's p_t(y | x_t): a classifier checkpoint (diffcli train net=unet_classifier or
+    mlp_classifier) trained on the model's data shape and path, so that its t means the model's t."""
+    file = find_ema(ckpt)
+    state, cls_cfg, _, cls_shape = load_ema(file)
+    if cls_cfg.net.get("_target_") not in CLASSIFIERS:
+        raise DiffcliError(f"classifier={file} is a denoising model, not a classifier; train one with net="
+                           "unet_classifier (images) or net=mlp_classifier (2D) on the model's path and data")
+    if tuple(cls_shape) != tuple(shape) or cls_cfg.model.path != train_cfg.model.path:
+        raise DiffcliError(f"classifier={file} was trained on {cls_cfg.data.name} {tuple(cls_shape)} with path "
+                           f"{cls_cfg.model.path._target_.rsplit('.', 1)[-1]}, the model on {train_cfg.data.name} "
+                           f"{tuple(shape)} with {train_cfg.model.path._target_.rsplit('.', 1)[-1]}: train the "
+                           f"classifier with the model's model= and data= settings")
+    k = model_classes(train_cfg.model)
+    if k and k != cls_cfg.model.n_classes:
+        raise DiffcliError(f"classifier={file} knows {cls_cfg.model.n_classes} classes, the model {k}: train both on "
+                           "the same labelled data")
+    try:
+        net = build_net(cls_cfg.net, cls_shape, n_classes=int(cls_cfg.model.n_classes))
+        load_weights(net, state, "its weights")
+    except DiffcliError as e:
+        raise DiffcliError(f"{file}: {e}") from None
+    return NoisyClassifier(net.to(device).eval(), build_path(cls_cfg.model.path), cls_cfg.model.precond,
+                           cls_cfg.model.sigma_data)
 
 
 def even_labels(n: int, n_classes: int) -> torch.Tensor | None:
@@ -67,10 +96,13 @@ def model_classes(model_cfg: DictConfig) -> int:
 
 
 def requested_labels(cfg: DictConfig, denoiser: Denoiser, conditional: bool) -> torch.Tensor | None:
-    """The class of each of the cfg.n samples: `label=`, `labels=` (cycled), or for a model trained with labels an
-    even spread; None when none was asked of a model trained without (net=oracle knows its mixture's classes
-    but samples the mixture itself unless asked for one)."""
-    k, label, labels = denoiser.n_classes, cfg.get("label"), cfg.get("labels")
+    """The class of each of the cfg.n samples: `label=`, `labels=` (cycled), or for a model trained with labels (or
+    guided by a classifier) an even spread; None when none was asked of a model trained without (net=oracle knows
+    its mixture's classes but samples the mixture itself unless asked for one)."""
+    guided = denoiser.classifier is not None
+    k = denoiser.n_classes or (denoiser.classifier.n_classes if guided else 0)
+    conditional = conditional or guided
+    label, labels = cfg.get("label"), cfg.get("labels")
     if label is not None and labels is not None:
         raise DiffcliError("give label=<class> or labels=[...], not both")
     asked = [label] if label is not None else (list(labels) if labels is not None else None)
@@ -78,7 +110,7 @@ def requested_labels(cfg: DictConfig, denoiser: Denoiser, conditional: bool) -> 
         if asked is not None or (cfg.get("guidance", 1.0) != 1.0 and not cfg.get("guide")):
             what = "label=/labels=" if asked is not None else f"guidance={cfg.get('guidance')}"
             raise DiffcliError(f"{what} needs a class-conditional model; this one was trained without labels "
-                               "(train one with model.cond=class)")
+                               "(train one with model.cond=class, or guide it with classifier=<ckpt>)")
         return None
     if asked is None:
         return even_labels(cfg.n, k if conditional else 0)
@@ -280,6 +312,12 @@ def sample_checkpoint(cfg: DictConfig, trajectory: list | None = None, loaded: t
     device = pick_device(cfg.device)
     denoiser, train_cfg, step, shape, file = loaded or load_model(cfg.ckpt, device, cfg.get("net_class"))
     sampler, grid = sampler_from_config(sampler_config(cfg, train_cfg.model), denoiser.path, len(shape) == 3)
+    if cfg.get("classifier"):
+        denoiser.classifier = load_classifier(cfg.classifier, device, train_cfg, shape)
+        denoiser.classifier_scale = float(cfg.get("classifier_scale", 1.0))
+    elif cfg.get("classifier_scale", 1.0) != 1.0:
+        raise DiffcliError(f"classifier_scale={cfg.classifier_scale} needs classifier=<ckpt of a noise-conditional "
+                           "classifier> (diffcli train net=unet_classifier ...)")
     labels = requested_labels(cfg, denoiser, model_classes(train_cfg.model) > 0)
     denoiser.guidance = float(cfg.get("guidance", 1.0))
     interval = cfg.get("guidance_interval")
@@ -287,7 +325,8 @@ def sample_checkpoint(cfg: DictConfig, trajectory: list | None = None, loaded: t
     if cfg.get("guide"):
         denoiser.guide = load_guide(cfg.guide, device, cfg.get("net_class"), train_cfg, shape)
     log.info("sampling %d from %s (step %d) with %d steps%s", cfg.n, file, step, len(grid) - 1,
-             "" if labels is None else f", classes {sorted(set(labels.tolist()))[:10]}, guidance w = {denoiser.guidance}")
+             "" if labels is None else f", classes {sorted(set(labels.tolist()))[:10]}, guidance w = {denoiser.guidance}"
+             + (f", classifier scale {denoiser.classifier_scale}" if denoiser.classifier is not None else ""))
     samples = generate(denoiser, sampler, grid, cfg.n, shape, batch_size=cfg.batch_size, seed=cfg.seed,
                        device=device, trajectory=trajectory, labels=labels)
     bad = (~torch.isfinite(samples.flatten(1))).any(1).sum().item()
@@ -297,6 +336,7 @@ def sample_checkpoint(cfg: DictConfig, trajectory: list | None = None, loaded: t
     nfe = denoiser.nfe // math.ceil(cfg.n / cfg.batch_size)  # evaluations per sample
     return {"samples": samples, "labels": labels, "nfe": nfe, "ckpt": str(file), "step": step,
             "steps": len(grid) - 1, "sampler": sampler.func.__name__, "guidance": denoiser.guidance,
+            "classifier_scale": denoiser.classifier_scale if denoiser.classifier is not None else None,
             "train_cfg": train_cfg, "shape": shape, "denoiser": denoiser, "grid": grid}
 
 

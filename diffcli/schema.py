@@ -154,6 +154,8 @@ class SampleApp:
     guidance: float = 1.0             # guidance weight w: classifier-free, or autoguidance with guide=
     guide: Optional[str] = None       # autoguidance: the checkpoint (or run folder) of a weaker model
     guidance_interval: Optional[List[float]] = None  # [lo, hi]: guide only where lo < sigma/alpha <= hi
+    classifier: Optional[str] = None  # classifier guidance: the checkpoint (or run) of a noise-conditional classifier
+    classifier_scale: float = 1.0     # s in score + s grad log p_t(y | x_t); 1 is Bayes' conditional score
 
 
 @dataclass
@@ -173,6 +175,8 @@ class EvalApp:
     guidance: float = 1.0
     guide: Optional[str] = None
     guidance_interval: Optional[List[float]] = None
+    classifier: Optional[str] = None
+    classifier_scale: float = 1.0
 
 
 SCHEMAS = {"train_schema": TrainApp, "sample_schema": SampleApp, "eval_schema": EvalApp}
@@ -319,6 +323,7 @@ RANGES = {
     "labels": (lambda v: v is None or (len(v) > 0 and all(c >= 0 for c in v)), "a non-empty list of class indices"),
     "guidance_interval": (lambda v: v is None or (len(v) == 2 and 0 <= v[0] < v[1]),
                           "[lo, hi] with 0 <= lo < hi, noise levels sigma/alpha (e.g. [0.28,5.42])"),
+    "classifier_scale": (lambda v: v >= 0, "a number >= 0 (0: no classifier guidance, 1: Bayes' conditional)"),
     "guidance": (lambda v: v >= 0, "a number >= 0 (0: unconditional, 1: conditional, > 1: guided)"),
     "steps": (lambda v: v is None or v > 0, "a positive integer (or null for the sampler's default)"),
     "eta": (lambda v: v >= 0, "a number >= 0 (0: deterministic DDIM, 1: DDPM-like)"),

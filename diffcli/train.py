@@ -23,15 +23,15 @@ import torch
 from omegaconf import DictConfig
 
 from . import DiffcliError
-from .build import build_net, build_path
+from .build import CLASSIFIERS, build_net, build_path
 from .checkpoint import load_state, load_weights, newest_state, prune, remove_temporaries, save_ema, save_state
 from .data import build_data, no_labels
 from .ema import EMA
 from .evaluate import quick_metric
 from . import distributed
-from .losses import check_coupling, check_weighting, draw, pair_loss
+from .losses import check_coupling, check_weighting, classifier_loss, draw, pair_loss
 from .paths import check_times
-from .prediction import check_precond, check_prediction
+from .prediction import check_precond, check_prediction, net_inputs
 from .sample import even_labels, generate, model_denoiser, pick_device, pyplot, sampler_config, sampler_from_config, save_picture
 from .schema import TrainApp, check_ranges, resume_overrides, validate
 
@@ -204,16 +204,42 @@ class StopFlag:
 
 def build_model(cfg: DictConfig, device: torch.device, user_class: str | None = None):
     """Data and network of a run (the network from diffcli's classes, or `user_class` named on the command line);
-    model.cond=class gives the network the data's classes and records them in cfg.model (so in checkpoints)."""
+    model.cond=class, or a classifier net, gives the network the data's classes and records them in cfg.model (so
+    in checkpoints)."""
     torch.manual_seed(cfg.seed)  # initialisation (and Fourier features); dropout after it
     data = build_data(cfg.data, device, seed=cfg.seed)
     n_classes = 0
-    if cfg.model.get("cond", "none") == "class":
+    if is_classifier(cfg) and cfg.model.get("cond", "none") == "class":
+        raise DiffcliError(f"net={cfg.net._target_.rsplit('.', 1)[-1]} is a classifier of x_t, not a class-conditional "
+                           "model: drop model.cond=class")
+    if cfg.model.get("cond", "none") == "class" or is_classifier(cfg):
         if not data.n_classes:
             raise no_labels(cfg.data.name)
         n_classes = data.n_classes
         cfg.model.n_classes, cfg.model.class_names = n_classes, data.class_names
     return data, build_net(cfg.net, data.shape, user_class=user_class, n_classes=n_classes).to(device)
+
+
+def is_classifier(cfg: DictConfig) -> bool:
+    """Whether the run trains a noise-conditional classifier p_t(y | x_t) (net=unet_classifier, mlp_classifier)."""
+    return cfg.net.get("_target_") in CLASSIFIERS
+
+
+@torch.no_grad()
+def noisy_accuracy(net, path, model_cfg: DictConfig, data, device, n: int = 1000,
+                   times=(0.05, 0.25, 0.5, 0.75, 0.95)) -> dict:
+    """A classifier's accuracy on n labelled examples noised to each t of `times` (its training data for images:
+    there is no held-out split; fresh points for toys)."""
+    g = torch.Generator(device).manual_seed(12345)
+    x0, y = data.labelled_batch(0, n, g)
+    x1 = path.sample_prior(x0.shape, g, device)
+    out = {}
+    for t_val in times:
+        t = torch.full((n,), t_val, device=device)
+        x_t = path.marginal(x0, x1, t)
+        logits = net(*net_inputs(net, path, x_t, t, model_cfg.precond, model_cfg.sigma_data))
+        out[f"t={t_val:g}"] = (logits.argmax(1) == y.to(logits.device)).float().mean().item()
+    return out
 
 
 def drop_labels(y: torch.Tensor, n_classes: int, p_uncond: float, g: torch.Generator) -> torch.Tensor:
@@ -260,9 +286,10 @@ def channels_last(cfg: DictConfig, device: torch.device, data) -> bool:
 
 
 def train_step(model, path, model_cfg, x0, g, opt, scaler, autocast, grad_clip, micro: int, world,
-               y: torch.Tensor | None = None) -> tuple:
+               y: torch.Tensor | None = None, classify: bool = False) -> tuple:
     """One optimizer step on the global batch x0 (labels y, already dropped to "no label" where drawn), this
-    rank's share of it in micro-batches of `micro`.
+    rank's share of it in micro-batches of `micro`; `classify`: the cross-entropy of a noise-conditional classifier
+    of y instead of the denoising loss.
 
     Returns (loss, grad_norm, finite) as device tensors; a step whose loss or gradient is not finite
     leaves weights and optimizer state untouched (decided on the device: no host sync).
@@ -274,10 +301,14 @@ def train_step(model, path, model_cfg, x0, g, opt, scaler, autocast, grad_clip, 
     for k in range(accum):
         part = slice((world.rank * accum + k) * micro, (world.rank * accum + k + 1) * micro)
         sync = k == accum - 1 or world.size == 1  # DDP: all-reduce gradients on the last micro-batch only
+        inputs = dict(precond=model_cfg.precond, sigma_data=model_cfg.sigma_data)
         with (nullcontext() if sync else model.no_sync()), autocast:
-            micro_loss = pair_loss(model, path, model_cfg.prediction, x0[part], x1[part], t[part], model_cfg.weighting,
-                                   precond=model_cfg.precond, sigma_data=model_cfg.sigma_data,
-                                   snr_gamma=model_cfg.snr_gamma, y=None if y is None else y[part]) / accum
+            if classify:
+                micro_loss = classifier_loss(model, path, x0[part], x1[part], t[part], y[part], **inputs) / accum
+            else:
+                micro_loss = pair_loss(model, path, model_cfg.prediction, x0[part], x1[part], t[part],
+                                       model_cfg.weighting, snr_gamma=model_cfg.snr_gamma,
+                                       y=None if y is None else y[part], **inputs) / accum
         scaler.scale(micro_loss).backward()
         loss += micro_loss.detach()
     scaler.unscale_(opt)  # clip the true gradient, not the scaled one
@@ -339,7 +370,7 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world, us
         remove_temporaries(ckpt_dir)
     data, net = build_model(cfg, device, user_class)
     n_classes = cfg.model.get("n_classes") or 0
-    conditional = cfg.model.get("cond", "none") == "class"
+    conditional, classify = cfg.model.get("cond", "none") == "class", is_classifier(cfg)
     if tc.get("eval_every") and data.is_image and data.labels is None:
         raise DiffcliError(f"train.eval_every={tc.eval_every} scores samples by classifier-FID, which needs labelled "
                            f"images; {cfg.data.name} has none: set train.eval_every=0 and run diffcli eval on checkpoints")
@@ -393,13 +424,14 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world, us
         model.train()
         for step in range(start, tc.steps):
             g = step_generator(cfg.seed, step, device)
-            x0, y = data.labelled_batch(step, tc.batch_size, g) if conditional else (data.batch(step, tc.batch_size, g),
-                                                                                     None)
+            x0, y = data.labelled_batch(step, tc.batch_size, g) if conditional or classify else \
+                (data.batch(step, tc.batch_size, g), None)
             if nhwc:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             loss, grad_norm, finite = train_step(model, path, cfg.model, x0, g, opt, scaler, autocast,
                                                  tc.grad_clip, micro, world,
-                                                 y if y is None else drop_labels(y, n_classes, tc.p_uncond, g))
+                                                 y if y is None or classify else drop_labels(y, n_classes, tc.p_uncond, g),
+                                                 classify)
             sched.step()
             ema.update(net, step)
             loss_sum += torch.where(finite, loss, 0)  # stays on the device: no host sync until the log line
@@ -428,9 +460,9 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world, us
             signalled = stop.signum is not None if world.size == 1 else at_log and distributed.any_rank(
                 world, stop.signum is not None)  # every rank must stop after the same step
             if world.main:
-                if tc.sample_every and done % tc.sample_every == 0:
+                if tc.sample_every and done % tc.sample_every == 0 and not classify:  # a classifier cannot sample
                     sample_grid(done)
-                if tc.get("eval_every") and done % tc.eval_every == 0:
+                if tc.get("eval_every") and done % tc.eval_every == 0 and not classify:
                     evaluate(done)
                 if at_ckpt or signalled:
                     checkpoint(done)
@@ -444,6 +476,19 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world, us
         logger.close()
     if not world.main:
         return {"out_dir": str(out_dir), "steps": tc.steps, "loss_curve": None}
+    if classify:
+        return _classifier_done(cfg, out_dir, ema.net, path, data, device, int(skipped.item()))
     picture = plot_loss(out_dir, f"{cfg.model.name} ({cfg.model.prediction}) on {cfg.data.name}")
     log.info("done: %s, %s (%d non-finite steps skipped)", ckpt_dir, picture, int(skipped.item()))
     return {"out_dir": str(out_dir), "steps": tc.steps, "loss_curve": str(picture), "skipped": int(skipped.item())}
+
+
+def _classifier_done(cfg: DictConfig, out_dir: FsPath, net, path, data, device, skipped: int) -> dict:
+    """The end of a classifier's run: its accuracy against the noise level (accuracy.json, logged) and its loss."""
+    accuracy = noisy_accuracy(net.eval(), path, cfg.model, data, device)
+    (out_dir / "accuracy.json").write_text(json.dumps(accuracy, indent=2))
+    picture = plot_loss(out_dir, f"classifier p_t(y | x_t) on {cfg.model.name}'s path, {cfg.data.name}")
+    log.info("done: %s; accuracy of the EMA classifier on noised data: %s; use it with classifier=%s",
+             picture, ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()), out_dir)
+    return {"out_dir": str(out_dir), "steps": cfg.train.steps, "loss_curve": str(picture), "skipped": skipped,
+            "accuracy": accuracy}

@@ -30,11 +30,12 @@ def diffcli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "diffcli", *args], check=True)
 
 
-def train(out: Path, model: str, steps: int) -> float:
-    """Train `model` into `out` unless its final EMA checkpoint exists; the training wall time (s) from train.log."""
+def train(out: Path, model: str, steps: int, extra=()) -> float:
+    """Train `model` (with `extra` overrides) into `out` unless its final EMA checkpoint exists; the training wall
+    time (s) from train.log."""
     if not (out / "checkpoints" / f"ema_{steps}.safetensors").exists():
         diffcli("train", f"model={model}", *DATA, f"train.steps={steps}", *TRAIN, f"train.ckpt_every={steps}",
-                f"hydra.run.dir={out}")
+                *extra, f"hydra.run.dir={out}")
     stamps = [datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
               for line in (out / "train.log").read_text().splitlines() if line.startswith("[")]
     return (stamps[-1] - stamps[0]).total_seconds()
