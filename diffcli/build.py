@@ -195,12 +195,18 @@ def build_net(node, shape, user_class: str | None = None, where: str = "net", n_
 
 
 def build_sampler_fn(node, is_image: bool, where: str = "sampler.fn"):
-    """A sampler of diffcli.samplers with its options bound; `clip_x0: auto` clamps images only."""
+    """A sampler of diffcli.samplers with its options bound; `clip_x0: auto` clamps images only (static)."""
     target, kwargs = _sampler_node(node, where)
     if kwargs.get("clip_x0") == "auto":
-        kwargs["clip_x0"] = is_image
+        kwargs["clip_x0"] = "static" if is_image else "none"
     fn = _diffcli_object(target)
     _check_arguments(fn, kwargs, where, SAMPLER_RUNTIME)
+    params = inspect.signature(fn).parameters
+    if "clip_x0" in params:  # a bad clipping setting fails now, not at the first sample
+        from .sampler_core import check_clip_options
+
+        keys = inspect.signature(check_clip_options).parameters
+        check_clip_options(**{k: kwargs.get(k, params[k].default) for k in keys})
     return functools.partial(fn, **kwargs)
 
 

@@ -14,10 +14,14 @@ from .paths import Path
 SPACINGS = ("leading", "trailing", "linspace")
 
 
-def ddim_timesteps(T: int, steps: int, spacing: str = "leading") -> np.ndarray:
-    """Integer DDPM steps (descending) for `steps` sampling steps (Lin et al. 2024, Table 2)."""
+def ddim_timesteps(T: int, steps: int, spacing: str = "leading", steps_offset: int = 0) -> np.ndarray:
+    """Integer DDPM steps (descending) for `steps` sampling steps (Lin et al. 2024, Table 2); `steps_offset` shifts
+    the leading spacing up, as diffusers' schedulers do (Stable Diffusion uses 1)."""
     if spacing == "leading":
-        return (np.arange(steps) * (T // steps))[::-1].astype(np.int64)
+        if not 0 <= steps_offset < T // steps:
+            raise DiffcliError(f"sampler.grid.steps_offset={steps_offset} must lie in [0, {T // steps}) for {steps} "
+                               f"leading steps of T={T}")
+        return (np.arange(steps) * (T // steps))[::-1].astype(np.int64) + steps_offset
     if spacing == "trailing":
         return (np.round(np.arange(T, 0, -T / steps)) - 1).astype(np.int64)
     if spacing == "linspace":
@@ -25,17 +29,23 @@ def ddim_timesteps(T: int, steps: int, spacing: str = "leading") -> np.ndarray:
     raise DiffcliError(f"sampler.spacing={spacing} is unknown; choose one of {', '.join(SPACINGS)}")
 
 
-def ddim_grid(path: Path, steps: int, spacing: str = "leading", t_min: float = 1e-3) -> torch.Tensor:
-    """The path times of DDIM-spaced DDPM steps, followed by t = 0 (clean data).
+def ddim_grid(path: Path, steps: int, spacing: str = "leading", t_min: float = 1e-3, steps_offset: int = 0,
+              set_alpha_to_one: bool = True) -> torch.Tensor:
+    """The path times of DDIM-spaced DDPM steps (`auto`: trailing with zero terminal SNR, else leading), followed by
+    t = 0 (clean data; alpha_bar = 1), or with set_alpha_to_one=False by DDPM step 0 (alpha_bar_0 = 1 - beta_1),
+    where diffusers' DDIM then stops.
 
     Continuous-time paths have no training steps to choose among: they get the uniform grid.
     """
     if path.T is None:
         return uniform_grid(path, steps, t_min)
+    if spacing == "auto":  # trailing starts at alpha = 0 where the path has zero terminal SNR (Lin et al. 2024)
+        spacing = "trailing" if getattr(path, "zero_terminal_snr", False) else "leading"
     if steps > path.T:
         raise DiffcliError(f"steps={steps} exceeds the model's T={path.T} training steps; use steps<={path.T}")
-    i = torch.from_numpy(ddim_timesteps(path.T, steps, spacing).copy())
-    return torch.cat([(i.double() + 1) / path.T, torch.zeros(1, dtype=torch.float64)])
+    i = torch.from_numpy(ddim_timesteps(path.T, steps, spacing, steps_offset).copy())
+    last = torch.zeros(1, dtype=torch.float64) if set_alpha_to_one else path.timestep_to_t(torch.zeros(1))
+    return torch.cat([path.timestep_to_t(i), last])
 
 
 def _check_t_min(t_min: float) -> None:

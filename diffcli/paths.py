@@ -276,18 +276,29 @@ def _cosine_betas(T: int, beta_start: float, beta_end: float, s: float = 0.008) 
 BETA_SCHEDULES = {"linear": _linear_betas, "cosine": _cosine_betas}
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose alpha_bar_T = 0 exactly (Lin et al. 2024, Algorithm 1): sqrt(alpha_bar) shifted to end at 0
+    and scaled to keep its first value."""
+    a = torch.exp(0.5 * torch.cumsum(torch.log1p(-betas), 0))  # sqrt(alpha_bar_i)
+    a = (a - a[-1]) * (a[0] / (a[0] - a[-1]))
+    alpha_bar = a**2
+    return 1 - torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+
+
 class DDPMPath(Path):
     """DDPM's discrete VP path: alpha_bar_i = prod_{j<=i} (1 - beta_j), step i at t = (i + 1) / T.
 
     Between grid points log alpha_bar is interpolated linearly, so the path is defined for every
-    t in [0, 1] (alpha(0) = 1) and continuous-time samplers apply to it too.
+    t in [0, 1] (alpha(0) = 1) and continuous-time samplers apply to it too. With zero_terminal_snr the
+    betas are rescaled so that alpha(1) = 0 (Lin et al. 2024); log alpha_bar has no finite end there, so the
+    last segment interpolates alpha itself linearly to 0.
     """
 
     variance_preserving = True
     discrete = True
 
     def __init__(self, T: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02):
+                 beta_end: float = 0.02, zero_terminal_snr: bool = False):
         super().__init__()
         if int(T) != T or T < 2:
             raise DiffcliError(f"model.path.T must be an integer >= 2, got {T}")
@@ -297,7 +308,11 @@ class DDPMPath(Path):
             raise DiffcliError(f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
         self.T, self.schedule = int(T), schedule
         self.betas = BETA_SCHEDULES[schedule](self.T, beta_start, beta_end)
-        # log alpha_bar on the grid t_k = k / T, k = 0..T, with alpha_bar(0) = 1 (clean data)
+        self.zero_terminal_snr = bool(zero_terminal_snr)
+        if self.zero_terminal_snr:
+            self.betas = rescale_zero_terminal_snr(self.betas)
+        # log alpha_bar on the grid t_k = k / T, k = 0..T, with alpha_bar(0) = 1 (clean data); -inf at T with
+        # zero_terminal_snr
         self.log_alpha_bar = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-self.betas), 0)])
 
     def _segment(self, t: torch.Tensor):
@@ -311,22 +326,40 @@ class DDPMPath(Path):
         i, w = self._segment(t)
         return (1 - w) * table[i] + w * table[i + 1], (table[i + 1] - table[i]) * self.T
 
+    def _alpha(self, t):
+        """(alpha, d alpha / dt) in float64: exp(la / 2) on log-linear segments, linear to 0 on a zero-terminal-SNR
+        path's last segment."""
+        la, dla = self._log_alpha_bar(t)
+        a, da = torch.exp(0.5 * la), 0.5 * dla * torch.exp(0.5 * la)
+        if not self.zero_terminal_snr:
+            return a, da
+        i, w = self._segment(t)
+        a_last = torch.exp(0.5 * self.log_alpha_bar[self.T - 1]).to(a.device)  # alpha at t = (T - 1) / T
+        last = i == self.T - 1
+        return torch.where(last, (1 - w) * a_last, a), torch.where(last, -a_last * self.T, da)
+
     def alpha(self, t):
+        return self._alpha(t)[0].to(_dtype(t))
+
+    def _sigma(self, t):
+        """sqrt(1 - alpha_bar) in float64, through expm1 (exact near t = 0), and from alpha on a zero-terminal-SNR
+        path's last segment."""
         la, _ = self._log_alpha_bar(t)
-        return torch.exp(0.5 * la).to(_dtype(t))
+        sigma = torch.sqrt(-torch.expm1(la))
+        if self.zero_terminal_snr:
+            sigma = torch.where(self._segment(t)[0] == self.T - 1, torch.sqrt(1 - self._alpha(t)[0] ** 2), sigma)
+        return sigma
 
     def sigma(self, t):
-        la, _ = self._log_alpha_bar(t)
-        return torch.sqrt(-torch.expm1(la)).to(_dtype(t))
+        return self._sigma(t).to(_dtype(t))
 
     def d_alpha(self, t):
-        la, dla = self._log_alpha_bar(t)
-        return (0.5 * dla * torch.exp(0.5 * la)).to(_dtype(t))
+        return self._alpha(t)[1].to(_dtype(t))
 
     def d_sigma(self, t):
-        la, dla = self._log_alpha_bar(t)
-        # sigma^2 = 1 - alpha_bar  =>  sigma' = -alpha_bar' / (2 sigma) = -dla alpha_bar / (2 sigma)
-        return (-0.5 * dla * torch.exp(la) / torch.sqrt(-torch.expm1(la))).to(_dtype(t))
+        # sigma^2 = 1 - alpha^2  =>  sigma' = -alpha alpha' / sigma
+        a, da = self._alpha(t)
+        return (-a * da / self._sigma(t)).to(_dtype(t))
 
     def sample_t(self, n: int, generator: torch.Generator | None, device, dist: str = "uniform", mean=None,
                  std=None) -> torch.Tensor:
@@ -342,7 +375,11 @@ class DDPMPath(Path):
         la = -torch.log1p(s.double() ** 2)
         table = self.log_alpha_bar.to(la.device)
         i = (torch.searchsorted(-table, -la) - 1).clamp(0, self.T - 1)  # log alpha_bar decreases: -table ascends
-        return ((i + (la - table[i]) / (table[i + 1] - table[i])) / self.T).to(_dtype(s))
+        t = (i + (la - table[i]) / (table[i + 1] - table[i])) / self.T
+        if self.zero_terminal_snr:  # the last segment is linear in alpha = 1 / sqrt(1 + s^2)
+            a_last = torch.exp(0.5 * table[self.T - 1])
+            t = torch.where(i == self.T - 1, (self.T - torch.exp(0.5 * la) / a_last) / self.T, t)
+        return t.to(_dtype(s))
 
     def timestep_to_t(self, i: torch.Tensor) -> torch.Tensor:
         """DDPM's integer step i in {0..T-1} (diffusers' `timestep`) as path time t = (i + 1) / T."""

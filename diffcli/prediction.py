@@ -48,9 +48,18 @@ COEFFICIENTS = {
 
 
 # predictions that only mean something on some paths: name -> (what it needs, test on the path)
+def _finite_x0(path: Path) -> bool:
+    """Whether x0 = (x_t - sigma eps) / alpha is defined at every training time: not where a DDPM path's
+    alpha_bar_T = 0 (zero terminal SNR), where eps and the score carry nothing of x0."""
+    return not getattr(path, "zero_terminal_snr", False)
+
+
 REQUIRES = {
-    "eps": ("a Gaussian prior (eps is Gaussian noise)", lambda path: path.prior == "gaussian"),
-    "score": ("a Gaussian prior (score = -x1 / sigma)", lambda path: path.prior == "gaussian"),
+    "eps": ("a Gaussian prior (eps is Gaussian noise) and alpha > 0 at t = 1 (with zero terminal SNR x0 = "
+            "(x_t - sigma eps) / alpha is undefined there)",
+            lambda path: path.prior == "gaussian" and _finite_x0(path)),
+    "score": ("a Gaussian prior (score = -x1 / sigma) and alpha > 0 at t = 1 (with zero terminal SNR the score "
+              "carries nothing of x0 there)", lambda path: path.prior == "gaussian" and _finite_x0(path)),
     "v": ("a variance-preserving path (alpha^2 + sigma^2 = 1)", lambda path: path.variance_preserving),
 }
 

@@ -79,10 +79,45 @@ def record(trajectory: list | None, x: torch.Tensor) -> None:
         trajectory.append(x.detach().cpu().clone())
 
 
-def clipped_x0(denoiser, x, t, clip_x0: bool):
-    """x0_hat, clamped to [-1, 1] (where pixels live) when asked."""
-    x0 = denoiser(x, t)
-    return x0.clamp(-1, 1) if clip_x0 else x0
+CLIPS = {False: "none", True: "static", "none": "none", "static": "static", "dynamic": "dynamic"}
+
+
+def check_clip(clip_x0) -> str:
+    """The x0_hat clipping of a sampler (sampler.fn.clip_x0): none, static or dynamic (true / false: static / none)."""
+    if isinstance(clip_x0, str) and clip_x0 in CLIPS or isinstance(clip_x0, bool):
+        return CLIPS[clip_x0]
+    raise DiffcliError(f"sampler.fn.clip_x0={clip_x0} is unknown; choose auto, none, static or dynamic")
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): per sample, s = the `ratio` quantile of
+    |x0_hat| clamped to [1, max_value]; x0_hat clipped to [-s, s] and divided by s."""
+    flat = x0.reshape(x0.shape[0], -1)
+    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()  # quantile needs a float type
+    s = torch.quantile(work.abs(), ratio, dim=1).clamp(1, max_value)[:, None]
+    return (torch.maximum(torch.minimum(work, s), -s) / s).to(x0.dtype).reshape(x0.shape)
+
+
+def clipped_x0(denoiser, x, t, clip_x0="none", clip_sample_range: float = 1.0,
+               dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0):
+    """x0_hat under the sampler's clipping: `static` clamps to [-clip_sample_range, clip_sample_range] (1: where
+    pixels live), `dynamic` is dynamic_threshold; names and defaults as diffusers' schedulers take them."""
+    x0, mode = denoiser(x, t), check_clip(clip_x0)
+    if mode == "static":
+        return x0.clamp(-clip_sample_range, clip_sample_range)
+    return dynamic_threshold(x0, dynamic_thresholding_ratio, sample_max_value) if mode == "dynamic" else x0
+
+
+def check_clip_options(clip_x0, clip_sample_range: float, dynamic_thresholding_ratio: float,
+                       sample_max_value: float) -> None:
+    """One-line errors for clipping settings out of range, before any work."""
+    check_clip(clip_x0)
+    if not clip_sample_range > 0:
+        raise DiffcliError(f"sampler.fn.clip_sample_range={clip_sample_range} must be a positive number")
+    if not 0 < dynamic_thresholding_ratio <= 1:
+        raise DiffcliError(f"sampler.fn.dynamic_thresholding_ratio={dynamic_thresholding_ratio} must lie in (0, 1]")
+    if not sample_max_value >= 1:
+        raise DiffcliError(f"sampler.fn.sample_max_value={sample_max_value} must be >= 1 (s is clamped to [1, it])")
 
 
 def velocity_at(denoiser, path: Path, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config
 from diffcli.sample import sampler_config, sampler_from_config
+from diffcli.sampler_core import check_clip
 
 CONFIGS = files("diffcli.configs")
 GROUPS = {g: sorted(p.name[:-5] for p in CONFIGS.joinpath(g).iterdir() if p.name.endswith(".yaml"))
@@ -83,7 +84,8 @@ def test_clip_x0_auto_clips_images_only(sampler):
     """clip_x0=auto: pixels live in [-1, 1], so x0_hat is clamped for images; 2D points are never clamped."""
     path = instantiate(compose_config("train").model.path)
     cfg = compose_config("sample", [f"sampler={sampler}"])
-    assert sampler_from_config(cfg.sampler, path, is_image=True)[0].keywords["clip_x0"] is True
-    assert sampler_from_config(cfg.sampler, path, is_image=False)[0].keywords["clip_x0"] is False
-    off = compose_config("sample", [f"sampler={sampler}", "sampler.fn.clip_x0=false"])
-    assert sampler_from_config(off.sampler, path, is_image=True)[0].keywords["clip_x0"] is False
+    assert sampler_from_config(cfg.sampler, path, is_image=True)[0].keywords["clip_x0"] == "static"
+    assert sampler_from_config(cfg.sampler, path, is_image=False)[0].keywords["clip_x0"] == "none"
+    for value in ("false", "none"):
+        off = compose_config("sample", [f"sampler={sampler}", f"sampler.fn.clip_x0={value}"])
+        assert check_clip(sampler_from_config(off.sampler, path, is_image=True)[0].keywords["clip_x0"]) == "none"

@@ -17,6 +17,7 @@ FORMULATIONS = {
                                                                  "net.time_embedding=fourier"],
     "flow": ["model=flow"], "flow-uniform": ["model=flow", "model.prior=uniform"],
     "flow-ot": ["model=flow", "model.coupling=ot"],
+    "ddpm-zero-terminal-snr-v": ["model=ddpm", "model.path.zero_terminal_snr=true", "model.prediction=v"],
 }
 
 
@@ -61,6 +62,7 @@ def test_samplers_refuse_a_uniform_prior(tmp_path):
     (["model=ncsn", "model.path.L=1"], "L=1"),
     (["model=vpsde", "model.path.eps=1.5"], "eps"),
     (["model=flow", "model.coupling=sinkhorn"], "coupling"),
+    (["model=ddpm", "model.path.zero_terminal_snr=true"], "alpha > 0 at t = 1"),
 ])
 def test_bad_formulation_settings_are_one_line_errors(tmp_path, args, fragment):
     r = run_cli("train", "data=moons", "train.steps=1", *args, cwd=tmp_path)
