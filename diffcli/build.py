@@ -178,6 +178,15 @@ def check_names(cfg, user_class: str | None = None) -> None:
         _sampler_node(sampler.fn, "sampler.fn")
 
 
+def path_arguments(node, where: str = "model.path") -> tuple[str, dict]:
+    """(class, every argument with its default filled in) of a path node: two stored configs that build the same
+    path compare equal whether or not they spell out a default (a key added later, e.g. zero_terminal_snr)."""
+    target, kwargs = _path_node(node, where)
+    bound = inspect.signature(_diffcli_object(target)).bind(**kwargs)
+    bound.apply_defaults()
+    return target, dict(bound.arguments)
+
+
 def build_path(node, where: str = "model.path"):
     """The probability path of a model config: one of diffcli.paths' classes."""
     target, kwargs = _path_node(node, where)
@@ -201,12 +210,10 @@ def build_sampler_fn(node, is_image: bool, where: str = "sampler.fn"):
         kwargs["clip_x0"] = "static" if is_image else "none"
     fn = _diffcli_object(target)
     _check_arguments(fn, kwargs, where, SAMPLER_RUNTIME)
-    params = inspect.signature(fn).parameters
-    if "clip_x0" in params:  # a bad clipping setting fails now, not at the first sample
-        from .sampler_core import check_clip_options
+    if "clip_x0" in inspect.signature(fn).parameters:  # a bad clipping setting fails now, not at the first sample
+        from .sampler_core import CLIP_OPTIONS, x0_clipper
 
-        keys = inspect.signature(check_clip_options).parameters
-        check_clip_options(**{k: kwargs.get(k, params[k].default) for k in keys})
+        x0_clipper(**{k: v for k, v in kwargs.items() if k in CLIP_OPTIONS})
     return functools.partial(fn, **kwargs)
 
 

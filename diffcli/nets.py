@@ -138,18 +138,20 @@ class MLP(nn.Module):
         self.blocks = nn.ModuleList(ResidualMLPBlock(hidden, self.time_embed.out_dim) for _ in range(depth))
         self.fc_out = nn.Linear(hidden, d)
 
-    def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
-        temb = _conditioned(self, self.time_embed(_batch_times(t, x)), y)
+    def _hidden(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The residual blocks' output on flattened x, before the head."""
         h = self.fc_in(x.reshape(x.shape[0], -1))
         for block in self.blocks:
             h = block(h, temb)
-        return self.fc_out(F.silu(h)).reshape(x.shape)
+        return F.silu(h)
+
+    def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
+        temb = _conditioned(self, self.time_embed(_batch_times(t, x)), y)
+        return self.fc_out(self._hidden(x, temb)).reshape(x.shape)
 
 
 class MLPClassifier(MLP):
     """The MLP's body with a head of n_classes logits: a noise-conditional classifier p_t(y | x_t) for 2D toys."""
-
-    is_classifier = True
 
     def __init__(self, shape, n_classes: int, hidden: int = 128, depth: int = 3, emb_dim: int = 32,
                  time_embedding: str = "sinusoidal", time_scale: float = 1000.0, fourier_scale: float = 16.0):
@@ -158,11 +160,7 @@ class MLPClassifier(MLP):
         self.fc_out = nn.Linear(hidden, n_classes)
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        temb = self.time_embed(_batch_times(t, x))
-        h = self.fc_in(x.reshape(x.shape[0], -1))
-        for block in self.blocks:
-            h = block(h, temb)
-        return self.fc_out(F.silu(h))
+        return self.fc_out(self._hidden(x, self.time_embed(_batch_times(t, x))))
 
 
 def _check_classes(n_classes: int) -> int:
@@ -325,8 +323,6 @@ class UNetClassifier(nn.Module):
     """The U-Net's down path and middle block, average-pooled to n_classes logits: the noise-conditional classifier
     p_t(y | x_t) of classifier guidance (Dhariwal & Nichol 2021, sec. 4, "the downsampling trunk of the UNet
     model with an attention pool"; here a mean pool)."""
-
-    is_classifier = True
 
     def __init__(self, shape, n_classes: int, ch: int = 32, ch_mult: Sequence[int] = (1, 2, 2),
                  num_res_blocks: int = 1, attn_resolutions: Sequence[int] = (), dropout: float = 0.0,

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from . import DiffcliError
-from .build import CLASSIFIERS, build_grid, build_net, build_path, build_sampler_fn
+from .build import CLASSIFIERS, build_grid, build_net, build_path, build_sampler_fn, path_arguments
 from .checkpoint import find_ema, load_ema, load_weights
 from .prediction import Denoiser, NoisyClassifier
 from .samplers import check_sampler
@@ -50,13 +50,27 @@ def load_model(ckpt: str | None, device: torch.device, net_class: str | None = N
     if train_cfg.net.get("_target_") in CLASSIFIERS:
         raise DiffcliError(f"ckpt={file} is a noise-conditional classifier, which guides a model but cannot sample: "
                            f"give a model's checkpoint as ckpt= and this one as classifier={file}")
+    net, path = _net_and_path(file, state, train_cfg, shape, model_classes(train_cfg.model), net_class)
+    return model_denoiser(net.to(device).eval(), path, train_cfg.model), train_cfg, step, shape, file
+
+
+def _net_and_path(file, state: dict, cfg: DictConfig, shape, n_classes: int, net_class: str | None = None):
+    """The network (its weights loaded) and the path that a checkpoint's stored config describes; errors name the
+    file."""
     try:
-        net = build_net(train_cfg.net, shape, user_class=net_class, n_classes=model_classes(train_cfg.model))
+        net = build_net(cfg.net, shape, user_class=net_class, n_classes=n_classes)
         load_weights(net, state, "its weights")
-        denoiser = model_denoiser(net.to(device).eval(), build_path(train_cfg.model.path), train_cfg.model)
+        return net, build_path(cfg.model.path)
     except DiffcliError as e:
         raise DiffcliError(f"{file}: {e}") from None
-    return denoiser, train_cfg, step, shape, file
+
+
+def _check_companion(role: str, file, cfg: DictConfig, shape, train_cfg: DictConfig, model_shape, fix: str) -> None:
+    """A guide or a classifier must share the model's data shape and path, so that its t means the model's t."""
+    if tuple(shape) != tuple(model_shape) or path_arguments(cfg.model.path) != path_arguments(train_cfg.model.path):
+        name = lambda c: c.model.path._target_.rsplit(".", 1)[-1]  # noqa: E731
+        raise DiffcliError(f"{role}={file} was trained on {cfg.data.name} {tuple(shape)} with path {name(cfg)}, the "
+                           f"model on {train_cfg.data.name} {tuple(model_shape)} with {name(train_cfg)}: {fix}")
 
 
 def load_classifier(ckpt: str, device: torch.device, train_cfg: DictConfig, shape) -> NoisyClassifier:
@@ -67,22 +81,14 @@ def load_classifier(ckpt: str, device: torch.device, train_cfg: DictConfig, shap
     if cls_cfg.net.get("_target_") not in CLASSIFIERS:
         raise DiffcliError(f"classifier={file} is a denoising model, not a classifier; train one with net="
                            "unet_classifier (images) or net=mlp_classifier (2D) on the model's path and data")
-    if tuple(cls_shape) != tuple(shape) or cls_cfg.model.path != train_cfg.model.path:
-        raise DiffcliError(f"classifier={file} was trained on {cls_cfg.data.name} {tuple(cls_shape)} with path "
-                           f"{cls_cfg.model.path._target_.rsplit('.', 1)[-1]}, the model on {train_cfg.data.name} "
-                           f"{tuple(shape)} with {train_cfg.model.path._target_.rsplit('.', 1)[-1]}: train the "
-                           f"classifier with the model's model= and data= settings")
+    _check_companion("classifier", file, cls_cfg, cls_shape, train_cfg, shape,
+                     "train the classifier with the model's model= and data= settings")
     k = model_classes(train_cfg.model)
     if k and k != cls_cfg.model.n_classes:
         raise DiffcliError(f"classifier={file} knows {cls_cfg.model.n_classes} classes, the model {k}: train both on "
                            "the same labelled data")
-    try:
-        net = build_net(cls_cfg.net, cls_shape, n_classes=int(cls_cfg.model.n_classes))
-        load_weights(net, state, "its weights")
-    except DiffcliError as e:
-        raise DiffcliError(f"{file}: {e}") from None
-    return NoisyClassifier(net.to(device).eval(), build_path(cls_cfg.model.path), cls_cfg.model.precond,
-                           cls_cfg.model.sigma_data)
+    net, path = _net_and_path(file, state, cls_cfg, cls_shape, int(cls_cfg.model.n_classes))
+    return NoisyClassifier(net.to(device).eval(), path, cls_cfg.model.precond, cls_cfg.model.sigma_data)
 
 
 def even_labels(n: int, n_classes: int) -> torch.Tensor | None:
@@ -122,10 +128,8 @@ def requested_labels(cfg: DictConfig, denoiser: Denoiser, conditional: bool) -> 
 def load_guide(ckpt: str, device, net_class, train_cfg: DictConfig, shape) -> Denoiser:
     """Autoguidance's weaker model: a checkpoint of the same data shape and path (an earlier or smaller run)."""
     guide, guide_cfg, _, guide_shape, file = load_model(ckpt, device, net_class)
-    if tuple(guide_shape) != tuple(shape) or guide_cfg.model.path != train_cfg.model.path:
-        raise DiffcliError(f"guide={file} was trained on {guide_cfg.data.name} {tuple(guide_shape)} with path "
-                           f"{guide_cfg.model.path._target_.rsplit('.', 1)[-1]}; autoguidance needs the model's own data"
-                           " shape and path: pick an earlier checkpoint or a smaller model of the same formulation")
+    _check_companion("guide", file, guide_cfg, guide_shape, train_cfg, shape, "autoguidance needs the model's own "
+                     "data shape and path: pick an earlier checkpoint or a smaller model of the same formulation")
     return guide
 
 

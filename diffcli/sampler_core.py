@@ -98,26 +98,26 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
     return (torch.maximum(torch.minimum(work, s), -s) / s).to(x0.dtype).reshape(x0.shape)
 
 
-def clipped_x0(denoiser, x, t, clip_x0="none", clip_sample_range: float = 1.0,
-               dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0):
-    """x0_hat under the sampler's clipping: `static` clamps to [-clip_sample_range, clip_sample_range] (1: where
-    pixels live), `dynamic` is dynamic_threshold; names and defaults as diffusers' schedulers take them."""
-    x0, mode = denoiser(x, t), check_clip(clip_x0)
-    if mode == "static":
-        return x0.clamp(-clip_sample_range, clip_sample_range)
-    return dynamic_threshold(x0, dynamic_thresholding_ratio, sample_max_value) if mode == "dynamic" else x0
-
-
-def check_clip_options(clip_x0, clip_sample_range: float, dynamic_thresholding_ratio: float,
-                       sample_max_value: float) -> None:
-    """One-line errors for clipping settings out of range, before any work."""
-    check_clip(clip_x0)
+def x0_clipper(clip_x0="none", clip_sample_range: float = 1.0, dynamic_thresholding_ratio: float = 0.995,
+               sample_max_value: float = 1.0):
+    """x0_hat -> x0_hat under a sampler's clipping, its settings checked once (one-line errors): `static` clamps to
+    [-clip_sample_range, clip_sample_range] (1: where pixels live), `dynamic` is dynamic_threshold, `none` leaves
+    it; names and defaults as diffusers' schedulers take them."""
+    mode = check_clip(clip_x0)
     if not clip_sample_range > 0:
         raise DiffcliError(f"sampler.fn.clip_sample_range={clip_sample_range} must be a positive number")
     if not 0 < dynamic_thresholding_ratio <= 1:
         raise DiffcliError(f"sampler.fn.dynamic_thresholding_ratio={dynamic_thresholding_ratio} must lie in (0, 1]")
     if not sample_max_value >= 1:
         raise DiffcliError(f"sampler.fn.sample_max_value={sample_max_value} must be >= 1 (s is clamped to [1, it])")
+    if mode == "static":
+        return lambda x0: x0.clamp(-clip_sample_range, clip_sample_range)
+    if mode == "dynamic":
+        return lambda x0: dynamic_threshold(x0, dynamic_thresholding_ratio, sample_max_value)
+    return lambda x0: x0
+
+
+CLIP_OPTIONS = ("clip_x0", "clip_sample_range", "dynamic_thresholding_ratio", "sample_max_value")
 
 
 def velocity_at(denoiser, path: Path, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,7 @@ import torch
 
 from . import DiffcliError
 from .paths import NCSNPath, Path, VEPath, VPPath
-from .sampler_core import (alpha_sigma, check_clip_options, check_sampler, clipped_x0, draw_noise, record, score_at,
-                           transition)
+from .sampler_core import alpha_sigma, check_sampler, draw_noise, record, score_at, transition, x0_clipper
 
 # ---------------------------------------------------------------------------------------------
 # Gaussian posteriors
@@ -22,14 +21,12 @@ def ancestral(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *,
               dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
               trajectory: list | None = None) -> torch.Tensor:
     """Ancestral sampling from the posterior q(x_s | x_t, x0_hat) (Ho et al. 2020, Alg. 2 / eq. 7); x0_hat clipped
-    as `clip_x0` says (sampler_core.clipped_x0)."""
+    as `clip_x0` says (sampler_core.x0_clipper)."""
     check_sampler("ancestral", path)
-    clip = dict(clip_x0=clip_x0, clip_sample_range=clip_sample_range,
-                dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
-    check_clip_options(**clip)
+    clip = x0_clipper(clip_x0, clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
     record(trajectory, x)
     for t, s in zip(t_grid[:-1], t_grid[1:]):
-        x0 = clipped_x0(denoiser, x, t, **clip)
+        x0 = clip(denoiser(x, t))
         a_t, s_t, a_s, s_s, s2_ts = transition(path, t, s)
         mean = (a_s * s2_ts / s_t**2) * x0 + ((a_t / a_s) * s_s**2 / s_t**2) * x
         x = mean + torch.sqrt(s2_ts * s_s**2 / s_t**2) * draw_noise(x, generator) if s > 0 else mean
@@ -43,16 +40,14 @@ def ddim(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, eta: fl
          dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
          trajectory: list | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021a, eq. 12): eta = 0 is deterministic, eta = 1 is ancestral sampling; x0_hat clipped
-    as `clip_x0` says (sampler_core.clipped_x0)."""
+    as `clip_x0` says (sampler_core.x0_clipper)."""
     if eta < 0:
         raise DiffcliError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like)")
     check_sampler("ddim", path, eta=eta)  # eta = 0 is a valid ODE step for any prior
-    clip = dict(clip_x0=clip_x0, clip_sample_range=clip_sample_range,
-                dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
-    check_clip_options(**clip)
+    clip = x0_clipper(clip_x0, clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
     record(trajectory, x)
     for t, s in zip(t_grid[:-1], t_grid[1:]):
-        x0 = clipped_x0(denoiser, x, t, **clip)
+        x0 = clip(denoiser(x, t))
         a_t, s_t, a_s, s_s, s2_ts = transition(path, t, s)
         eps = (x - a_t * x0) / s_t  # consistent with the (possibly clipped) x0
         c = eta * torch.sqrt(s2_ts * s_s**2 / s_t**2)  # eq. 16's sigma_t

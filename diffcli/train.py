@@ -31,7 +31,7 @@ from .evaluate import quick_metric
 from . import distributed
 from .losses import check_coupling, check_weighting, classifier_loss, draw, pair_loss
 from .paths import check_times
-from .prediction import check_precond, check_prediction, net_inputs
+from .prediction import NoisyClassifier, check_precond, check_prediction
 from .sample import even_labels, generate, model_denoiser, pick_device, pyplot, sampler_config, sampler_from_config, save_picture
 from .schema import TrainApp, check_ranges, resume_overrides, validate
 
@@ -233,12 +233,12 @@ def noisy_accuracy(net, path, model_cfg: DictConfig, data, device, n: int = 1000
     g = torch.Generator(device).manual_seed(12345)
     x0, y = data.labelled_batch(0, n, g)
     x1 = path.sample_prior(x0.shape, g, device)
+    classifier = NoisyClassifier(net, path, model_cfg.precond, model_cfg.sigma_data)  # as classifier= will feed it
     out = {}
     for t_val in times:
         t = torch.full((n,), t_val, device=device)
-        x_t = path.marginal(x0, x1, t)
-        logits = net(*net_inputs(net, path, x_t, t, model_cfg.precond, model_cfg.sigma_data))
-        out[f"t={t_val:g}"] = (logits.argmax(1) == y.to(logits.device)).float().mean().item()
+        log_p = classifier(path.marginal(x0, x1, t), t)
+        out[f"t={t_val:g}"] = (log_p.argmax(1) == y.to(log_p.device)).float().mean().item()
     return out
 
 

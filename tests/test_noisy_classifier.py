@@ -118,3 +118,13 @@ def test_classifier_training_refusals(tmp_path):
     with pytest.raises(DiffcliError, match="not a class-conditional model: drop model.cond=class"):
         run_train(compose_config("train", toy() + ["net=mlp_classifier", "model.cond=class", "train.steps=2"]),
                   tmp_path / "b")
+
+
+def test_companions_match_paths_by_their_built_arguments():
+    """A checkpoint stored before a path argument existed (no zero_terminal_snr key) still matches a model whose
+    config spells the default out; a different value does not."""
+    from diffcli.build import path_arguments
+
+    old = {"_target_": "diffcli.paths.DDPMPath", "T": 1000, "schedule": "linear"}
+    assert path_arguments(old) == path_arguments({**old, "zero_terminal_snr": False, "beta_end": 0.02})
+    assert path_arguments(old) != path_arguments({**old, "zero_terminal_snr": True})
