@@ -35,9 +35,9 @@ class TrainConfig:
     warmup: int = MISSING
     grad_clip: Optional[float] = MISSING
     ema: EMAConfig = field(default_factory=EMAConfig)
-    precision: str = MISSING
+    precision: str = MISSING          # auto | fp32 | bf16 | fp16
     grad_accum: int = MISSING
-    compile: bool = MISSING
+    compile: Any = MISSING            # auto | true | false
     channels_last: Any = MISSING  # auto | true | false
     max_nonfinite: int = MISSING
     log_every: int = MISSING
@@ -303,6 +303,7 @@ RANGES = {
     "train.ema.decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "train.ema.warmup": (lambda v: v >= 0, "an integer >= 0"),
     "train.channels_last": (lambda v: v in ("auto", True, False), "auto, true or false"),
+    "train.compile": (lambda v: v in ("auto", True, False), "auto, true or false"),
     "train.grad_accum": (lambda v: v > 0, "a positive integer"),
     "train.max_nonfinite": (lambda v: v > 0, "a positive integer"),
     "train.log_every": (lambda v: v > 0, "a positive integer"),

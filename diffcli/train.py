@@ -37,6 +37,7 @@ from .schema import TrainApp, check_ranges, resume_overrides, validate
 
 log = logging.getLogger("diffcli")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_STEPS = 1000  # compile=auto: runs this long repay the one-off compile (about a minute on 2 CPU cores)
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -58,8 +59,8 @@ def check_train_config(cfg: DictConfig, path) -> None:
     """One-line errors for bad training settings (the model's path already built)."""
     tc = cfg.train
     check_ranges(cfg)
-    if tc.precision not in PRECISIONS:
-        raise DiffcliError(f"train.precision={tc.precision} is unknown; choose one of {', '.join(PRECISIONS)}")
+    if tc.precision not in ("auto", *PRECISIONS):
+        raise DiffcliError(f"train.precision={tc.precision} is unknown; choose one of auto, {', '.join(PRECISIONS)}")
     if cfg.model.get("prior") is not None and "prior" not in inspect.signature(type(path)).parameters:
         raise DiffcliError(f"model.prior={cfg.model.prior}: {cfg.model.name}'s path has a Gaussian prior only; "
                            "other priors need model=flow")
@@ -248,15 +249,33 @@ def drop_labels(y: torch.Tensor, n_classes: int, p_uncond: float, g: torch.Gener
     return torch.where(drop, n_classes, y)
 
 
-def build_optimization(cfg: DictConfig, net, device: torch.device):
-    """EMA, optimizer, grad scaler and autocast context of a run."""
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 has units of its own here: a CUDA GPU that has bf16, or a CPU with AMX tiles (oneDNN)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def speed_settings(tc: DictConfig, device: torch.device, is_image: bool) -> tuple[str, bool]:
+    """train.precision and train.compile with `auto` resolved: bf16 + compile for image nets where bf16 has
+    its own units and the run repays the compile; fp32 eager elsewhere (README, "CPU speed": bf16 without
+    compile gains nothing on a CPU, and without AMX it is emulated and slower)."""
+    fast = is_image and fast_bf16(device)
+    compiled = fast and tc.steps >= COMPILE_STEPS if tc.compile == "auto" else bool(tc.compile)
+    precision = ("bf16" if fast and (compiled or device.type == "cuda") else "fp32") \
+        if tc.precision == "auto" else tc.precision
+    return precision, compiled
+
+
+def build_optimization(cfg: DictConfig, net, device: torch.device, precision: str | None = None):
+    """EMA, optimizer, grad scaler and autocast context of a run (at `precision`, default train.precision)."""
     tc = cfg.train
     ema = EMA(net, decay=tc.ema.decay, warmup=tc.ema.warmup)
     # fused: one kernel per step, and it takes a found_inf flag, so a non-finite step is skipped on the
     # device without a host sync (CUDA and CPU)
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
                             fused=device.type in ("cuda", "cpu"))
-    dtype = PRECISIONS[tc.precision]
+    dtype = PRECISIONS[precision or tc.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)  # fp16 needs loss scaling
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     return ema, opt, scaler, autocast
@@ -382,17 +401,19 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world, us
     nhwc = channels_last(cfg, device, data)
     if nhwc:
         net = net.to(memory_format=torch.channels_last)
-    ema, opt, scaler, autocast = build_optimization(cfg, net, device)
+    precision, compiled = speed_settings(tc, device, data.is_image)
+    ema, opt, scaler, autocast = build_optimization(cfg, net, device, precision)
     start = restore(state, net, ema, opt, scaler, device) if state else 0
     # linear warm-up; built after the optimizer state is loaded so that last_epoch restores its LR
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(tc.warmup, 1)),
                                               last_epoch=start - 1)
     model = distributed.wrap(world, net)
-    if tc.get("compile"):
+    if compiled:
         model = torch.compile(model)  # state dicts are taken from `net`, so no _orig_mod. prefixes
-    log.info("%s: %s on %s, net %s (%.2fM parameters), device %s x %d, %d steps, batch %d (%d per pass)", out_dir,
-             cfg.model.name, cfg.data.name, cfg.net._target_.rsplit(".", 1)[-1],
-             sum(p.numel() for p in net.parameters()) / 1e6, device, world.size, tc.steps, tc.batch_size, micro)
+    log.info("%s: %s on %s, net %s (%.2fM parameters), device %s x %d, %d steps, batch %d (%d per pass), %s%s%s",
+             out_dir, cfg.model.name, cfg.data.name, cfg.net._target_.rsplit(".", 1)[-1],
+             sum(p.numel() for p in net.parameters()) / 1e6, device, world.size, tc.steps, tc.batch_size, micro,
+             precision, ", compiled" if compiled else "", ", channels-last" if nhwc else "")
 
     def checkpoint(step: int) -> None:
         save_ema(ckpt_dir / f"ema_{step}.safetensors", ema.net.state_dict(), cfg, step, data.shape)

@@ -2,7 +2,10 @@
 
     python scripts/bench_train.py [--net unet_small|unet_ddpm_cifar] [--batch 32] [--steps 10] [--warmup 3]
                                   [--device auto|cpu|cuda] [--precision fp32|bf16|fp16] [--compile]
-                                  [--channels-last] [--json out.json]
+                                  [--channels-last] [--threads N] [--matrix] [--json out.json]
+
+--matrix measures every precision (fp32, bf16) x channels-last x compile for both models, then the fastest of
+those at each smaller thread count, and prints the table and the best-against-best ratio.
 
 diffcli: `UNet` from configs/net/<net>.yaml, one `diffcli.train.train_step` (DDPM path, eps prediction,
 L_simple; the whole batch in one pass) with the optimizer, grad scaler and autocast of
@@ -27,6 +30,7 @@ import math
 import platform
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -177,6 +181,20 @@ def time_training(runs, steps, warmup, device):
     return seconds
 
 
+def host_syncs(step, net, device) -> int | None:
+    """Synchronising calls inside one training step (torch.cuda.set_sync_debug_mode's warnings); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step(net)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def matmul_flops(n, dtype, device, reps) -> float:
     """FLOP/s of a plain n x n @ n x n matmul: 2 n^3 / time (best of `reps` synchronised runs after warm-up)."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
@@ -206,6 +224,73 @@ def data_throughput(shape, batch, device) -> float:
     return batch / statistics.median(seconds)
 
 
+def measure(net_name, shape, batch, steps, warmup, device, precision, compile, channels_last, matmul_n=None):
+    """Every number of one setting: both models' step times, FLOPs, the matmul reference and the data pipeline."""
+    cfg = OmegaConf.load(ROOT / "configs" / "net" / f"{net_name}.yaml")
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    torch._dynamo.reset()  # each setting compiles afresh (a matrix run measures several in one process)
+    torch.manual_seed(0)
+    ours = instantiate(cfg, shape=shape).to(device, memory_format=memory).train()
+    torch.manual_seed(0)
+    theirs = diffusers_unet(cfg, shape).to(device, memory_format=memory).train()
+    x0 = (2 * torch.rand(batch, *shape, device=device) - 1).contiguous(memory_format=memory)
+    step_fns = {"diffcli": DiffcliStep(ours, x0, device, precision),
+                "diffusers": DiffusersStep(theirs, x0, device, precision)}
+    flops = {name: count_flops(step_fns[name], net) for name, net in (("diffcli", ours), ("diffusers", theirs))}
+    nets = {"diffcli": ours, "diffusers": theirs}
+    compile_s = {name: 0.0 for name in nets}
+    if compile:
+        nets = {name: torch.compile(net) for name, net in nets.items()}
+        for name in nets:  # the one-off compile, timed on its own (the first step traces and compiles)
+            compile_s[name] = sum(time_steps(lambda: step_fns[name](nets[name]), 1, device))
+    seconds = time_training({name: (step_fns[name], nets[name]) for name in step_fns}, steps, warmup, device)
+    syncs = {name: host_syncs(step_fns[name], nets[name], device) for name in step_fns}
+
+    dtype = PRECISIONS[precision] or torch.float32
+    n = matmul_n or (8192 if device.type == "cuda" else 2048)
+    peak = matmul_flops(n, dtype, device, reps=20 if device.type == "cuda" else 5)
+    data_ips = data_throughput(shape, batch, device)
+
+    result = {
+        "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+        "diffusers_version": __import__("diffusers").__version__, "net": net_name, "shape": list(shape), "batch": batch,
+        "steps": steps, "warmup": warmup, "precision": precision, "compile": compile, "threads": torch.get_num_threads(),
+        "channels_last": channels_last, "matmul_n": n, "matmul_dtype": str(dtype).removeprefix("torch."),
+        "matmul_flop_per_s": peak, "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
+                                            "cudnn": torch.backends.cudnn.allow_tf32},
+    }
+    for name in step_fns:
+        step_s = statistics.median(seconds[name])  # robust to other processes' bursts on a shared machine
+        result[name] = {"params": n_params(nets[name]), "images_per_s": batch / step_s, "step_ms": 1e3 * step_s,
+                        "images_per_s_mean": batch * steps / sum(seconds[name]), "compile_s": compile_s[name],
+                        "host_syncs_per_step": syncs[name],
+                        "step_seconds": seconds[name], "flops_per_step": flops[name],
+                        "flop_per_s": flops[name] / step_s, "matmul_fraction": flops[name] / step_s / peak}
+    result["ratio_diffcli_over_diffusers"] = result["diffcli"]["images_per_s"] / result["diffusers"]["images_per_s"]
+    result["data_images_per_s"] = data_ips
+    result["data_over_train"] = data_ips / result["diffcli"]["images_per_s"]
+    return result
+
+
+def matrix(args, device, shape):
+    """Each of precision x channels-last x compile (and the best of them at every thread count), both models."""
+    rows = []
+    threads = torch.get_num_threads()
+    for precision in args.precisions:
+        for nhwc in (False, True):
+            for comp in (False, True):
+                rows.append(measure(args.net, shape, args.batch, args.steps, args.warmup, device, precision, comp, nhwc))
+                report_row(rows[-1])
+    best = max(rows, key=lambda r: r["diffcli"]["images_per_s"])
+    for n in range(1, threads if not args.no_threads else 1):  # fewer threads than cores, at the fastest setting
+        torch.set_num_threads(n)
+        rows.append(measure(args.net, shape, args.batch, args.steps, args.warmup, device, best["precision"],
+                            best["compile"], best["channels_last"]))
+        report_row(rows[-1])
+    torch.set_num_threads(threads)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--net", choices=["unet_small", "unet_ddpm_cifar"], default="unet_small")
@@ -218,57 +303,66 @@ def main():
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    parser.add_argument("--matrix", action="store_true",
+                        help="measure every precision (fp32, bf16) x channels-last x compile, then fewer threads")
+    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=["fp32", "bf16"],
+                        help="--matrix: the precisions to measure")
+    parser.add_argument("--no-threads", action="store_true", help="--matrix: skip the fewer-threads rows")
     parser.add_argument("--matmul-n", type=int, default=None, help="matmul size (default 2048 on CPU, 8192 on CUDA)")
     parser.add_argument("--json", default=None, help="write every number to this file")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         parser.error("--steps and --batch must be positive, --warmup non-negative")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = pick_device(args.device)
     shape = (args.channels, args.image_size, args.image_size)
-    cfg = OmegaConf.load(ROOT / "configs" / "net" / f"{args.net}.yaml")
-    memory = torch.channels_last if args.channels_last else torch.contiguous_format
-
-    torch.manual_seed(0)
-    ours = instantiate(cfg, shape=shape).to(device, memory_format=memory).train()
-    torch.manual_seed(0)
-    theirs = diffusers_unet(cfg, shape).to(device, memory_format=memory).train()
-    x0 = (2 * torch.rand(args.batch, *shape, device=device) - 1).contiguous(memory_format=memory)
-    steps = {"diffcli": DiffcliStep(ours, x0, device, args.precision),
-             "diffusers": DiffusersStep(theirs, x0, device, args.precision)}
-    flops = {name: count_flops(steps[name], net) for name, net in (("diffcli", ours), ("diffusers", theirs))}
-    nets = {"diffcli": ours, "diffusers": theirs}
-    if args.compile:
-        nets = {name: torch.compile(net) for name, net in nets.items()}
-    seconds = time_training({name: (steps[name], nets[name]) for name in steps}, args.steps, args.warmup, device)
-
-    dtype = PRECISIONS[args.precision] or torch.float32
-    n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
-    peak = matmul_flops(n, dtype, device, reps=20 if device.type == "cuda" else 5)
-    data_ips = data_throughput(shape, args.batch, device)
-
-    result = {
-        "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-        "diffusers_version": __import__("diffusers").__version__, "net": args.net, "shape": list(shape), "batch": args.batch,
-        "steps": args.steps, "warmup": args.warmup, "precision": args.precision, "compile": args.compile,
-        "channels_last": args.channels_last, "matmul_n": n, "matmul_dtype": str(dtype).removeprefix("torch."),
-        "matmul_flop_per_s": peak, "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
-                                            "cudnn": torch.backends.cudnn.allow_tf32},
-    }
-    for name in steps:
-        step_s = statistics.median(seconds[name])  # robust to other processes' bursts on a shared machine
-        result[name] = {"params": n_params(nets[name]), "images_per_s": args.batch / step_s, "step_ms": 1e3 * step_s,
-                        "images_per_s_mean": args.batch * args.steps / sum(seconds[name]),
-                        "step_seconds": seconds[name], "flops_per_step": flops[name],
-                        "flop_per_s": flops[name] / step_s, "matmul_fraction": flops[name] / step_s / peak}
-    result["ratio_diffcli_over_diffusers"] = result["diffcli"]["images_per_s"] / result["diffusers"]["images_per_s"]
-    result["data_images_per_s"] = data_ips
-    result["data_over_train"] = data_ips / result["diffcli"]["images_per_s"]
-    report(result)
+    if args.matrix:
+        rows = matrix(args, device, shape)
+        report_matrix(rows)
+        result = {"rows": rows}
+    else:
+        result = measure(args.net, shape, args.batch, args.steps, args.warmup, device, args.precision, args.compile,
+                         args.channels_last, args.matmul_n)
+        report(result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
+
+
+def setting(r) -> str:
+    flags = [f for f, on in (("compile", r["compile"]), ("channels-last", r["channels_last"])) if on]
+    return f"{r['precision']} {' + '.join(flags) or 'eager'}, {r['threads']} thread{'s' * (r['threads'] > 1)}"
+
+
+def report_row(r):
+    print(f"{setting(r)}: diffcli {r['diffcli']['images_per_s']:.1f} images/s, diffusers "
+          f"{r['diffusers']['images_per_s']:.1f} (ratio {r['ratio_diffcli_over_diffusers']:.2f})", flush=True)
+
+
+def report_matrix(rows):
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=120)
+    r0 = rows[0]
+    console.print(f"device {r0['device']}   torch {r0['torch']}   diffusers {r0['diffusers_version']}   net {r0['net']}, "
+                  f"images {'x'.join(map(str, r0['shape']))}, batch {r0['batch']}, {r0['steps']} timed steps per model")
+    table = Table(title="training step images/s (median step), each setting for both models in one process")
+    for col in ("setting", "diffcli", "diffusers", "diffcli / diffusers", "compile s (diffcli)"):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for r in rows:
+        table.add_row(setting(r), f"{r['diffcli']['images_per_s']:.1f}", f"{r['diffusers']['images_per_s']:.1f}",
+                      f"{r['ratio_diffcli_over_diffusers']:.2f}", f"{r['diffcli']['compile_s']:.0f}")
+    console.print(table)
+    ours = max(rows, key=lambda r: r["diffcli"]["images_per_s"])
+    theirs = max(rows, key=lambda r: r["diffusers"]["images_per_s"])
+    ratio = ours["diffcli"]["images_per_s"] / theirs["diffusers"]["images_per_s"]
+    console.print(f"best diffcli: {setting(ours)}, {ours['diffcli']['images_per_s']:.1f} images/s; best diffusers: "
+                  f"{setting(theirs)}, {theirs['diffusers']['images_per_s']:.1f} images/s; ratio {ratio:.2f}")
 
 
 def report(r):
@@ -276,9 +370,7 @@ def report(r):
     from rich.table import Table
 
     console = Console(width=110)
-    flags = [f for f, on in (("compile", r["compile"]), ("channels-last", r["channels_last"])) if on]
-    console.print(f"device {r['device']}   torch {r['torch']}   diffusers {r['diffusers_version']}   precision {r['precision']}"
-                  f"   {' '.join(flags) or 'eager'}")
+    console.print(f"device {r['device']}   torch {r['torch']}   diffusers {r['diffusers_version']}   {setting(r)}")
     console.print(f"net {r['net']}, images {'x'.join(map(str, r['shape']))}, batch {r['batch']}, "
                   f"{r['steps']} timed steps after {r['warmup']} warm-up, per model")
     table = Table(title="training step: forward + backward + AdamW")
@@ -302,6 +394,9 @@ def report(r):
     tf32 = " (TF32)" if r["device_type"] == "cuda" and r["matmul_dtype"] == "float32" and r["tf32"]["cudnn"] else ""
     console.print(f"matmul {r['matmul_n']}x{r['matmul_n']} {r['matmul_dtype']}{tf32}: "
                   f"{r['matmul_flop_per_s'] / 1e12:.3f} TFLOP/s")
+    if d["host_syncs_per_step"] is not None:
+        console.print(f"host syncs inside one step (set_sync_debug_mode): diffcli {d['host_syncs_per_step']}, "
+                      f"diffusers {h['host_syncs_per_step']}")
     console.print(f"data pipeline (ImageData.batch, hflip): {r['data_images_per_s']:,.0f} images/s = "
                   f"{r['data_over_train']:.0f}x diffcli's training step ({d['images_per_s']:.1f} images/s)")
 

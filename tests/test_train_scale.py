@@ -141,3 +141,32 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     _assert_same_weights(tmp_path / "one", runs[0], 6)
     log = (runs[0] / "log.jsonl").read_text().splitlines()
     assert len(log) == 2  # rank 0 alone logs
+
+
+def test_auto_precision_and_compile_follow_the_hardware(monkeypatch):
+    """precision/compile=auto: bf16 + compile for image nets where bf16 has units of its own (AMX on a CPU) and the
+    run repays the compile; fp32 eager for 2D points, short runs and CPUs without AMX; explicit values stand."""
+    from omegaconf import OmegaConf
+
+    from diffcli.train import COMPILE_STEPS, speed_settings
+
+    cpu, tc = torch.device("cpu"), OmegaConf.create({"precision": "auto", "compile": "auto", "steps": COMPILE_STEPS})
+    short = OmegaConf.merge(tc, {"steps": COMPILE_STEPS - 1})
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert speed_settings(tc, cpu, is_image=True) == ("bf16", True)
+    assert speed_settings(tc, cpu, is_image=False) == ("fp32", False)
+    assert speed_settings(short, cpu, is_image=True) == ("fp32", False)  # eager bf16 gains nothing on a CPU
+    assert speed_settings(OmegaConf.merge(short, {"compile": True}), cpu, is_image=True) == ("bf16", True)
+    assert speed_settings(OmegaConf.merge(tc, {"precision": "fp16", "compile": False}), cpu, True) == ("fp16", False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert speed_settings(tc, cpu, is_image=True) == ("fp32", False)
+
+
+def test_the_run_log_names_the_precision_and_compile_it_chose(tmp_path, caplog):
+    """What auto chose is in train.log's first line (here: a CPU run of 2D points, fp32 eager)."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="diffcli"):
+        run_train(compose_config("train", TOY + ["train.steps=2"]), tmp_path)
+    first = next(r.getMessage() for r in caplog.records if "parameters" in r.getMessage())
+    assert first.endswith("fp32"), first
