@@ -152,6 +152,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_summary(rest))
     if command not in COMMANDS:
         sys.exit(_fail(f"unknown command '{command}'; valid commands: {', '.join([*COMMANDS, 'summary'])}"))
+    if "--help" in rest or "-h" in rest:  # Hydra's own help would list every group, also those this command refuses
+        from .help import command_help
+
+        print(command_help(command), end="")
+        return
+    try:
+        from .schema import check_overrides
+
+        check_overrides(command, rest)
+    except DiffcliError as e:
+        sys.exit(_fail(str(e)))
     user_wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["DIFFCLI_TRACEBACK"] = "1" if user_wants_trace else "0"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report

@@ -244,6 +244,73 @@ def config_error(e: BaseException) -> str:
     return f"{key}: {head}" if key else head
 
 
+def command_groups(command: str) -> list[str]:
+    """The config groups a command composes: those its primary config's defaults list names (sample: sampler)."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.load(files("diffcli.configs").joinpath(f"{command}.yaml")).defaults
+    return [next(iter(d)) for d in defaults if isinstance(d, DictConfig)]
+
+
+def all_groups() -> list[str]:
+    """Every config group diffcli ships (the folders of diffcli/configs)."""
+    from importlib.resources import files
+
+    return sorted(p.name for p in files("diffcli.configs").iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
+def _fields(node: type) -> dict | None:
+    """A schema node's fields by name, or None where the schema stops (Any: checked by the class it goes to)."""
+    import dataclasses
+    import typing
+
+    args = [a for a in typing.get_args(node) if a is not type(None)]
+    node = args[0] if typing.get_origin(node) is typing.Union and len(args) == 1 else node  # Optional[X] -> X
+    return typing.get_type_hints(node) if dataclasses.is_dataclass(node) else None
+
+
+def check_overrides(command: str, args: list[str]) -> None:
+    """Refuse, before Hydra runs, a group or key that `command` does not read, with or without Hydra's `+`:
+    Hydra's own hint ("use +key") would lead to a run that ignores the key."""
+    import difflib
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except HydraException:
+        return  # a syntax error: Hydra's own message says where
+    groups = command_groups(command)
+    for o in overrides:
+        key = o.key_or_group
+        if key.split(".")[0].split("/")[0] == "hydra":
+            continue
+        if key in all_groups() and key not in groups:
+            raise DiffcliError(f"diffcli {command} has no {key}= group{_fixed_by_checkpoint(command)}; its groups: "
+                               f"{', '.join(groups)} (`diffcli {command} --help`)")
+        fields, path = _fields(SCHEMAS[f"{command}_schema"]), []
+        for part in key.split("."):
+            if part not in fields:
+                known = [".".join([*path, k]) for k in fields]
+                close = difflib.get_close_matches(".".join([*path, part]), known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                where = _fixed_by_checkpoint(command) if not path and part in all_groups() else ""
+                raise DiffcliError(f"{key} is not a key of diffcli {command}{hint}{where}; "
+                                   f"`diffcli {command} --help` lists its groups and keys")
+            path.append(part)
+            fields = _fields(fields[part])
+            if fields is None:
+                break
+
+
+def _fixed_by_checkpoint(command: str) -> str:
+    return "" if command == "train" else (": a checkpoint's data, model, net and train settings are fixed when it "
+                                          "is trained (diffcli train makes a new one)")
+
+
 # what a resumed run may change: its training schedule, where it runs, Hydra's own settings
 RESUMABLE = ("train.", "hydra.", "hydra/", "device")
 
