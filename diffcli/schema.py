@@ -194,6 +194,18 @@ def register() -> None:
 
 
 _CLAIMED: dict[str, str] = {}
+CREATED: dict[str, list[str]] = {}  # a run folder this process created -> the parents it created for it
+
+
+def missing_folders(path: str) -> list[str]:
+    """`path` and those of its parents that do not exist yet, deepest first (absolute)."""
+    import os
+
+    out, p = [], os.path.abspath(path)
+    while not os.path.exists(p) and p != os.path.dirname(p):
+        out.append(p)
+        p = os.path.dirname(p)
+    return out
 
 
 def new_dir(path: str) -> str:
@@ -205,6 +217,7 @@ def new_dir(path: str) -> str:
     import os
 
     if path not in _CLAIMED:
+        parents = missing_folders(os.path.dirname(path) or ".")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         candidate, k = path, 0
         while True:
@@ -215,6 +228,7 @@ def new_dir(path: str) -> str:
                 k += 1
                 candidate = f"{path}_{k}"
         _CLAIMED[path] = candidate
+        CREATED[os.path.abspath(candidate)] = parents
     return _CLAIMED[path]
 
 

@@ -101,8 +101,7 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     step = int(state.stem.split("_")[1])
     assert step >= 40 and "train.resume=" in stdout + stderr
 
-    r = run_cli("train", "train.resume=run", f"train.steps={step + 30}", "train.log_every=10",
-                "hydra.run.dir=resumed", cwd=tmp_path)
+    r = run_cli("train", "train.resume=run", f"train.steps={step + 30}", "train.log_every=10", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "checkpoints" / f"ema_{step + 30}.safetensors").is_file()
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
