@@ -244,7 +244,7 @@ def _summary(args: list[str]) -> int:
     if len(args) != 1 or args[0].startswith("-"):
         print("usage: diffcli summary DIR   (an eval run or sweep folder, e.g. outputs/multirun/eval/<date>_<time>)")
         return 0 if args and args[0] in ("-h", "--help") else 2
-    from .evaluate import summarize
+    from .summary import summarize
 
     try:
         out = summarize(args[0])

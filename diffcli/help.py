@@ -57,7 +57,7 @@ GROUPS = {
         "warmup": "linear learning-rate warm-up, in steps",
         "ema.decay": "EMA decay of the sampled weights (ema.warmup: its warm-up)",
         "precision": "fp32 | bf16 | fp16",
-        "sample_every": "a picture of EMA samples every N steps (0: never)",
+        "sample_every": "a picture of EMA samples every N steps and at the last step (0: never)",
         "eval_every": "a cheap metric of EMA samples to eval.jsonl every N steps (0: never)",
         "ckpt_every": "a checkpoint every N steps (and at the last)",
         "resume": "a run folder to continue, in that folder",
@@ -74,7 +74,7 @@ GROUPS = {
 # top-level keys (and the `sample.` options) -> one line
 KEYS = {
     "ckpt": "a training run folder or an ema_<step>.safetensors file (null: the newest run under ./outputs/)",
-    "n": "number of samples",
+    "n": "number of samples (sample's null: 2000 points for 2D data, 64 images)",
     "batch_size": "samples per batch",
     "steps": "sampling steps (null: the sampler's default)",
     "eta": "DDIM's stochasticity (0: deterministic, 1: ancestral-like)",

@@ -144,7 +144,7 @@ class SampleApp:
     net_class: Optional[str] = None   # your own network class, named on this command line (never from a file)
     steps: Optional[int] = None
     eta: float = 0.0
-    n: int = MISSING
+    n: Optional[int] = None           # null: DEFAULT_N for the data's kind
     batch_size: int = MISSING
     seed: int = 0
     device: str = "auto"
@@ -408,7 +408,7 @@ RANGES = {
     "guidance": (lambda v: v >= 0, "a number >= 0 (0: unconditional, 1: conditional, > 1: guided)"),
     "steps": (lambda v: v is None or v > 0, "a positive integer (or null for the sampler's default)"),
     "eta": (lambda v: v >= 0, "a number >= 0 (0: deterministic DDIM, 1: DDPM-like)"),
-    "n": (lambda v: v > 0, "a positive integer"),
+    "n": (lambda v: v is None or v > 0, "a positive integer"),
     "batch_size": (lambda v: v > 0, "a positive integer"),
     "metric.batch_size": (lambda v: v > 0, "a positive integer"),
     "metric.kid_subsets": (lambda v: v > 0, "a positive integer"),
