@@ -42,14 +42,70 @@ def _user_errors_exit(task):
         try:
             task(cfg)
         except KeyboardInterrupt:
+            _remove_if_unused(_run_dir())
             sys.exit(_fail("interrupted (Ctrl-C)", code=130))
         except Exception as e:
+            _remove_if_unused(_run_dir())
             message = _user_error(e)
             if message is None or os.environ.get("DIFFCLI_TRACEBACK") == "1":
                 raise
             sys.exit(_fail(message))
 
     return job
+
+
+def _remove_if_unused(run_dir: str) -> None:
+    """A run that failed before doing any work leaves no folder behind: its folder (and the parents made for it)
+    is removed when this process created it and it holds only Hydra's .hydra/, the run's log and its lock."""
+    import shutil
+
+    from .schema import CREATED
+
+    run = os.path.abspath(run_dir)
+    if run not in CREATED or not os.path.isdir(run):
+        return
+    for folder, _, names in os.walk(run):
+        where = os.path.relpath(folder, run)
+        if where.split(os.sep)[0] != ".hydra" and any(
+                where != "." or not (name.endswith(".log") or name == ".diffcli.lock") for name in names):
+            return  # the run wrote something of its own
+    shutil.rmtree(run, ignore_errors=True)
+    for parent in CREATED.pop(run):
+        try:
+            os.rmdir(parent)  # only while empty: another run may have put its folder there since
+        except OSError:
+            break
+
+
+def _run_folder_overrides(command: str, rest: list[str]) -> list[str]:
+    """Hydra overrides that put a run's folder where it belongs.
+
+    `train.resume` continues a run in that run's own folder: Hydra's log is appended to its train.log and no
+    second folder (nor a second .hydra/) is made. A new hydra.run.dir is noted as this run's own, to remove if the
+    run fails before doing any work.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from .schema import CREATED, missing_folders
+
+    given = next((a.split("=", 1)[1] for a in rest if a.startswith("hydra.run.dir=")), None)
+    if given is not None and not os.path.exists(given):
+        CREATED[os.path.abspath(given)] = missing_folders(given)[1:]
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in rest if "=" in a and not a.startswith("-")])
+    except HydraException:
+        return []  # Hydra reports the syntax error
+    resume = next((o.value() for o in overrides if o.key_or_group == "train.resume"), None)
+    if command != "train" or not isinstance(resume, str) or {"-m", "--multirun"} & set(rest):
+        return []
+    if given is not None:
+        raise DiffcliError(f"train.resume={resume} continues that run in its own folder; drop hydra.run.dir={given}")
+    from .checkpoint import newest_state
+
+    run_dir, _ = newest_state(resume)
+    quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
+    return [f"hydra.run.dir='{quoted}'", "hydra.output_subdir=null"]
 
 
 def preflight(command: str, cfg) -> None:
@@ -152,6 +208,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_summary(rest))
     if command not in COMMANDS:
         sys.exit(_fail(f"unknown command '{command}'; valid commands: {', '.join([*COMMANDS, 'summary'])}"))
+    if "--help" in rest or "-h" in rest:  # Hydra's own help would list every group, also those this command refuses
+        from .help import command_help
+
+        print(command_help(command), end="")
+        return
+    try:
+        from .schema import check_overrides
+
+        check_overrides(command, rest)
+        if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks write no folder of their own (below)
+            rest = [*rest, *_run_folder_overrides(command, rest)]
+    except DiffcliError as e:
+        sys.exit(_fail(str(e)))
     user_wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["DIFFCLI_TRACEBACK"] = "1" if user_wants_trace else "0"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
@@ -175,7 +244,7 @@ def _summary(args: list[str]) -> int:
     if len(args) != 1 or args[0].startswith("-"):
         print("usage: diffcli summary DIR   (an eval run or sweep folder, e.g. outputs/multirun/eval/<date>_<time>)")
         return 0 if args and args[0] in ("-h", "--help") else 2
-    from .evaluate import summarize
+    from .summary import summarize
 
     try:
         out = summarize(args[0])

@@ -8,6 +8,21 @@ import torch
 from torch import nn
 
 
+def ema_decay(decay: float, warmup: int, step: int) -> float:
+    """The decay applied at `step`: min(decay, (1 + step) / (warmup + step)), or `decay` itself when warmup is 0."""
+    return decay if warmup <= 0 else min(decay, (1 + step) / (warmup + step))
+
+
+def initial_share(decay: float, warmup: int, steps: int) -> float:
+    """The weight the EMA still gives the initial weights after `steps` updates: the product of the decays."""
+    share = 1.0
+    for step in range(steps):
+        share *= ema_decay(decay, warmup, step)
+        if share < 1e-6:  # gone for any purpose; long runs end here early
+            return share
+    return share
+
+
 class EMA:
     """shadow <- d shadow + (1 - d) theta, with d = min(decay, (1 + step) / (warmup + step)).
 
@@ -22,7 +37,7 @@ class EMA:
         self.net = copy.deepcopy(net).eval().requires_grad_(False)
 
     def decay_at(self, step: int) -> float:
-        return self.decay if self.warmup <= 0 else min(self.decay, (1 + step) / (self.warmup + step))
+        return ema_decay(self.decay, self.warmup, step)
 
     @torch.no_grad()
     def update(self, net: nn.Module, step: int) -> None:

@@ -2,7 +2,7 @@
 
 2D toys: sliced Wasserstein, MMD, energy distance and mode coverage of samples against fresh data;
 exact NLL through the probability-flow ODE. Images: Inception FID / KID, classifier-feature FID,
-bits per dimension. `diffcli summary <dir>` gathers a sweep's metrics.json files into one table.
+bits per dimension. `diffcli summary <dir>` (diffcli/summary.py) gathers a sweep's metrics.json files into one table.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .data import build_data, to_float
 from .metrics import energy_distance, mmd_rbf, sliced_wasserstein
 from .sample import load_model, pick_device, sample_checkpoint, save_picture
 from .schema import check_ranges
+from .summary import fmt
 
 log = logging.getLogger("diffcli")
 # 2D sample-vs-data distances: metric name -> (key in metrics.json, function of (samples, reference))
@@ -259,118 +260,5 @@ def print_table(record: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in record["metrics"].items():
-        table.add_row(key, _fmt(value))
+        table.add_row(key, fmt(value))
     Console().print(table)
-
-
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _overrides_of(run: FsPath) -> str:
-    """The command-line overrides of a Hydra job (its .hydra/overrides.yaml), as one string."""
-    file = run / ".hydra" / "overrides.yaml"
-    return " ".join(OmegaConf.load(file)) if file.is_file() else ""
-
-
-def collect(root) -> list[dict]:
-    """Every metrics.json under root (a sweep or any folder of eval runs), oldest job first."""
-    files = sorted(FsPath(root).rglob("metrics.json"), key=lambda f: (len(f.parts), str(f)))
-    if not files:
-        raise DiffcliError(f"no metrics.json under {root}; point diffcli summary at an eval run or sweep folder "
-                           f"(e.g. outputs/multirun/eval/<date>_<time>)")
-    rows = []
-    for f in files:
-        record = json.loads(f.read_text())
-        scalars = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        rows.append({"run": str(f.parent.relative_to(root)) if f.parent != FsPath(root) else ".",
-                     "overrides": _overrides_of(f.parent), **{k: record.get(k) for k in
-                     ("model", "data", "step", "sampler", "steps", "nfe", "n", "guidance", "classifier_scale")},
-                     **scalars})
-    return rows
-
-
-def summarize(root) -> dict:
-    """One table (printed, summary.csv) and quality-vs-NFE (quality_vs_nfe.png) and, for a sweep over guidance= or
-    classifier_scale=, quality-vs-w (quality_vs_guidance.png, quality_vs_classifier_scale.png) plots of a sweep's
-    evaluations."""
-    import csv
-
-    root = FsPath(root)
-    rows = collect(root)
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(root / "summary.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    _print_summary(rows, columns, root)
-    out = {"rows": rows, "csv": str(root / "summary.csv")}
-    plotted = [k for k in columns if k not in _INFO_COLUMNS and any(isinstance(r.get(k), float) for r in rows)]
-    if plotted and any(r.get("nfe") for r in rows):
-        out["plot"] = str(_plot_against(rows, plotted, "nfe", root / "quality_vs_nfe.png"))
-    for key in ("guidance", "classifier_scale"):
-        if plotted and len({r.get(key) for r in rows if r.get(key) is not None}) > 1:
-            out[f"{key}_plot"] = str(_plot_against(rows, plotted, key, root / f"quality_vs_{key}.png"))
-    return out
-
-
-_INFO_COLUMNS = ("run", "overrides", "model", "data", "step", "sampler", "steps", "nfe", "n", "guidance",
-                 "classifier_scale")
-_SKIP_PLOT = ("_sem", "_std", "_nfe", "_total", "_covered")
-
-
-def _print_summary(rows, columns, root) -> None:
-    """The columns that vary across runs as a table; the ones that do not, in its title."""
-    from rich.console import Console
-    from rich.table import Table
-
-    swept = _varying_overrides(rows)
-    rows = [r | {"overrides": " ".join(o for o in r["overrides"].split() if o in swept)} for r in rows]
-    same = [c for c in columns if c != "run" and len({json.dumps(r.get(c)) for r in rows}) == 1 and len(rows) > 1]
-    title = f"{root} ({len(rows)} evaluations)\n" + "  ".join(f"{c}={_fmt(rows[0].get(c))}" for c in same
-                                                                if rows[0].get(c) not in (None, ""))
-    table = Table(title=title)
-    shown = [c for c in columns if c not in same]
-    for c in shown:
-        table.add_column(c, justify="left" if c in ("run", "overrides", "model", "data", "sampler") else "right")
-    for row in rows:
-        table.add_row(*(_fmt(row[c]) if row.get(c) is not None else "" for c in shown))
-    Console(width=max(100, 12 * len(shown))).print(table)
-
-
-def _varying_overrides(rows) -> set[str]:
-    """Overrides (key=value) not shared by every run: the swept ones."""
-    sets = [set(r["overrides"].split()) for r in rows]
-    return set().union(*sets) - set.intersection(*sets) if sets else set()
-
-
-_AXES = {"nfe": ("NFE per sample", "log", "NFE"), "guidance": ("guidance weight w", "linear", "w"),
-         "classifier_scale": ("classifier scale s", "linear", "s")}
-
-
-def _plot_against(rows, metrics, key: str, file: FsPath) -> FsPath:
-    """One panel per metric: value against `key` (NFE on a log scale, the guidance weight or scale), one line per
-    (model, sampler) and, against NFE, per guidance weight."""
-    from .sample import pyplot
-
-    plt = pyplot()
-    label_x, scale, short = _AXES[key]
-    metrics = [m for m in metrics if not m.endswith(_SKIP_PLOT)][:6]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
-    groups = {}
-    for r in rows:
-        if r.get(key) is not None:
-            w = f", w = {r['guidance']:g}" if key != "guidance" and r.get("guidance") is not None else ""
-            groups.setdefault(f"{r['model']} / {r['sampler']}{w}", []).append(r)
-    for ax, metric in zip(axes[0], metrics):
-        for label, group in groups.items():
-            pts = sorted((r[key], r[metric]) for r in group if isinstance(r.get(metric), (int, float)))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
-        ax.set(xscale=scale, xlabel=label_x, ylabel=metric, title=f"{metric} vs {short}")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
-    return file

@@ -8,7 +8,7 @@ from pathlib import Path as FsPath
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import DiffcliError
 from .build import CLASSIFIERS, build_grid, build_net, build_path, build_sampler_fn, path_arguments
@@ -18,6 +18,7 @@ from .samplers import check_sampler
 from .schema import check_ranges
 
 log = logging.getLogger("diffcli")
+DEFAULT_N = {"points": 2000, "images": 64}  # `diffcli sample` without n=: a readable scatter, an 8x8 grid
 
 
 def pick_device(name: str) -> torch.device:
@@ -184,6 +185,13 @@ def sampler_from_config(sampler_cfg: DictConfig, path, is_image: bool = False):
     return fn, build_grid(sampler_cfg.grid, path, None if steps is None else int(steps))
 
 
+def sampler_description(sampler, sampler_cfg: DictConfig, grid: torch.Tensor) -> str:
+    """What runs, for logs and titles: the sampler and its time grid, e.g. 'langevin on the levels grid of 10 times'
+    (the NFE, which the grid alone does not fix, is logged once sampling has counted it)."""
+    return (f"{sampler.func.__name__} on the {sampler_cfg.grid.get('name', '?')} grid of {len(grid)} times "
+            f"(t = {grid[0].item():.3g} to {grid[-1].item():.3g})")
+
+
 @torch.no_grad()
 def generate(denoiser: Denoiser, sampler, grid, n: int, shape, *, batch_size: int, seed: int,
              device: torch.device, trajectory: list | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -303,7 +311,7 @@ def save_picture(samples: torch.Tensor, file: FsPath, reference: torch.Tensor | 
     if labels is None:
         ax.legend(loc="upper right", markerscale=4)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     plt.close(fig)
@@ -315,7 +323,11 @@ def sample_checkpoint(cfg: DictConfig, trajectory: list | None = None, loaded: t
     check_ranges(cfg)
     device = pick_device(cfg.device)
     denoiser, train_cfg, step, shape, file = loaded or load_model(cfg.ckpt, device, cfg.get("net_class"))
-    sampler, grid = sampler_from_config(sampler_config(cfg, train_cfg.model), denoiser.path, len(shape) == 3)
+    if cfg.get("n") is None:
+        cfg = OmegaConf.merge(cfg, {"n": DEFAULT_N["images" if len(shape) == 3 else "points"]})
+    sampler_cfg = sampler_config(cfg, train_cfg.model)
+    sampler, grid = sampler_from_config(sampler_cfg, denoiser.path, len(shape) == 3)
+    how = sampler_description(sampler, sampler_cfg, grid)
     if cfg.get("classifier"):
         denoiser.classifier = load_classifier(cfg.classifier, device, train_cfg, shape)
         denoiser.classifier_scale = float(cfg.get("classifier_scale", 1.0))
@@ -328,7 +340,7 @@ def sample_checkpoint(cfg: DictConfig, trajectory: list | None = None, loaded: t
     denoiser.guidance_interval = None if interval is None else (float(interval[0]), float(interval[1]))
     if cfg.get("guide"):
         denoiser.guide = load_guide(cfg.guide, device, cfg.get("net_class"), train_cfg, shape)
-    log.info("sampling %d from %s (step %d) with %d steps%s", cfg.n, file, step, len(grid) - 1,
+    log.info("sampling %d from %s (step %d) with %s%s", cfg.n, file, step, how,
              "" if labels is None else f", classes {sorted(set(labels.tolist()))[:10]}, guidance w = {denoiser.guidance}"
              + (f", classifier scale {denoiser.classifier_scale}" if denoiser.classifier is not None else ""))
     samples = generate(denoiser, sampler, grid, cfg.n, shape, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -338,7 +350,8 @@ def sample_checkpoint(cfg: DictConfig, trajectory: list | None = None, loaded: t
         raise DiffcliError(f"{bad} of {cfg.n} samples from {file} (step {step}) are not finite (NaN or inf): the "
                            "weights diverged or the sampler is unstable; try an earlier checkpoint or another sampler")
     nfe = denoiser.nfe // math.ceil(cfg.n / cfg.batch_size)  # evaluations per sample
-    return {"samples": samples, "labels": labels, "nfe": nfe, "ckpt": str(file), "step": step,
+    log.info("sampled %d with %s: %d network evaluations (NFE) per sample", cfg.n, how, nfe)
+    return {"samples": samples, "labels": labels, "nfe": nfe, "n": cfg.n, "ckpt": str(file), "step": step, "how": how,
             "steps": len(grid) - 1, "sampler": sampler.func.__name__, "guidance": denoiser.guidance,
             "classifier_scale": denoiser.classifier_scale if denoiser.classifier is not None else None,
             "train_cfg": train_cfg, "shape": shape, "denoiser": denoiser, "grid": grid}
@@ -367,13 +380,14 @@ def run_sample(cfg: DictConfig, out_dir) -> dict:
         arrays["trajectory"] = frames.numpy()
         out["trajectory_picture"] = str(save_trajectory_picture(frames, out_dir / "trajectories.png"))
     np.savez(out_dir / "samples.npz", **arrays)
-    reference = reference_data(out["train_cfg"], cfg.n, cfg.seed) if len(out["shape"]) == 1 else None
+    reference = reference_data(out["train_cfg"], out["n"], cfg.seed) if len(out["shape"]) == 1 else None
     out["picture"] = str(save_picture(out["samples"], out_dir / "samples.png", reference, out["labels"]))
     if options.get("plot_field"):
         if reference is None:
             raise DiffcliError("sample.plot_field=true draws 2D fields; this model was trained on images")
         out["field_picture"] = str(save_field_picture(out["denoiser"], reference, out_dir / "field.png"))
-    log.info("wrote %s and pictures in %s (NFE %d per sample)", out_dir / "samples.npz", out_dir, out["nfe"])
+    log.info("wrote %s and pictures in %s (%s, NFE %d per sample)", out_dir / "samples.npz", out_dir, out["how"],
+             out["nfe"])
     return out
 
 

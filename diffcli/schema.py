@@ -144,7 +144,7 @@ class SampleApp:
     net_class: Optional[str] = None   # your own network class, named on this command line (never from a file)
     steps: Optional[int] = None
     eta: float = 0.0
-    n: int = MISSING
+    n: Optional[int] = None           # null: DEFAULT_N for the data's kind
     batch_size: int = MISSING
     seed: int = 0
     device: str = "auto"
@@ -194,6 +194,18 @@ def register() -> None:
 
 
 _CLAIMED: dict[str, str] = {}
+CREATED: dict[str, list[str]] = {}  # a run folder this process created -> the parents it created for it
+
+
+def missing_folders(path: str) -> list[str]:
+    """`path` and those of its parents that do not exist yet, deepest first (absolute)."""
+    import os
+
+    out, p = [], os.path.abspath(path)
+    while not os.path.exists(p) and p != os.path.dirname(p):
+        out.append(p)
+        p = os.path.dirname(p)
+    return out
 
 
 def new_dir(path: str) -> str:
@@ -205,6 +217,7 @@ def new_dir(path: str) -> str:
     import os
 
     if path not in _CLAIMED:
+        parents = missing_folders(os.path.dirname(path) or ".")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         candidate, k = path, 0
         while True:
@@ -215,6 +228,7 @@ def new_dir(path: str) -> str:
                 k += 1
                 candidate = f"{path}_{k}"
         _CLAIMED[path] = candidate
+        CREATED[os.path.abspath(candidate)] = parents
     return _CLAIMED[path]
 
 
@@ -242,6 +256,73 @@ def config_error(e: BaseException) -> str:
     if head.startswith("Key '") and "not in" in head:
         return f"{key or head.split(chr(39))[1]} is not a known key (`--cfg job` lists the keys)"
     return f"{key}: {head}" if key else head
+
+
+def command_groups(command: str) -> list[str]:
+    """The config groups a command composes: those its primary config's defaults list names (sample: sampler)."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.load(files("diffcli.configs").joinpath(f"{command}.yaml")).defaults
+    return [next(iter(d)) for d in defaults if isinstance(d, DictConfig)]
+
+
+def all_groups() -> list[str]:
+    """Every config group diffcli ships (the folders of diffcli/configs)."""
+    from importlib.resources import files
+
+    return sorted(p.name for p in files("diffcli.configs").iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
+def _fields(node: type) -> dict | None:
+    """A schema node's fields by name, or None where the schema stops (Any: checked by the class it goes to)."""
+    import dataclasses
+    import typing
+
+    args = [a for a in typing.get_args(node) if a is not type(None)]
+    node = args[0] if typing.get_origin(node) is typing.Union and len(args) == 1 else node  # Optional[X] -> X
+    return typing.get_type_hints(node) if dataclasses.is_dataclass(node) else None
+
+
+def check_overrides(command: str, args: list[str]) -> None:
+    """Refuse, before Hydra runs, a group or key that `command` does not read, with or without Hydra's `+`:
+    Hydra's own hint ("use +key") would lead to a run that ignores the key."""
+    import difflib
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except HydraException:
+        return  # a syntax error: Hydra's own message says where
+    groups = command_groups(command)
+    for o in overrides:
+        key = o.key_or_group
+        if key.split(".")[0].split("/")[0] == "hydra":
+            continue
+        if key in all_groups() and key not in groups:
+            raise DiffcliError(f"diffcli {command} has no {key}= group{_fixed_by_checkpoint(command)}; its groups: "
+                               f"{', '.join(groups)} (`diffcli {command} --help`)")
+        fields, path = _fields(SCHEMAS[f"{command}_schema"]), []
+        for part in key.split("."):
+            if part not in fields:
+                known = [".".join([*path, k]) for k in fields]
+                close = difflib.get_close_matches(".".join([*path, part]), known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                where = _fixed_by_checkpoint(command) if not path and part in all_groups() else ""
+                raise DiffcliError(f"{key} is not a key of diffcli {command}{hint}{where}; "
+                                   f"`diffcli {command} --help` lists its groups and keys")
+            path.append(part)
+            fields = _fields(fields[part])
+            if fields is None:
+                break
+
+
+def _fixed_by_checkpoint(command: str) -> str:
+    return "" if command == "train" else (": a checkpoint's data, model, net and train settings are fixed when it "
+                                          "is trained (diffcli train makes a new one)")
 
 
 # what a resumed run may change: its training schedule, where it runs, Hydra's own settings
@@ -328,7 +409,7 @@ RANGES = {
     "guidance": (lambda v: v >= 0, "a number >= 0 (0: unconditional, 1: conditional, > 1: guided)"),
     "steps": (lambda v: v is None or v > 0, "a positive integer (or null for the sampler's default)"),
     "eta": (lambda v: v >= 0, "a number >= 0 (0: deterministic DDIM, 1: DDPM-like)"),
-    "n": (lambda v: v > 0, "a positive integer"),
+    "n": (lambda v: v is None or v > 0, "a positive integer"),
     "batch_size": (lambda v: v > 0, "a positive integer"),
     "metric.batch_size": (lambda v: v > 0, "a positive integer"),
     "metric.kid_subsets": (lambda v: v > 0, "a positive integer"),

@@ -26,13 +26,15 @@ from . import DiffcliError
 from .build import CLASSIFIERS, build_net, build_path
 from .checkpoint import load_state, load_weights, newest_state, prune, remove_temporaries, save_ema, save_state
 from .data import build_data, no_labels
-from .ema import EMA
+from .ema import EMA, initial_share
 from .evaluate import quick_metric
+from .summary import read_jsonl
 from . import distributed
 from .losses import check_coupling, check_weighting, classifier_loss, draw, pair_loss
 from .paths import check_times
 from .prediction import NoisyClassifier, check_precond, check_prediction
-from .sample import even_labels, generate, model_denoiser, pick_device, pyplot, sampler_config, sampler_from_config, save_picture
+from .sample import (even_labels, generate, model_denoiser, pick_device, pyplot, sampler_config, sampler_description,
+                     sampler_from_config, save_picture)
 from .schema import TrainApp, check_ranges, resume_overrides, validate
 
 log = logging.getLogger("diffcli")
@@ -69,6 +71,21 @@ def check_train_config(cfg: DictConfig, path) -> None:
     check_times(cfg.model.times.dist, path, cfg.model.times.mean, cfg.model.times.std)
     check_weighting(cfg.model.weighting, path)
     check_coupling(cfg.model.get("coupling") or "independent")
+
+
+def schedule_warnings(tc: DictConfig) -> list[str]:
+    """One line for each thing a run of train.steps cannot do as set: reach the learning rate after a longer
+    warm-up, or average out the initial weights with an EMA whose half-life is longer than the run."""
+    out = []
+    if tc.steps < tc.warmup:
+        out.append(f"train.steps={tc.steps} is smaller than train.warmup={tc.warmup}: the learning rate never reaches "
+                   f"train.lr={tc.lr:g} (it ends at {tc.lr * tc.steps / tc.warmup:.2g}); lower train.warmup")
+    share = initial_share(tc.ema.decay, tc.ema.warmup, tc.steps)
+    if share > 0.5:
+        out.append(f"the EMA's half-life is longer than the run: after {tc.steps} steps it still holds {share:.0%} of "
+                   f"the initial random weights (train.ema.decay={tc.ema.decay:g}, train.ema.warmup={tc.ema.warmup}), "
+                   "and samples come from those; lower train.ema.decay or set train.ema.warmup=10")
+    return out
 
 
 class Logger:
@@ -114,19 +131,6 @@ class Logger:
         if self.bar:
             self.bar.stop()
         self.file.close()
-
-
-def read_jsonl(file: FsPath) -> list[dict]:
-    """The rows of a .jsonl log; a line cut short by a crash (or any unreadable line) is skipped."""
-    rows = []
-    for line in file.read_text().splitlines() if file.exists() else []:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
 
 
 def _truncate(file: FsPath, step: int) -> None:
@@ -365,6 +369,8 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = ()) -> dict:
         log.info("resuming %s from step %d", out_dir, state["step"])
     path = build_path(cfg.model.path)
     check_train_config(cfg, path)
+    for line in schedule_warnings(cfg.train):
+        log.warning(line)
     # an invalid sampler would stop the run at its first sample_every, after the work: refuse it now
     sampler_from_config(sampler_config(cfg, cfg.model), path, cfg.data.kind != "toy")
     world = distributed.setup(pick_device(cfg.device))
@@ -421,20 +427,24 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world, us
                    scaler=scaler if scaler.is_enabled() else None, step=step, cfg=cfg, shape=data.shape)
         prune(ckpt_dir, tc.keep_last)
 
-    def ema_samples(n: int) -> torch.Tensor:
-        """n samples of the EMA weights with the run's sampler, the same noise every time (seed)."""
-        sampler, grid = sampler_from_config(sampler_config(cfg, cfg.model), path, data.is_image)
-        return generate(model_denoiser(ema.net, path, cfg.model), sampler, grid, n, data.shape,
-                        batch_size=min(n, 1000), seed=cfg.seed, device=device,
-                        labels=even_labels(n, cfg.model.get("n_classes") or 0))
+    def ema_samples(n: int) -> tuple[torch.Tensor, str]:
+        """n samples of the EMA weights with the run's sampler, the same noise every time (seed), and what drew them."""
+        sampler_cfg = sampler_config(cfg, cfg.model)
+        sampler, grid = sampler_from_config(sampler_cfg, path, data.is_image)
+        denoiser = model_denoiser(ema.net, path, cfg.model)
+        samples = generate(denoiser, sampler, grid, n, data.shape, batch_size=min(n, 1000), seed=cfg.seed,
+                           device=device, labels=even_labels(n, cfg.model.get("n_classes") or 0))
+        nfe = denoiser.nfe // math.ceil(n / min(n, 1000))
+        return samples, f"{sampler_description(sampler, sampler_cfg, grid)}, NFE {nfe}"
 
     def sample_grid(step: int) -> None:
         ref = None if data.is_image else data.sample(tc.n_samples, torch.Generator(device).manual_seed(cfg.seed))
-        save_picture(ema_samples(tc.n_samples), out_dir / f"samples_{step:07d}.png", ref,
-                     even_labels(tc.n_samples, n_classes))
+        samples, how = ema_samples(tc.n_samples)
+        title = f"{cfg.model.name} ({cfg.model.prediction}) on {cfg.data.name}: EMA at step {step}\n{how}"
+        save_picture(samples, out_dir / f"samples_{step:07d}.png", ref, even_labels(tc.n_samples, n_classes), title)
 
     def evaluate(step: int) -> None:
-        logger.metrics(step, quick_metric(ema_samples(tc.eval_n), data, cfg.data, cfg.seed, device))
+        logger.metrics(step, quick_metric(ema_samples(tc.eval_n)[0], data, cfg.data, cfg.seed, device))
 
     logger, stop = Logger(out_dir, tc.steps, start) if world.main else _Silent(), StopFlag()
     zero = lambda: torch.zeros((), device=device)  # noqa: E731
@@ -481,7 +491,8 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world, us
             signalled = stop.signum is not None if world.size == 1 else at_log and distributed.any_rank(
                 world, stop.signum is not None)  # every rank must stop after the same step
             if world.main:
-                if tc.sample_every and done % tc.sample_every == 0 and not classify:  # a classifier cannot sample
+                # every run ends with a picture of its samples; a classifier cannot sample
+                if tc.sample_every and (done % tc.sample_every == 0 or done == tc.steps) and not classify:
                     sample_grid(done)
                 if tc.get("eval_every") and done % tc.eval_every == 0 and not classify:
                     evaluate(done)

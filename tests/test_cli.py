@@ -29,8 +29,8 @@ def test_unknown_subcommand(tmp_path):
     assert_one_line_error(run_cli("trian", cwd=tmp_path), "trian", "train, sample, eval, summary")
 
 
-@pytest.mark.parametrize("command, groups", [("train", ["data:", "model:", "net:", "sampler:", "train:"]),
-                                             ("sample", ["sampler:"])])
+@pytest.mark.parametrize("command, groups", [("train", ["data=", "model=", "net=", "sampler=", "train="]),
+                                             ("sample", ["sampler="])])
 def test_subcommand_help_lists_its_groups(tmp_path, command, groups):
     r = run_cli(command, "--help", cwd=tmp_path)
     assert r.returncode == 0 and f"diffcli {command}" in r.stdout
@@ -47,6 +47,23 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 def test_unknown_config_option_and_key(tmp_path):
     assert_one_line_error(run_cli("train", "data=mnistt", cwd=tmp_path), "data/mnistt", "mnist, moons")
     assert_one_line_error(run_cli("train", "train.stepz=3", cwd=tmp_path), "train.stepz")
+
+
+UNREAD = [("train", "train.stepz=5", "train.stepz is not a key of diffcli train (did you mean train.steps?)"),
+          ("train", "metric=fid", "diffcli train has no metric= group"),
+          ("sample", "model=flow", "diffcli sample has no model= group"),
+          ("sample", "data=moons", "diffcli sample has no data= group"),
+          ("eval", "train.steps=3", "train.steps is not a key of diffcli eval")]
+
+
+@pytest.mark.parametrize("command, override, fragment", UNREAD, ids=[f"{c} {o}" for c, o, _ in UNREAD])
+def test_unread_keys_and_groups_are_refused_with_or_without_plus(tmp_path, command, override, fragment):
+    """Hydra's hint 'use +key' must not lead to a run that ignores the key: both spellings are the same refusal."""
+    for given in (override, f"+{override}"):
+        r = run_cli(command, given, cwd=tmp_path)
+        assert_one_line_error(r, fragment, f"diffcli {command} --help")
+        assert "+" not in r.stderr, r.stderr  # no hint toward the plus
+    assert not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.parametrize("args, fragment", [(["steps=0"], "steps=0"), (["steps=-3"], "steps=-3"),

@@ -201,5 +201,6 @@ def test_eval_sweep_and_summary_from_the_command_line(tmp_path):
     assert [int(r["nfe"]) for r in rows] == [2, 20]
     assert float(rows[1]["sliced_wasserstein"]) < float(rows[0]["sliced_wasserstein"])  # more steps, closer
     assert (tmp_path / "sweep" / "quality_vs_nfe.png").stat().st_size > 10_000
-    missing = run_cli("summary", str(tmp_path / "run"), cwd=tmp_path)
+    (tmp_path / "empty").mkdir()
+    missing = run_cli("summary", str(tmp_path / "empty"), cwd=tmp_path)
     assert missing.returncode == 2 and "no metrics.json" in missing.stderr and "Traceback" not in missing.stderr

@@ -284,7 +284,7 @@ def test_full_disk_keeps_older_checkpoints(run, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    r = subprocess.run([str(DIFFCLI), "train", "train.resume=r", "train.steps=6", "hydra.run.dir=x"], cwd=tmp_path,
+    r = subprocess.run([str(DIFFCLI), "train", "train.resume=r", "train.steps=6"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300, env=env, preexec_fn=small_files)
     assert_one_line_error(r, "cannot write", "in r/checkpoints")
     ckpts = tmp_path / "r" / "checkpoints"
@@ -297,13 +297,47 @@ def test_unwritable_output_folder_is_one_line(tmp_path):
     assert_one_line_error(run_cli("train", *TINY, "hydra.run.dir=afile/run", cwd=tmp_path), "afile")
 
 
+FAILS_BEFORE_WORK = [("train", ["train.ckpt_every=0"]),  # refused inside Hydra's job, its folder made
+                     ("train", ["train.ckpt_every=0", "hydra.run.dir=new/run"]),  # a folder named on the command line
+                     ("train", ["data=npz", "data.path=missing.npz"]),
+                     ("sample", ["ckpt=missing/run"]),
+                     ("eval", ["n=0"])]
+
+
+@pytest.mark.parametrize("command, args", FAILS_BEFORE_WORK, ids=[" ".join(a) for _, a in FAILS_BEFORE_WORK])
+def test_a_command_that_fails_before_any_work_leaves_no_folder(tmp_path, command, args):
+    assert_one_line_error(run_cli(command, *args, cwd=tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_run_keeps_a_folder_that_was_there(tmp_path):
+    (tmp_path / "mine").mkdir()
+    assert_one_line_error(run_cli("train", "train.ckpt_every=0", "hydra.run.dir=mine", cwd=tmp_path), "ckpt_every")
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_resume_logs_into_the_run_it_continues(run, tmp_path):
+    """No stray outputs/train/<date>/ holding only .hydra/ and train.log: the resumed run's log gets the lines."""
+    _copy_run(run, tmp_path / "r")
+    hydra_files = {p.name: p.read_text() for p in (tmp_path / "r" / ".hydra").iterdir()}
+    before = (tmp_path / "r" / "train.log").read_text()
+    r = run_cli("train", "train.resume=r", "train.steps=6", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert log.startswith(before) and "resuming r from step 4" in log[len(before):]
+    assert {p.name: p.read_text() for p in (tmp_path / "r" / ".hydra").iterdir()} == hydra_files  # its own config
+    assert_one_line_error(run_cli("train", "train.resume=r", "train.steps=8", "hydra.run.dir=x", cwd=tmp_path),
+                          "drop hydra.run.dir=x")
+
+
 def test_resume_survives_a_torn_log_line_and_removes_temporaries(run, tmp_path):
     _copy_run(run, tmp_path / "r")
     with open(tmp_path / "r" / "log.jsonl", "a") as fh:
         fh.write('{"step": 6, "lo')  # a crash in the middle of writing a row
     tmp = tmp_path / "r" / "checkpoints" / ".ema_6.safetensors.tmp12345"
     tmp.write_bytes(b"half a checkpoint")
-    r = run_cli("train", "train.resume=r", "train.steps=6", "hydra.run.dir=x", cwd=tmp_path)
+    r = run_cli("train", "train.resume=r", "train.steps=6", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert not tmp.exists()
     assert [json.loads(line)["step"] for line in (tmp_path / "r" / "log.jsonl").open()] == [2, 4, 6]

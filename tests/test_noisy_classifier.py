@@ -15,7 +15,8 @@ from conftest import compose_config
 from diffcli import DiffcliError
 from diffcli.build import build_path
 from diffcli.data import eight_gaussians_modes
-from diffcli.evaluate import run_eval, summarize
+from diffcli.evaluate import run_eval
+from diffcli.summary import summarize
 from diffcli.nets import MLPClassifier, UNetClassifier
 from diffcli.oracle import Oracle
 from diffcli.sample import load_classifier, load_model, run_sample

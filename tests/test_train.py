@@ -101,9 +101,24 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     step = int(state.stem.split("_")[1])
     assert step >= 40 and "train.resume=" in stdout + stderr
 
-    r = run_cli("train", "train.resume=run", f"train.steps={step + 30}", "train.log_every=10",
-                "hydra.run.dir=resumed", cwd=tmp_path)
+    r = run_cli("train", "train.resume=run", f"train.steps={step + 30}", "train.log_every=10", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "checkpoints" / f"ema_{step + 30}.safetensors").is_file()
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == step + 30  # no step logged twice
+
+
+def test_every_run_ends_with_a_titled_picture_of_its_samples(tmp_path):
+    """Pictures at multiples of train.sample_every and at the last step, titled with step, formulation and sampler."""
+    from unittest import mock
+
+    from diffcli import train
+
+    cfg = compose_config("train", TOY + ["train.steps=7", "train.sample_every=5", "train.n_samples=50",
+                                         "sampler=ddim", "steps=4"])
+    with mock.patch.object(train, "save_picture", wraps=train.save_picture) as drawn:
+        run_train(cfg, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("samples_*.png")) == ["samples_0000005.png", "samples_0000007.png"]
+    title = drawn.call_args_list[-1].args[-1]
+    assert title.startswith("ddpm (eps) on moons: EMA at step 7\nddim on the ddim grid of 5 times")
+    assert title.endswith("NFE 4")  # DDIM: one evaluation per step
