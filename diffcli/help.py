@@ -50,13 +50,15 @@ GROUPS = {
         "fn.clip_x0": "ddim, ancestral: auto | static | dynamic | none (auto: x0_hat clamped to [-1, 1] for images only)",
         "grid.*": "the time grid (name: uniform | quadratic | karras | logsnr | ddim | levels | ends; spacing, ...)",
     }),
-    "train": ("the training preset: default (images) or toy (2D, about a minute on a CPU)", {
+    "train": ("the training preset: default (images, DDPM's 100k-step recipe), quick (images in minutes) or toy "
+              "(2D, about a minute on a CPU)", {
         "steps": "optimizer steps",
         "batch_size": "the global batch of one step (all GPUs and accumulation steps together)",
         "lr": "peak learning rate (AdamW)",
         "warmup": "linear learning-rate warm-up, in steps",
         "ema.decay": "EMA decay of the sampled weights (ema.warmup: its warm-up)",
-        "precision": "fp32 | bf16 | fp16",
+        "precision": "auto | fp32 | bf16 | fp16 (auto: bf16 with compile where bf16 has its own units)",
+        "compile": "auto | true | false: torch.compile the network (auto: long image runs on CUDA or AMX CPUs)",
         "sample_every": "a picture of EMA samples every N steps and at the last step (0: never)",
         "eval_every": "a cheap metric of EMA samples to eval.jsonl every N steps (0: never)",
         "ckpt_every": "a checkpoint every N steps (and at the last)",
