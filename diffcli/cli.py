@@ -84,19 +84,12 @@ def _run_folder_overrides(command: str, rest: list[str]) -> list[str]:
     second folder (nor a second .hydra/) is made. A new hydra.run.dir is noted as this run's own, to remove if the
     run fails before doing any work.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    from .schema import CREATED, missing_folders
+    from .schema import CREATED, missing_folders, parse_overrides
 
     given = next((a.split("=", 1)[1] for a in rest if a.startswith("hydra.run.dir=")), None)
     if given is not None and not os.path.exists(given):
         CREATED[os.path.abspath(given)] = missing_folders(given)[1:]
-    try:
-        overrides = OverridesParser.create().parse_overrides([a for a in rest if "=" in a and not a.startswith("-")])
-    except HydraException:
-        return []  # Hydra reports the syntax error
-    resume = next((o.value() for o in overrides if o.key_or_group == "train.resume"), None)
+    resume = next((o.value() for o in parse_overrides(rest) if o.key_or_group == "train.resume"), None)
     if command != "train" or not isinstance(resume, str) or {"-m", "--multirun"} & set(rest):
         return []
     if given is not None:

@@ -285,18 +285,24 @@ def _fields(node: type) -> dict | None:
     return typing.get_type_hints(node) if dataclasses.is_dataclass(node) else None
 
 
+def parse_overrides(args: list[str]) -> list:
+    """The command line's `key=value` overrides as Hydra parses them; [] on a syntax error (Hydra's own message
+    says where, when it runs)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except HydraException:
+        return []
+
+
 def check_overrides(command: str, args: list[str]) -> None:
     """Refuse, before Hydra runs, a group or key that `command` does not read, with or without Hydra's `+`:
     Hydra's own hint ("use +key") would lead to a run that ignores the key."""
     import difflib
 
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
-    except HydraException:
-        return  # a syntax error: Hydra's own message says where
+    overrides = parse_overrides(args)
     groups = command_groups(command)
     for o in overrides:
         key = o.key_or_group

@@ -30,14 +30,19 @@ def diffcli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "diffcli", *args], check=True)
 
 
+def log_lines(run: Path) -> list[tuple[datetime, str]]:
+    """(time, message) of each line of a run's train.log."""
+    return [(datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f"), line.split("] - ", 1)[-1])
+            for line in (run / "train.log").read_text().splitlines() if line.startswith("[")]
+
+
 def train(out: Path, model: str, steps: int, extra=()) -> float:
     """Train `model` (with `extra` overrides) into `out` unless its final EMA checkpoint exists; the training wall
     time (s) from train.log."""
     if not (out / "checkpoints" / f"ema_{steps}.safetensors").exists():
         diffcli("train", f"model={model}", *DATA, f"train.steps={steps}", *TRAIN, f"train.ckpt_every={steps}",
                 *extra, f"hydra.run.dir={out}")
-    stamps = [datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
-              for line in (out / "train.log").read_text().splitlines() if line.startswith("[")]
+    stamps = [stamp for stamp, _ in log_lines(out)]
     return (stamps[-1] - stamps[0]).total_seconds()
 
 

@@ -13,10 +13,9 @@ compile included; sample grids and checkpoints written along the way too).
 
 import argparse
 import json
-from datetime import datetime
 from pathlib import Path
 
-from mnist_side_by_side import DATA as MNIST, diffcli, real_floor
+from mnist_side_by_side import DATA as MNIST, diffcli, log_lines, real_floor
 
 SHARED = "../shared/data"
 DATASETS = {
@@ -30,13 +29,10 @@ HEUN = ["sampler=heun", "steps=18"]
 
 def minutes_at(run: Path) -> dict[int, float]:
     """Minutes from the run's first log line to each logged step."""
-    start, out = None, {}
-    for line in (run / "train.log").read_text().splitlines():
-        if not line.startswith("["):
-            continue
-        stamp = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
-        start = start or stamp
-        words = line.split("] - ", 1)[-1].split()
+    lines = log_lines(run)
+    start, out = lines[0][0], {}
+    for stamp, message in lines:
+        words = message.split()
         if len(words) > 1 and words[0] == "step" and words[1].isdigit():
             out[int(words[1])] = (stamp - start).total_seconds() / 60
     return out

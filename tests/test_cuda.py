@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose_config
+from diffcli.checkpoint import read_metadata
 from diffcli.sample import run_sample
 from diffcli.train import run_train
 
@@ -43,9 +44,7 @@ def test_training_steps_at_each_precision(tmp_path, images, precision):
                                                 "train.compile=false"]), tmp_path)
     assert all(np.isfinite(losses(tmp_path)))
     assert all(torch.isfinite(v).all() for v in weights(tmp_path, 6).values())
-    header = open(tmp_path / "checkpoints" / "state_6.safetensors", "rb").read(8)
-    meta = json.loads(open(tmp_path / "checkpoints" / "state_6.safetensors", "rb").read(
-        8 + int.from_bytes(header, "little"))[8:])["__metadata__"]
+    meta = read_metadata(tmp_path / "checkpoints" / "state_6.safetensors")
     assert ("scale" in json.loads(meta["scaler"])) == (precision == "fp16")
 
 

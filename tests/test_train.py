@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose_config
+from diffcli.checkpoint import read_metadata
 from diffcli.sample import run_sample
 from diffcli.train import run_train
 
@@ -41,9 +42,7 @@ def test_mixed_precision_runs_on_cpu(tmp_path, precision):
     run_train(cfg, tmp_path)
     rows = [json.loads(r) for r in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in rows)
-    state = json.loads(open(tmp_path / "checkpoints" / "state_10.safetensors", "rb").read(
-        int.from_bytes(open(tmp_path / "checkpoints" / "state_10.safetensors", "rb").read(8), "little") + 8)[8:])
-    scaler = json.loads(state["__metadata__"]["scaler"])
+    scaler = json.loads(read_metadata(tmp_path / "checkpoints" / "state_10.safetensors")["scaler"])
     assert ("scale" in scaler) == (precision == "fp16")  # the scaler's state is saved to resume with
 
 
