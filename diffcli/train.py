@@ -271,15 +271,15 @@ def speed_settings(tc: DictConfig, device: torch.device, is_image: bool) -> tupl
     return precision, compiled
 
 
-def build_optimization(cfg: DictConfig, net, device: torch.device, precision: str | None = None):
-    """EMA, optimizer, grad scaler and autocast context of a run (at `precision`, default train.precision)."""
+def build_optimization(cfg: DictConfig, net, device: torch.device, precision: str):
+    """EMA, optimizer, grad scaler and autocast context of a run at `precision` (resolved, never `auto`)."""
     tc = cfg.train
     ema = EMA(net, decay=tc.ema.decay, warmup=tc.ema.warmup)
     # fused: one kernel per step, and it takes a found_inf flag, so a non-finite step is skipped on the
     # device without a host sync (CUDA and CPU)
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
                             fused=device.type in ("cuda", "cpu"))
-    dtype = PRECISIONS[precision or tc.precision]
+    dtype = PRECISIONS[precision]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)  # fp16 needs loss scaling
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     return ema, opt, scaler, autocast

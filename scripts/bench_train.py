@@ -95,8 +95,7 @@ def diffusers_unet(cfg, shape):
 def optimization(net, device, precision):
     """build_optimization with the train=default preset (AdamW lr 2e-4, grad clip 1.0) at this precision."""
     tc = OmegaConf.load(ROOT / "configs" / "train" / "default.yaml")
-    tc.precision = precision
-    _, opt, scaler, autocast = build_optimization(OmegaConf.create({"train": tc}), net, device)  # EMA unused
+    _, opt, scaler, autocast = build_optimization(OmegaConf.create({"train": tc}), net, device, precision)  # EMA unused
     return opt, scaler, autocast, float(tc.grad_clip)
 
 

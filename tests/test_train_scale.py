@@ -55,7 +55,7 @@ def test_a_non_finite_step_leaves_weights_and_optimizer_untouched():
     net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 2))
     model = lambda x, t: net(torch.cat([x, t[:, None].float()], 1))  # noqa: E731
     model.parameters = net.parameters
-    ema, opt, scaler, autocast = build_optimization(cfg, net, torch.device("cpu"))
+    ema, opt, scaler, autocast = build_optimization(cfg, net, torch.device("cpu"), "fp32")
     path, world, g = VPPath(), distributed.World(), torch.Generator().manual_seed(0)
     x0 = torch.randn(8, 2, generator=g)
     train_step(model, path, cfg.model, x0, g, opt, scaler, autocast, 1.0, 8, world)  # one good step: Adam state
