@@ -56,6 +56,7 @@ GROUPS = {
         "batch_size": "the global batch of one step (all GPUs and accumulation steps together)",
         "lr": "peak learning rate (AdamW)",
         "warmup": "linear learning-rate warm-up, in steps",
+        "lr_schedule": "constant | cosine: the learning rate after the warm-up (cosine decays it to 0 at the last step)",
         "ema.decay": "EMA decay of the sampled weights (ema.warmup: its warm-up)",
         "precision": "auto | fp32 | bf16 | fp16 (auto: bf16 with compile where bf16 has its own units)",
         "compile": "auto | true | false: torch.compile the network (auto: long image runs on CUDA or AMX CPUs)",

@@ -253,6 +253,17 @@ def drop_labels(y: torch.Tensor, n_classes: int, p_uncond: float, g: torch.Gener
     return torch.where(drop, n_classes, y)
 
 
+def lr_factor(step: int, tc: DictConfig) -> float:
+    """LR multiplier of optimizer step `step` (0-based): linear warm-up, then constant or cosine to 0
+    (Loshchilov & Hutter 2017, SGDR eq. 5 with one cycle)."""
+    if step < tc.warmup:
+        return (step + 1) / tc.warmup
+    if tc.get("lr_schedule", "constant") == "constant":  # runs from before train.lr_schedule existed
+        return 1.0
+    done = min(1.0, (step - tc.warmup) / max(tc.steps - tc.warmup, 1))  # 0 after the warm-up, -> 1 at the end
+    return 0.5 * (1 + math.cos(math.pi * done))
+
+
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 has units of its own here: a CUDA GPU that has bf16, or a CPU with AMX tiles (oneDNN)."""
     if device.type == "cuda":
@@ -410,9 +421,8 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world, us
     precision, compiled = speed_settings(tc, device, data.is_image)
     ema, opt, scaler, autocast = build_optimization(cfg, net, device, precision)
     start = restore(state, net, ema, opt, scaler, device) if state else 0
-    # linear warm-up; built after the optimizer state is loaded so that last_epoch restores its LR
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(tc.warmup, 1)),
-                                              last_epoch=start - 1)
+    # built after the optimizer state is loaded so that last_epoch restores its LR
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc), last_epoch=start - 1)
     model = distributed.wrap(world, net)
     if compiled:
         model = torch.compile(model)  # state dicts are taken from `net`, so no _orig_mod. prefixes

@@ -13,7 +13,7 @@ from diffcli.evaluate import mode_coverage
 
 @pytest.mark.slow
 def test_train_then_sample_newest_run_covers_all_modes(tmp_path):
-    r = run_cli("train", "data=eight_gaussians", "train.steps=400", cwd=tmp_path)
+    r = run_cli("train", "data=eight_gaussians", "train.steps=400", "train.sample_every=0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     (run,) = (tmp_path / "outputs" / "train").iterdir()
     assert {"log.jsonl", "loss.png", "train.log"} <= {p.name for p in run.iterdir()}
@@ -35,7 +35,8 @@ def test_train_then_sample_newest_run_covers_all_modes(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_sweep_lands_in_outputs_multirun(tmp_path):
-    r = run_cli("train", "-m", "data=moons,rings", "train.steps=5", "train.log_every=5", cwd=tmp_path)
+    r = run_cli("train", "-m", "data=moons,rings", "train.steps=5", "train.log_every=5", "train.sample_every=0",
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     runs = sorted((tmp_path / "outputs" / "multirun" / "train").glob("*/*/checkpoints/ema_5.safetensors"))
     assert len(runs) == 2

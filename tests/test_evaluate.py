@@ -36,7 +36,7 @@ def test_mode_coverage_counts_missing_and_off_mode_samples():
 
 def test_eval_writes_metrics(tmp_path):
     run_train(compose_config("train", ["data=eight_gaussians", "train.steps=20", "train.log_every=10",
-                                       "device=cpu"]), tmp_path / "run")
+                                       "train.sample_every=0", "device=cpu"]), tmp_path / "run")
     record = run_eval(compose_config("eval", [f"ckpt={tmp_path / 'run'}", "sampler=ddim", "steps=10", "n=400",
                                               "device=cpu"]), tmp_path / "eval")
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -1,6 +1,7 @@
 """The training loop: exact resume, mixed-precision paths on CPU, logs, pictures, sampling images."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from diffcli.checkpoint import read_metadata
 from diffcli.sample import run_sample
 from diffcli.train import run_train
 
-TOY = ["data=moons", "train.batch_size=64", "train.log_every=5", "train.warmup=3", "device=cpu"]
+BASE = ["data=moons", "train.batch_size=64", "train.log_every=5", "train.warmup=3", "device=cpu"]
+TOY = BASE + ["train.sample_every=0"]  # the last-step picture (2,000 points of 1,000-step DDPM) costs ~17 s
 
 
 def weights(run_dir, step, kind="ema"):
@@ -47,7 +49,7 @@ def test_mixed_precision_runs_on_cpu(tmp_path, precision):
 
 
 def test_logs_pictures_and_checkpoint_pruning(tmp_path):
-    cfg = compose_config("train", TOY + ["train.steps=30", "train.sample_every=10", "train.n_samples=50",
+    cfg = compose_config("train", BASE + ["train.steps=30", "train.sample_every=10", "train.n_samples=50",
                                          "train.ckpt_every=10", "train.keep_last=2"])
     run_train(cfg, tmp_path)
     rows = [json.loads(r) for r in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -65,6 +67,18 @@ def test_warmup_is_linear(tmp_path):
     run_train(cfg, tmp_path)
     lrs = [json.loads(r)["lr"] for r in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([1e-3 * k / 8 for k in (2, 3, 4, 5)])  # LR of the next step after step k
+
+
+def test_cosine_schedule_follows_sgdr_after_the_warm_up(tmp_path):
+    """train.lr_schedule=cosine: eta_t = 0.5 eta_max (1 + cos(pi T_cur / T)) after the warm-up (SGDR, eq. 5)."""
+    cfg = compose_config("train", TOY + ["train.steps=10", "train.warmup=2", "train.log_every=1",
+                                         "train.lr_schedule=cosine"])
+    run_train(cfg, tmp_path)
+    lrs = [json.loads(r)["lr"] for r in (tmp_path / "log.jsonl").read_text().splitlines()]
+    t_cur = [k - 2 for k in range(1, 11)]  # the step after step k is 0-based step k; the warm-up is steps 0, 1
+    expected = [1e-3 if t < 0 else 0.5e-3 * (1 + math.cos(math.pi * t / 8)) for t in t_cur]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and lrs[1] == pytest.approx(1e-3)
 
 
 def test_sample_images_from_an_npz_dataset(tmp_path):
@@ -91,7 +105,7 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     from diffcli.checkpoint import list_checkpoints
 
     proc = start_training("data=moons", "train.steps=1000000", "train.log_every=20", "train.ckpt_every=1000000",
-                          cwd=tmp_path, lines=2)
+                          "train.sample_every=0", cwd=tmp_path, lines=2)
     log = tmp_path / "run" / "log.jsonl"
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
@@ -100,7 +114,8 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     step = int(state.stem.split("_")[1])
     assert step >= 40 and "train.resume=" in stdout + stderr
 
-    r = run_cli("train", "train.resume=run", f"train.steps={step + 30}", "train.log_every=10", cwd=tmp_path)
+    r = run_cli("train", "train.resume=run", f"train.steps={step + 30}", "train.log_every=10",
+                "train.sample_every=0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "checkpoints" / f"ema_{step + 30}.safetensors").is_file()
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
@@ -113,7 +128,7 @@ def test_every_run_ends_with_a_titled_picture_of_its_samples(tmp_path):
 
     from diffcli import train
 
-    cfg = compose_config("train", TOY + ["train.steps=7", "train.sample_every=5", "train.n_samples=50",
+    cfg = compose_config("train", BASE + ["train.steps=7", "train.sample_every=5", "train.n_samples=50",
                                          "sampler=ddim", "steps=4"])
     with mock.patch.object(train, "save_picture", wraps=train.save_picture) as drawn:
         run_train(cfg, tmp_path)

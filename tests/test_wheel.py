@@ -35,6 +35,6 @@ def test_wheel_ships_configs_and_runs(tmp_path):
     assert where.startswith(site), where  # the installed copy, not the source tree
 
     run = subprocess.run([str(env_dir / "bin" / "diffcli"), "train", "data=moons", "train.steps=3",
-                          "train.log_every=1", "hydra.run.dir=run"], capture_output=True, text=True, cwd=tmp_path)
+                          "train.log_every=1", "train.sample_every=0", "hydra.run.dir=run"], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "run" / "checkpoints" / "ema_3.safetensors").is_file()
