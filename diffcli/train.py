@@ -271,15 +271,17 @@ def fast_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-def speed_settings(tc: DictConfig, device: torch.device, is_image: bool) -> tuple[str, bool]:
-    """train.precision and train.compile with `auto` resolved: bf16 + compile for image nets where bf16 has
-    its own units and the run repays the compile; fp32 eager elsewhere (README, "CPU speed": bf16 without
-    compile gains nothing on a CPU, and without AMX it is emulated and slower)."""
+def speed_settings(tc: DictConfig, device: torch.device, is_image: bool) -> tuple[str, bool, bool]:
+    """train.precision, train.compile and train.channels_last with `auto` resolved (README, "CPU speed"): for
+    image nets where bf16 has units of its own, bf16, compiled on runs that repay the compile, NHWC on CUDA or
+    when compiled; fp32 eager elsewhere (without AMX a CPU emulates bf16, 15x slower)."""
     fast = is_image and fast_bf16(device)
     compiled = fast and tc.steps >= COMPILE_STEPS if tc.compile == "auto" else bool(tc.compile)
-    precision = ("bf16" if fast and (compiled or device.type == "cuda") else "fp32") \
-        if tc.precision == "auto" else tc.precision
-    return precision, compiled
+    precision = ("bf16" if fast else "fp32") if tc.precision == "auto" else tc.precision
+    # NHWC: cuDNN's layout; on a CPU only inductor's fused kernels gain from it (eager oneDNN bf16 loses 35%)
+    setting = tc.get("channels_last", "auto")
+    nhwc = is_image and ((device.type == "cuda" or compiled) if setting == "auto" else bool(setting))
+    return precision, compiled, nhwc
 
 
 def build_optimization(cfg: DictConfig, net, device: torch.device, precision: str):
@@ -311,12 +313,6 @@ def restore(state: dict, net, ema: EMA, opt, scaler, device: torch.device) -> in
     if state["rng_cuda"] and device.type == "cuda":
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     return state["step"]
-
-
-def channels_last(cfg: DictConfig, device: torch.device, data) -> bool:
-    """train.channels_last: `auto` is on for images on CUDA, where cuDNN's NHWC convolutions are faster."""
-    setting = cfg.train.get("channels_last", "auto")
-    return data.is_image and (device.type == "cuda" if setting == "auto" else bool(setting))
 
 
 def train_step(model, path, model_cfg, x0, g, opt, scaler, autocast, grad_clip, micro: int, world,
@@ -415,10 +411,9 @@ def _train(cfg: DictConfig, out_dir: FsPath, state: dict | None, path, world, us
             save_ema(ckpt_dir / "ema_0.safetensors", net.state_dict(), cfg, 0, data.shape)
         log.info("%s has no trainable parameters: wrote %s, nothing to train", cfg.net._target_, ckpt_dir)
         return {"out_dir": str(out_dir), "steps": 0, "loss_curve": None}
-    nhwc = channels_last(cfg, device, data)
+    precision, compiled, nhwc = speed_settings(tc, device, data.is_image)
     if nhwc:
         net = net.to(memory_format=torch.channels_last)
-    precision, compiled = speed_settings(tc, device, data.is_image)
     ema, opt, scaler, autocast = build_optimization(cfg, net, device, precision)
     start = restore(state, net, ema, opt, scaler, device) if state else 0
     # built after the optimizer state is loaded so that last_epoch restores its LR

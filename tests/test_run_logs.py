@@ -31,6 +31,7 @@ def _train_cfg(preset, **changes):
 
 def test_schedule_warnings_against_hand_computed_cases():
     assert schedule_warnings(_train_cfg("toy")) == []  # 5000 steps, warm-up 100, EMA 0.999 with its warm-up
+    assert schedule_warnings(_train_cfg("quick")) == []  # the short-run preset: none of the image preset's traps
     (line,) = schedule_warnings(_train_cfg("default", steps=300))  # the image preset on a short run
     assert "train.steps=300 is smaller than train.warmup=5000" in line and "1.2e-05" in line  # 2e-4 * 300 / 5000
     # no EMA warm-up: a constant decay 0.999 keeps 0.999^500 = 61% of the initial weights after 500 steps, 37% after 1000

@@ -144,22 +144,26 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 
 
 def test_auto_precision_and_compile_follow_the_hardware(monkeypatch):
-    """precision/compile=auto: bf16 + compile for image nets where bf16 has units of its own (AMX on a CPU) and the
-    run repays the compile; fp32 eager for 2D points, short runs and CPUs without AMX; explicit values stand."""
+    """precision/compile/channels_last=auto: bf16 for image nets where bf16 has units of its own (AMX on a CPU),
+    compiled and NHWC on runs that repay the compile; fp32 eager NCHW for 2D points and CPUs without AMX;
+    explicit values stand."""
     from omegaconf import OmegaConf
 
     from diffcli.train import COMPILE_STEPS, speed_settings
 
-    cpu, tc = torch.device("cpu"), OmegaConf.create({"precision": "auto", "compile": "auto", "steps": COMPILE_STEPS})
+    cpu = torch.device("cpu")
+    tc = OmegaConf.create({"precision": "auto", "compile": "auto", "channels_last": "auto", "steps": COMPILE_STEPS})
     short = OmegaConf.merge(tc, {"steps": COMPILE_STEPS - 1})
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert speed_settings(tc, cpu, is_image=True) == ("bf16", True)
-    assert speed_settings(tc, cpu, is_image=False) == ("fp32", False)
-    assert speed_settings(short, cpu, is_image=True) == ("fp32", False)  # eager bf16 gains nothing on a CPU
-    assert speed_settings(OmegaConf.merge(short, {"compile": True}), cpu, is_image=True) == ("bf16", True)
-    assert speed_settings(OmegaConf.merge(tc, {"precision": "fp16", "compile": False}), cpu, True) == ("fp16", False)
+    assert speed_settings(tc, cpu, is_image=True) == ("bf16", True, True)
+    assert speed_settings(tc, cpu, is_image=False) == ("fp32", False, False)
+    assert speed_settings(short, cpu, is_image=True) == ("bf16", False, False)  # eager NHWC bf16 is slower on oneDNN
+    assert speed_settings(OmegaConf.merge(short, {"compile": True}), cpu, is_image=True) == ("bf16", True, True)
+    assert speed_settings(OmegaConf.merge(tc, {"channels_last": False}), cpu, is_image=True) == ("bf16", True, False)
+    fp16 = OmegaConf.merge(tc, {"precision": "fp16", "compile": False})
+    assert speed_settings(fp16, cpu, True) == ("fp16", False, False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert speed_settings(tc, cpu, is_image=True) == ("fp32", False)
+    assert speed_settings(tc, cpu, is_image=True) == ("fp32", False, False)
 
 
 def test_the_run_log_names_the_precision_and_compile_it_chose(tmp_path, caplog):
