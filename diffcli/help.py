@@ -58,7 +58,7 @@ GROUPS = {
         "warmup": "linear learning-rate warm-up, in steps",
         "lr_schedule": "constant | cosine: the learning rate after the warm-up (cosine decays it to 0 at the last step)",
         "ema.decay": "EMA decay of the sampled weights (ema.warmup: its warm-up)",
-        "precision": "auto | fp32 | bf16 | fp16 (auto: bf16 with compile where bf16 has its own units)",
+        "precision": "auto | fp32 | bf16 | fp16 (auto: bf16 where bf16 has its own units: AMX CPUs, CUDA)",
         "compile": "auto | true | false: torch.compile the network (auto: long image runs on CUDA or AMX CPUs)",
         "sample_every": "a picture of EMA samples every N steps and at the last step (0: never)",
         "eval_every": "a cheap metric of EMA samples to eval.jsonl every N steps (0: never)",

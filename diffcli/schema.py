@@ -387,7 +387,6 @@ RANGES = {
     "train.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. [0.9,0.999]"),
     "train.weight_decay": (lambda v: v >= 0, "a number >= 0"),
     "train.warmup": (lambda v: v >= 0, "an integer >= 0"),
-    "train.lr_schedule": (lambda v: v in ("constant", "cosine"), "constant or cosine"),
     "train.grad_clip": (lambda v: v is None or v > 0, "a positive number or null (no clipping)"),
     "train.ema.decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "train.ema.warmup": (lambda v: v >= 0, "an integer >= 0"),

@@ -63,6 +63,8 @@ def check_train_config(cfg: DictConfig, path) -> None:
     check_ranges(cfg)
     if tc.precision not in ("auto", *PRECISIONS):
         raise DiffcliError(f"train.precision={tc.precision} is unknown; choose one of auto, {', '.join(PRECISIONS)}")
+    if tc.lr_schedule not in LR_DECAY:
+        raise DiffcliError(f"train.lr_schedule={tc.lr_schedule} is unknown; choose one of {', '.join(LR_DECAY)}")
     if cfg.model.get("prior") is not None and "prior" not in inspect.signature(type(path)).parameters:
         raise DiffcliError(f"model.prior={cfg.model.prior}: {cfg.model.name}'s path has a Gaussian prior only; "
                            "other priors need model=flow")
@@ -253,15 +255,16 @@ def drop_labels(y: torch.Tensor, n_classes: int, p_uncond: float, g: torch.Gener
     return torch.where(drop, n_classes, y)
 
 
+# train.lr_schedule: the LR multiplier after the warm-up, given the fraction `done` of the remaining steps
+LR_DECAY = {"constant": lambda done: 1.0,
+            "cosine": lambda done: 0.5 * (1 + math.cos(math.pi * done))}  # SGDR (Loshchilov & Hutter 2017) eq. 5
+
+
 def lr_factor(step: int, tc: DictConfig) -> float:
-    """LR multiplier of optimizer step `step` (0-based): linear warm-up, then constant or cosine to 0
-    (Loshchilov & Hutter 2017, SGDR eq. 5 with one cycle)."""
+    """LR multiplier of optimizer step `step` (0-based): linear warm-up, then train.lr_schedule's decay."""
     if step < tc.warmup:
         return (step + 1) / tc.warmup
-    if tc.get("lr_schedule", "constant") == "constant":  # runs from before train.lr_schedule existed
-        return 1.0
-    done = min(1.0, (step - tc.warmup) / max(tc.steps - tc.warmup, 1))  # 0 after the warm-up, -> 1 at the end
-    return 0.5 * (1 + math.cos(math.pi * done))
+    return LR_DECAY[tc.lr_schedule](min(1.0, (step - tc.warmup) / max(tc.steps - tc.warmup, 1)))
 
 
 def fast_bf16(device: torch.device) -> bool:

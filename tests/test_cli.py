@@ -97,6 +97,8 @@ def test_bad_model_settings(tmp_path):
     assert_one_line_error(run_cli("train", "model.prediction=noise", cwd=tmp_path), "model.prediction=noise")
     assert_one_line_error(run_cli("train", "model.path.beta_end=2.0", cwd=tmp_path), "beta_end")
     assert_one_line_error(run_cli("train", "net=unet_small", cwd=tmp_path), "net=mlp")
+    assert_one_line_error(run_cli("train", "train.lr_schedule=linear", cwd=tmp_path), "train.lr_schedule=linear",
+                          "constant, cosine")
 
 
 def test_sampler_option_without_a_sampler_says_to_choose_one(tmp_path):

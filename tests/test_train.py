@@ -81,6 +81,30 @@ def test_cosine_schedule_follows_sgdr_after_the_warm_up(tmp_path):
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and lrs[1] == pytest.approx(1e-3)
 
 
+def test_lr_factor_matches_torch_warmup_then_cosine_annealing():
+    """lr_factor against torch's own schedulers: LinearLR over the warm-up, then CosineAnnealingLR to 0."""
+    from omegaconf import OmegaConf
+
+    from diffcli.train import lr_factor
+
+    steps, warmup = 300, 40
+    tc = OmegaConf.create({"steps": steps, "warmup": warmup, "lr_schedule": "cosine"})
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1)
+    reference = []
+    for _ in range(warmup):
+        reference.append(opt.param_groups[0]["lr"])
+        opt.step()
+        warm.step()
+    opt.param_groups[0]["lr"] = 1.0
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps - warmup, eta_min=0.0)
+    for _ in range(steps - warmup):
+        reference.append(opt.param_groups[0]["lr"])
+        opt.step()
+        cosine.step()
+    assert [lr_factor(s, tc) for s in range(steps)] == pytest.approx(reference, abs=1e-9)
+
+
 def test_sample_images_from_an_npz_dataset(tmp_path):
     """A U-Net on the user's own npz images: training, then sampling rebuilt from the checkpoint alone."""
     rng = np.random.default_rng(0)
