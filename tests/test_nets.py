@@ -5,11 +5,14 @@ from importlib.resources import files
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffcli import DiffcliError
-from diffcli.nets import MLP, GaussianFourierEmbedding, TimeEmbedding, UNet, sinusoidal_embedding
+from diffcli import nets
+from diffcli.nets import (MLP, GaussianFourierEmbedding, TimeEmbedding, UNet, _ChannelsLastGroupNorm, _Nearest2x,
+                         sinusoidal_embedding)
 
 
 def n_params(net: torch.nn.Module) -> int:
@@ -148,3 +151,73 @@ def test_mlp_fits_a_time_conditioned_2d_target():
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10
     assert losses[-1] < t_free_floor / 10
+
+
+@pytest.mark.parametrize("channels,groups", [(96, 32), (64, 32), (32, 32), (12, 4), (6, 1)])
+@pytest.mark.parametrize("silu", [False, True])
+def test_channels_last_group_norm_equals_torch_group_norm(channels, groups, silu):
+    """The per-channel-sums GroupNorm (+ SiLU) that compiled channels-last U-Nets use: torch's F.group_norm (then
+    F.silu), value and all three gradients, to 1e-12 in float64."""
+    torch.manual_seed(0)
+    x = (3 * torch.randn(4, channels, 6, 5, dtype=torch.float64) + 1).requires_grad_()  # a mean far from 0
+    w, b = (torch.randn(channels, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    g = torch.randn(4, channels, 6, 5, dtype=torch.float64)
+    ours = _ChannelsLastGroupNorm.apply(x, w, b, groups, 1e-6, silu)
+    ref = F.group_norm(x, groups, w, b, 1e-6)
+    ref = F.silu(ref) if silu else ref
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    for a, r in zip(torch.autograd.grad(ours, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+
+
+def test_channels_last_group_norm_passes_gradcheck():
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+    w, b = (torch.randn(6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    for silu in (False, True):
+        assert torch.autograd.gradcheck(lambda x, w, b: _ChannelsLastGroupNorm.apply(x, w, b, 3, 1e-6, silu), (x, w, b))
+
+
+def test_nearest_upsample_gradient_is_torch_interpolate_gradient():
+    """Upsample's x2 nearest neighbour with a sum-pool gradient: F.interpolate's value and gradient exactly."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 10, 14, dtype=torch.float64)
+    ours, ref = _Nearest2x.apply(x), F.interpolate(x, scale_factor=2.0, mode="nearest")
+    assert torch.equal(ours, ref)
+    assert torch.equal(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
+@pytest.mark.slow
+def test_compiled_channels_last_unet_matches_eager():
+    """torch.compile on a channels-last U-Net runs every GroupNorm and Upsample through diffcli's autograd functions
+    and gives eager NCHW's loss and parameter gradients to float32 tolerance."""
+    from torch._inductor.compile_fx import compile_fx
+
+    graphs = []
+
+    def inductor_keeping_the_graph(gm, inputs):
+        graphs.append(gm)
+        return compile_fx(gm, inputs)
+
+    torch.manual_seed(0)
+    # 8 and 16 channels in 4 groups (2 and 4 per group), skips concatenated to 24 and 32, attention at 4x4
+    net = UNet((3, 8, 8), ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, groups=4)
+    x, t = torch.randn(4, 3, 8, 8), torch.rand(4)
+
+    def loss_and_grads(model, x):
+        net.zero_grad(set_to_none=True)
+        loss = model(x, t).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    eager_loss, eager_grads = loss_and_grads(net, x)
+    net = net.to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend=inductor_keeping_the_graph)
+    loss, grads = loss_and_grads(compiled, x.contiguous(memory_format=torch.channels_last))
+    functions = sum(n.target.__name__ == "autograd_function_apply" for g in graphs for n in g.graph.nodes
+                    if n.op == "call_function")
+    assert functions == sum(isinstance(m, (nets.GroupNorm, nets.Upsample)) for m in net.modules())
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
