@@ -5,6 +5,10 @@ Every net maps ``(x, t[, y]) -> tensor shaped like x`` with ``t`` in [0, 1] and 
 (eps, x0, v, ...) is decided by the prediction config, not here. The noise-conditional classifiers
 (``MLPClassifier``, ``UNetClassifier``) map ``(x_t, t) -> (B, n_classes)`` logits of p_t(y | x_t) instead. Any rescaling of ``t`` is an
 explicit constructor argument (``time_scale``), never hidden.
+
+Speed without a second architecture: compiled on a CPU in channels-last, the U-Net's GroupNorm (+ SiLU) and its
+x2 upsample run through autograd functions of their own (``_ChannelsLastGroupNorm``, ``_Nearest2x``) that compute
+the same functions and gradients as torch's (tested to 1e-12 in float64) in a form inductor vectorises.
 """
 
 import math
@@ -190,8 +194,9 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, groups: int, eps: float, silu: bool):
         ctx.groups = groups
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        mean = _group_mean(xf.mean((2, 3)), groups)  # two passes: the variance of x - mean, not E[x^2] - mean^2
-        var = _group_mean(((xf - mean[:, :, None, None]) ** 2).mean((2, 3)), groups)
+        var_c, mean_c = torch.var_mean(xf, dim=(2, 3), correction=0)  # per channel, in one (Welford) pass
+        mean = _group_mean(mean_c, groups)
+        var = _group_mean(var_c + (mean_c - mean) ** 2, groups)  # the law of total variance over equal-sized channels
         rstd = torch.rsqrt(var + eps)
         y = _normalized(xf, weight, bias, mean, rstd)
         out = (F.silu(y) if silu else y).to(x.dtype)  # as F.group_norm: its input's dtype (under autocast too)
