@@ -60,6 +60,7 @@ GROUPS = {
         "ema.decay": "EMA decay of the sampled weights (ema.warmup: its warm-up)",
         "precision": "auto | fp32 | bf16 | fp16 (auto: bf16 where bf16 has its own units: AMX CPUs, CUDA)",
         "compile": "auto | true | false: torch.compile the network (auto: long image runs on CUDA or AMX CPUs)",
+        "channels_last": "auto | true | false: the NHWC memory layout for image nets (auto: on CUDA, or when compiled)",
         "sample_every": "a picture of EMA samples every N steps and at the last step (0: never)",
         "eval_every": "a cheap metric of EMA samples to eval.jsonl every N steps (0: never)",
         "ckpt_every": "a checkpoint every N steps (and at the last)",

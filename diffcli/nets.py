@@ -247,7 +247,8 @@ class GroupNorm(nn.GroupNorm):
         if (torch.compiler.is_compiling() and x.device.type == "cpu" and x.dim() == 4 and self.affine
                 and x.is_contiguous(memory_format=torch.channels_last)):
             return _ChannelsLastGroupNorm.apply(x, self.weight, self.bias, self.num_groups, self.eps, silu)
-        return F.silu(super().forward(x)) if silu else super().forward(x)
+        y = super().forward(x)
+        return F.silu(y) if silu else y
 
 
 def _group_norm(channels: int, groups: int) -> GroupNorm:

@@ -281,7 +281,8 @@ def speed_settings(tc: DictConfig, device: torch.device, is_image: bool) -> tupl
     fast = is_image and fast_bf16(device)
     compiled = fast and tc.steps >= COMPILE_STEPS if tc.compile == "auto" else bool(tc.compile)
     precision = ("bf16" if fast else "fp32") if tc.precision == "auto" else tc.precision
-    # NHWC: cuDNN's layout; on a CPU only inductor's fused kernels gain from it (eager oneDNN bf16 loses 35%)
+    # NHWC: cuDNN's layout; on a CPU only compiled code gains from it (eager bf16 NHWC loses 43%, most of it in
+    # torch's channels-last GroupNorm backward: README, "CPU speed")
     setting = tc.get("channels_last", "auto")
     nhwc = is_image and ((device.type == "cuda" or compiled) if setting == "auto" else bool(setting))
     return precision, compiled, nhwc
