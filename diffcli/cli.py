@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         # torchrun's other ranks: rank 0 owns the run folder and its logs, these write nothing of their own
         rest = [*rest, "hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=stdout"]
     sys.argv = [f"diffcli {command}", *rest]
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # CPU steps no longer fault their activations in from the kernel each time
     try:
         _hydra_app(command)()
     except KeyboardInterrupt:

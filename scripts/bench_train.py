@@ -19,6 +19,10 @@ pipeline (`ImageData.batch`) is timed on its own. The two models are timed step 
 rounds (ABBA), after warm-up, with the device synchronised around every step; images/s is batch / the
 median step time (robust to other processes' bursts on a shared machine; the mean is in --json too).
 
+Memory: the process runs with the malloc setting of diffcli's commands (diffcli.allocator; --glibc-default
+keeps glibc's own). It is process-wide, so it holds for both models; scripts/bench_allocator.py measures what it
+does to diffcli's step alone, in separate processes.
+
 FLOP/s: forward + backward FLOPs of one step (torch.utils.flop_counter, eager model; the optimizer's
 elementwise work is not counted) over the measured step time, as a fraction of a plain n x n matmul
 timed in the same run (fp32 on CUDA uses TF32 when cuDNN does, i.e. the math mode of the net's convs).
@@ -39,6 +43,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffcli.allocator import keep_freed_memory
 from diffcli.data import ImageData
 from diffcli.losses import denoising_loss
 from diffcli.paths import DDPMPath
@@ -309,10 +314,14 @@ def main():
                         help="--matrix: the precisions to measure")
     parser.add_argument("--no-threads", action="store_true", help="--matrix: skip the fewer-threads rows")
     parser.add_argument("--matmul-n", type=int, default=None, help="matmul size (default 2048 on CPU, 8192 on CUDA)")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="keep glibc's default malloc instead of the setting diffcli's commands run with")
     parser.add_argument("--json", default=None, help="write every number to this file")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         parser.error("--steps and --batch must be positive, --warmup non-negative")
+    if not args.glibc_default:
+        keep_freed_memory()  # as `diffcli train` runs; process-wide, so the diffusers model runs with it too
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -326,6 +335,7 @@ def main():
         result = measure(args.net, shape, args.batch, args.steps, args.warmup, device, args.precision, args.compile,
                          args.channels_last, args.matmul_n)
         report(result)
+    result["malloc"] = "glibc default" if args.glibc_default else "diffcli.allocator"
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,111 @@
+"""Training speed of diffcli's step with glibc's default malloc against diffcli's setting (diffcli.allocator).
+
+    python scripts/bench_allocator.py [--net unet_small] [--batch 32] [--precision auto|fp32|bf16]
+                                      [--compile auto|on|off] [--channels-last auto|on|off] [--steps 20] [--rounds 2]
+
+mallopt acts on the whole process, so each measurement is a fresh child process that runs only diffcli's
+training step (`bench_train.DiffcliStep`, i.e. `diffcli.train.train_step`): `--rounds` pairs of children,
+default glibc and diffcli's setting in alternating order (AB BA ...), each with warm-up steps and then
+`--steps` timed steps. Prints images/s (median step), minor page faults and kernel (system) CPU time per
+step, peak resident memory, and the ratio. `auto` settings resolve as `diffcli train` resolves them
+(`diffcli.train.speed_settings`, a run of 1,000+ steps).
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child(args) -> dict:
+    """One measurement in this process: warm-up, then `steps` timed training steps of diffcli's U-Net."""
+    if args.mode == "diffcli":
+        from diffcli.allocator import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise SystemExit("diffcli.allocator.keep_freed_memory() did not take here (not glibc, or MALLOC_* set)")
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_train import DiffcliStep
+    from diffcli.train import speed_settings
+
+    device, shape = torch.device("cpu"), (args.channels, args.image_size, args.image_size)
+    tc = OmegaConf.create({"steps": 1000, "precision": args.precision, "compile": args.compile,
+                           "channels_last": args.channels_last})
+    precision, compiled, nhwc = speed_settings(tc, device, is_image=True)
+    memory = torch.channels_last if nhwc else torch.contiguous_format
+    torch.manual_seed(0)
+    net = instantiate(OmegaConf.load(ROOT / "configs" / "net" / f"{args.net}.yaml"), shape=shape)
+    net = net.to(device, memory_format=memory).train()
+    x0 = (2 * torch.rand(args.batch, *shape) - 1).contiguous(memory_format=memory)
+    step = DiffcliStep(net, x0, device, precision)
+    run = torch.compile(net) if compiled else net
+    for _ in range(args.warmup):
+        step(run)
+    before, seconds = resource.getrusage(resource.RUSAGE_SELF), []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step(run)
+        seconds.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"mode": args.mode, "setting": f"{precision}{', compiled' if compiled else ''}{', channels-last' if nhwc else ''}",
+            "images_per_s": args.batch / statistics.median(seconds),
+            "minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / args.steps,
+            "system_ms_per_step": 1e3 * (after.ru_stime - before.ru_stime) / args.steps,
+            "peak_rss_mib": after.ru_maxrss / 1024}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--net", choices=["unet_small", "unet_ddpm_cifar"], default="unet_small")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per child")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per child first (the compile among them)")
+    parser.add_argument("--rounds", type=int, default=2, help="pairs of children (default glibc, diffcli's setting)")
+    parser.add_argument("--mode", choices=["glibc", "diffcli"], default=None, help=argparse.SUPPRESS)  # a child
+    parser.add_argument("--json", default=None, help="write every number to this file")
+    args = parser.parse_args()
+    for name in ("compile", "channels_last"):  # on/off as speed_settings reads them
+        value = getattr(args, name)
+        setattr(args, name, value if value == "auto" else value == "on")
+    if args.mode:
+        print(json.dumps(child(args)))
+        return
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    results = {"glibc": [], "diffcli": []}
+    for r in range(args.rounds):
+        for mode in (("glibc", "diffcli") if r % 2 == 0 else ("diffcli", "glibc")):
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode], env=env, check=True,
+                                 capture_output=True, text=True).stdout
+            results[mode].append(json.loads(out.strip().splitlines()[-1]))
+            row = results[mode][-1]
+            print(f"round {r + 1} {mode:8s} {row['setting']}: {row['images_per_s']:.1f} images/s, "
+                  f"{row['minor_faults_per_step']:.0f} minor faults and {row['system_ms_per_step']:.1f} ms system "
+                  f"time per step, peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+    mean = {mode: {key: statistics.mean(row[key] for row in rows) for key in rows[0] if key not in ("mode", "setting")}
+            for mode, rows in results.items()}
+    ratio = mean["diffcli"]["images_per_s"] / mean["glibc"]["images_per_s"]
+    print(f"images/s: glibc default {mean['glibc']['images_per_s']:.1f}, diffcli's setting "
+          f"{mean['diffcli']['images_per_s']:.1f}, ratio {ratio:.3f}; peak RSS {mean['glibc']['peak_rss_mib']:.0f} "
+          f"against {mean['diffcli']['peak_rss_mib']:.0f} MiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": results, "mean": mean, "ratio": ratio}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
