@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_train import add_net_arguments  # noqa: E402
 
 
 def child(args) -> dict:
@@ -35,7 +37,6 @@ def child(args) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    sys.path.insert(0, str(ROOT / "scripts"))
     from bench_train import DiffcliStep
     from diffcli.train import speed_settings
 
@@ -67,10 +68,7 @@ def child(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--net", choices=["unet_small", "unet_ddpm_cifar"], default="unet_small")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--channels", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=32)
+    add_net_arguments(parser)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")

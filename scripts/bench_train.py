@@ -295,12 +295,17 @@ def matrix(args, device, shape):
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_net_arguments(parser: argparse.ArgumentParser) -> None:
+    """--net, --image-size, --channels, --batch: the U-Net and the batch it trains on."""
     parser.add_argument("--net", choices=["unet_small", "unet_ddpm_cifar"], default="unet_small")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_net_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps per model first")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")

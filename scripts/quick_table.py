@@ -3,7 +3,7 @@
 confidence and class balance on n samples of 18-step `heun` (35 NFE). Runs the real `diffcli train` /
 `diffcli eval` commands one at a time and prints a Markdown table; finished runs and scores are reused.
 
-    python scripts/quick_table.py                          # all three datasets (about 70 minutes on 2 AMX Xeon cores)
+    python scripts/quick_table.py                          # all three datasets (about 40 minutes on 2 AMX Xeon cores)
     python scripts/quick_table.py --data mnist --n 500
     python scripts/quick_table.py --data mnist --extra train.precision=fp32 train.steps=1800 --tag fp32
 
