@@ -17,8 +17,8 @@ def keep_freed_memory() -> bool:
     """Serve blocks under 32 MiB from glibc's heap and keep freed memory; True when glibc took the setting.
 
     By default glibc maps large blocks fresh from the kernel and trims the heap on free, so every training
-    step faults its activations back in page by page (a unet_small bf16 step on 2 cores: 5,000-12,000 minor
-    faults and about 15% of its time). A user's own MALLOC_* / GLIBC_TUNABLES settings are left alone, and
+    step faults its activations back in page by page (a unet_small step on 2 cores: 6,000-28,000 minor
+    faults; without them it runs 9-12% faster, scripts/bench_allocator.py). A user's own MALLOC_* / GLIBC_TUNABLES settings are left alone, and
     so is any libc other than glibc.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
