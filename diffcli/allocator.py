@@ -18,10 +18,10 @@ def keep_freed_memory() -> bool:
 
     By default glibc maps large blocks fresh from the kernel and trims the heap on free, so every training
     step faults its activations back in page by page (a unet_small step on 2 cores: 6,000-28,000 minor
-    faults; without them it runs 9-12% faster, scripts/bench_allocator.py). A user's own MALLOC_* / GLIBC_TUNABLES settings are left alone, and
-    so is any libc other than glibc.
+    faults; without them it runs 9-12% faster, scripts/bench_allocator.py). A user's own MALLOC_* /
+    GLIBC_TUNABLES settings are left alone, and so is any libc other than glibc.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if platform.libc_ver()[0] != "glibc":  # macOS, musl, Windows: '' here
         return False
     if any(name in os.environ for name in USER_SETTINGS):
         return False

@@ -18,12 +18,12 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_train import add_net_arguments  # noqa: E402
+from diffcli.allocator import USER_SETTINGS  # noqa: E402
 
 
 def child(args) -> dict:
@@ -34,30 +34,21 @@ def child(args) -> dict:
         if not keep_freed_memory():
             raise SystemExit("diffcli.allocator.keep_freed_memory() did not take here (not glibc, or MALLOC_* set)")
     import torch
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from bench_train import DiffcliStep
+    from bench_train import DiffcliStep, time_steps, unet_and_batch
     from diffcli.train import speed_settings
 
     device, shape = torch.device("cpu"), (args.channels, args.image_size, args.image_size)
     tc = OmegaConf.create({"steps": 1000, "precision": args.precision, "compile": args.compile,
                            "channels_last": args.channels_last})
     precision, compiled, nhwc = speed_settings(tc, device, is_image=True)
-    memory = torch.channels_last if nhwc else torch.contiguous_format
-    torch.manual_seed(0)
-    net = instantiate(OmegaConf.load(ROOT / "configs" / "net" / f"{args.net}.yaml"), shape=shape)
-    net = net.to(device, memory_format=memory).train()
-    x0 = (2 * torch.rand(args.batch, *shape) - 1).contiguous(memory_format=memory)
+    net, _, x0 = unet_and_batch(args.net, shape, args.batch, device, nhwc)
     step = DiffcliStep(net, x0, device, precision)
     run = torch.compile(net) if compiled else net
-    for _ in range(args.warmup):
-        step(run)
-    before, seconds = resource.getrusage(resource.RUSAGE_SELF), []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step(run)
-        seconds.append(time.perf_counter() - start)
+    time_steps(lambda: step(run), args.warmup, device)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    seconds = time_steps(lambda: step(run), args.steps, device)
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {"mode": args.mode, "setting": f"{precision}{', compiled' if compiled else ''}{', channels-last' if nhwc else ''}",
             "images_per_s": args.batch / statistics.median(seconds),
@@ -84,7 +75,7 @@ def main():
     if args.mode:
         print(json.dumps(child(args)))
         return
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS}  # a user setting would make both children alike
     results = {"glibc": [], "diffcli": []}
     for r in range(args.rounds):
         for mode in (("glibc", "diffcli") if r % 2 == 0 else ("diffcli", "glibc")):

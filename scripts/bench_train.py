@@ -228,16 +228,23 @@ def data_throughput(shape, batch, device) -> float:
     return batch / statistics.median(seconds)
 
 
-def measure(net_name, shape, batch, steps, warmup, device, precision, compile, channels_last, matmul_n=None):
-    """Every number of one setting: both models' step times, FLOPs, the matmul reference and the data pipeline."""
+def unet_and_batch(net_name, shape, batch, device, channels_last):
+    """diffcli's U-Net of configs/net/<net_name>.yaml (seed 0), its config, and a fixed batch in [-1, 1]."""
     cfg = OmegaConf.load(ROOT / "configs" / "net" / f"{net_name}.yaml")
     memory = torch.channels_last if channels_last else torch.contiguous_format
-    torch._dynamo.reset()  # each setting compiles afresh (a matrix run measures several in one process)
     torch.manual_seed(0)
-    ours = instantiate(cfg, shape=shape).to(device, memory_format=memory).train()
-    torch.manual_seed(0)
-    theirs = diffusers_unet(cfg, shape).to(device, memory_format=memory).train()
+    net = instantiate(cfg, shape=shape).to(device, memory_format=memory).train()
     x0 = (2 * torch.rand(batch, *shape, device=device) - 1).contiguous(memory_format=memory)
+    return net, cfg, x0
+
+
+def measure(net_name, shape, batch, steps, warmup, device, precision, compile, channels_last, matmul_n=None):
+    """Every number of one setting: both models' step times, FLOPs, the matmul reference and the data pipeline."""
+    torch._dynamo.reset()  # each setting compiles afresh (a matrix run measures several in one process)
+    ours, cfg, x0 = unet_and_batch(net_name, shape, batch, device, channels_last)
+    torch.manual_seed(0)
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    theirs = diffusers_unet(cfg, shape).to(device, memory_format=memory).train()
     step_fns = {"diffcli": DiffcliStep(ours, x0, device, precision),
                 "diffusers": DiffusersStep(theirs, x0, device, precision)}
     flops = {name: count_flops(step_fns[name], net) for name, net in (("diffcli", ours), ("diffusers", theirs))}

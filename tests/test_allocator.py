@@ -9,7 +9,7 @@ import pytest
 
 from diffcli import allocator, cli
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = platform.libc_ver()[0] == "glibc"
 
 # a small eager training step (activations of 2 MiB, as a U-Net's at batch 16, 32x32) in a fresh process;
 # prints the minor page faults per step after warm-up
@@ -36,7 +36,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 
 
 def faults_per_step(mode: str) -> float:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env = {k: v for k, v in os.environ.items() if k not in allocator.USER_SETTINGS}
     out = subprocess.run([sys.executable, "-c", STEP, mode], env=env, check=True, capture_output=True, text=True)
     return float(out.stdout.split()[-1])
 
