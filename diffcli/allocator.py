@@ -1,4 +1,4 @@
-"""Host memory of a diffcli process: glibc's malloc told to keep what the tensors of a step free (README, "CPU speed")."""
+"""Host memory of a diffcli process: glibc's malloc told to keep what the tensors of a step free (docs/guides/training.md, "Precision and speed")."""
 
 from __future__ import annotations
 

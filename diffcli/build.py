@@ -211,7 +211,7 @@ def build_sampler_fn(node, is_image: bool, where: str = "sampler.fn"):
     fn = _diffcli_object(target)
     _check_arguments(fn, kwargs, where, SAMPLER_RUNTIME)
     if "clip_x0" in inspect.signature(fn).parameters:  # a bad clipping setting fails now, not at the first sample
-        from .sampler_core import CLIP_OPTIONS, x0_clipper
+        from .samplers.core import CLIP_OPTIONS, x0_clipper
 
         x0_clipper(**{k: v for k, v in kwargs.items() if k in CLIP_OPTIONS})
     return functools.partial(fn, **kwargs)

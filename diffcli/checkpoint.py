@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path as FsPath
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
@@ -31,11 +31,11 @@ def strip_prefixes(state: dict) -> dict:
     return {re.sub(r"(?<![^.])(?:module|_orig_mod)\.", "", k): v for k, v in state.items()}
 
 
-def save_atomic(tensors: dict, metadata: dict[str, str], path: FsPath) -> None:
+def save_atomic(tensors: dict, metadata: dict[str, str], path: Path) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
     from safetensors.torch import save_file
 
-    path = FsPath(path)
+    path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP}{os.getpid()}")
     # copies: tied or shared tensors (or the same module saved twice) must not alias on disk
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
@@ -49,17 +49,17 @@ def save_atomic(tensors: dict, metadata: dict[str, str], path: FsPath) -> None:
                            "folder (hydra.run.dir=...); the files already there are intact") from None
 
 
-def remove_temporaries(folder: FsPath) -> list[FsPath]:
+def remove_temporaries(folder: Path) -> list[Path]:
     """Delete the half-written temporary files a killed save_atomic left in `folder`."""
-    found = [p for p in FsPath(folder).glob(f".*{TMP}*") if p.is_file()]
+    found = [p for p in Path(folder).glob(f".*{TMP}*") if p.is_file()]
     for p in found:
         p.unlink(missing_ok=True)
     return found
 
 
-def read_metadata(path: FsPath) -> dict:
+def read_metadata(path: Path) -> dict:
     """The metadata of a diffcli checkpoint (no tensors read), or a one-line error saying what is wrong."""
-    path = FsPath(path)
+    path = Path(path)
     if not path.is_file():
         raise DiffcliError(f"checkpoint {path} does not exist; give ckpt=<run dir or .safetensors file>")
     try:
@@ -72,7 +72,7 @@ def read_metadata(path: FsPath) -> dict:
     return meta
 
 
-def _open(path: FsPath):
+def _open(path: Path):
     """Tensors and metadata of a diffcli checkpoint."""
     meta = read_metadata(path)
     try:
@@ -82,13 +82,13 @@ def _open(path: FsPath):
         raise DiffcliError(f"{path} is not a readable checkpoint (truncated or not safetensors: {e})") from None
 
 
-def save_ema(path: FsPath, net_state: dict, cfg: DictConfig, step: int, shape) -> None:
+def save_ema(path: Path, net_state: dict, cfg: DictConfig, step: int, shape) -> None:
     meta = {"format": FORMAT, "format_version": VERSION, "kind": "ema", "step": str(step),
             "shape": json.dumps(list(shape)), "config": json.dumps(OmegaConf.to_container(cfg, resolve=True))}
     save_atomic(strip_prefixes(net_state), meta, path)
 
 
-def _field(meta: dict, key: str, path: FsPath, parse=json.loads):
+def _field(meta: dict, key: str, path: Path, parse=json.loads):
     """One metadata entry, parsed; a missing or unreadable one is a one-line error."""
     try:
         return parse(meta[key])
@@ -97,7 +97,7 @@ def _field(meta: dict, key: str, path: FsPath, parse=json.loads):
                            "written by diffcli (train again or take another checkpoint)") from None
 
 
-def _step_and_shape(meta: dict, path: FsPath) -> tuple[int, tuple]:
+def _step_and_shape(meta: dict, path: Path) -> tuple[int, tuple]:
     step, shape = _field(meta, "step", path, int), _field(meta, "shape", path)
     if step < 0 or not isinstance(shape, list) or not shape or not all(type(s) is int and s > 0 for s in shape):
         raise DiffcliError(f"{path}: its metadata has an invalid step ({step}) or data shape ({shape}); the file "
@@ -121,7 +121,7 @@ def _targets_only_at(node, allowed, where: str = "") -> None:
             _targets_only_at(value, allowed, f"{where}[{i}]")
 
 
-def stored_config(meta: dict, path: FsPath) -> DictConfig:
+def stored_config(meta: dict, path: Path) -> DictConfig:
     """The training config a checkpoint carries, as data: typed by the schema, never resolved or run.
 
     Interpolations are refused (a stored config was resolved when it was written, so one that
@@ -146,7 +146,7 @@ def stored_config(meta: dict, path: FsPath) -> DictConfig:
     return cfg
 
 
-def load_ema(path: FsPath):
+def load_ema(path: Path):
     """(state_dict, config, step, shape) from an EMA checkpoint."""
     tensors, meta = _open(path)
     if meta.get("kind") != "ema":
@@ -189,7 +189,7 @@ def _unflatten_optimizer(tensors: dict, info: dict) -> dict:
     return {"state": state, "param_groups": info["param_groups"]}
 
 
-def save_state(path: FsPath, *, net, ema_net, optimizer, scaler, step: int, cfg: DictConfig, shape) -> None:
+def save_state(path: Path, *, net, ema_net, optimizer, scaler, step: int, cfg: DictConfig, shape) -> None:
     """Everything needed to resume exactly."""
     import torch
 
@@ -205,7 +205,7 @@ def save_state(path: FsPath, *, net, ema_net, optimizer, scaler, step: int, cfg:
     save_atomic(tensors, meta, path)
 
 
-def load_state(path: FsPath) -> dict:
+def load_state(path: Path) -> dict:
     """The pieces written by save_state, as plain dicts."""
     tensors, meta = _open(path)
     if meta.get("kind") != "state":
@@ -223,9 +223,9 @@ def load_state(path: FsPath) -> dict:
                            "damaged; resume from an older state_<step>.safetensors") from None
 
 
-def newest_state(run) -> tuple[FsPath, FsPath]:
+def newest_state(run) -> tuple[Path, Path]:
     """(run folder, its newest state_<step>.safetensors) for train.resume."""
-    run_dir = FsPath(run)
+    run_dir = Path(run)
     if not run_dir.is_dir():
         raise DiffcliError(f"train.resume={run_dir} is not a folder; give the run folder of a diffcli train run")
     states = list_checkpoints(run_dir / "checkpoints", "state")
@@ -234,29 +234,29 @@ def newest_state(run) -> tuple[FsPath, FsPath]:
     return run_dir, states[-1]
 
 
-def list_checkpoints(folder: FsPath, kind: str) -> list[FsPath]:
+def list_checkpoints(folder: Path, kind: str) -> list[Path]:
     """`<kind>_<step>.safetensors` files in a folder, oldest step first."""
-    found = [(int(m.group(2)), p) for p in FsPath(folder).glob(f"{kind}_*.safetensors")
+    found = [(int(m.group(2)), p) for p in Path(folder).glob(f"{kind}_*.safetensors")
              if (m := STEP_FILE.match(p.name)) and m.group(1) == kind]
     return [p for _, p in sorted(found)]
 
 
-def prune(folder: FsPath, keep_last: int) -> None:
+def prune(folder: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` checkpoints of each kind (0 keeps all)."""
     for kind in ("ema", "state"):
         for p in list_checkpoints(folder, kind)[:-keep_last] if keep_last > 0 else []:
             p.unlink(missing_ok=True)
 
 
-def find_ema(ckpt: str | None, outputs: FsPath = FsPath("outputs")) -> FsPath:
+def find_ema(ckpt: str | None, outputs: Path = Path("outputs")) -> Path:
     """An EMA checkpoint from a file, a run dir, or (ckpt=None) the newest training run under outputs/."""
     if ckpt is None:
         runs = [p for p in outputs.glob("**/checkpoints/ema_*.safetensors") if STEP_FILE.match(p.name)]
         if not runs:
             raise DiffcliError(f"no training run with checkpoints under {outputs.resolve()}/; "
                                "train one first (diffcli train ...) or give ckpt=<run dir or file>")
-        return FsPath(ckpt_in_run(max(runs, key=lambda p: p.stat().st_mtime).parent.parent))
-    path = FsPath(ckpt)
+        return Path(ckpt_in_run(max(runs, key=lambda p: p.stat().st_mtime).parent.parent))
+    path = Path(ckpt)
     if path.is_dir():
         return ckpt_in_run(path)
     if not path.exists():
@@ -264,9 +264,9 @@ def find_ema(ckpt: str | None, outputs: FsPath = FsPath("outputs")) -> FsPath:
     return path
 
 
-def ckpt_in_run(run_dir: FsPath) -> FsPath:
+def ckpt_in_run(run_dir: Path) -> Path:
     """The newest EMA checkpoint of a training run."""
-    found = list_checkpoints(FsPath(run_dir) / "checkpoints", "ema")
+    found = list_checkpoints(Path(run_dir) / "checkpoints", "ema")
     if not found:
         raise DiffcliError(f"{run_dir} holds no checkpoints/ema_<step>.safetensors; is it a diffcli training run?")
     return found[-1]

@@ -39,42 +39,21 @@ def _user_errors_exit(task):
     """
 
     def job(cfg) -> None:
+        from .runs import remove_if_unused
+
         try:
             task(cfg)
         except KeyboardInterrupt:
-            _remove_if_unused(_run_dir())
+            remove_if_unused(_run_dir())
             sys.exit(_fail("interrupted (Ctrl-C)", code=130))
         except Exception as e:
-            _remove_if_unused(_run_dir())
+            remove_if_unused(_run_dir())
             message = _user_error(e)
             if message is None or os.environ.get("DIFFCLI_TRACEBACK") == "1":
                 raise
             sys.exit(_fail(message))
 
     return job
-
-
-def _remove_if_unused(run_dir: str) -> None:
-    """A run that failed before doing any work leaves no folder behind: its folder (and the parents made for it)
-    is removed when this process created it and it holds only Hydra's .hydra/, the run's log and its lock."""
-    import shutil
-
-    from .schema import CREATED
-
-    run = os.path.abspath(run_dir)
-    if run not in CREATED or not os.path.isdir(run):
-        return
-    for folder, _, names in os.walk(run):
-        where = os.path.relpath(folder, run)
-        if where.split(os.sep)[0] != ".hydra" and any(
-                where != "." or not (name.endswith(".log") or name == ".diffcli.lock") for name in names):
-            return  # the run wrote something of its own
-    shutil.rmtree(run, ignore_errors=True)
-    for parent in CREATED.pop(run):
-        try:
-            os.rmdir(parent)  # only while empty: another run may have put its folder there since
-        except OSError:
-            break
 
 
 def _run_folder_overrides(command: str, rest: list[str]) -> list[str]:
@@ -84,7 +63,8 @@ def _run_folder_overrides(command: str, rest: list[str]) -> list[str]:
     second folder (nor a second .hydra/) is made. A new hydra.run.dir is noted as this run's own, to remove if the
     run fails before doing any work.
     """
-    from .schema import CREATED, missing_folders, parse_overrides
+    from .runs import CREATED, missing_folders
+    from .schema import parse_overrides
 
     given = next((a.split("=", 1)[1] for a in rest if a.startswith("hydra.run.dir=")), None)
     if given is not None and not os.path.exists(given):

@@ -88,12 +88,6 @@ def gmm_mixture(means, covs, weights=None):
     return means, covs, weights / weights.sum()
 
 
-def gmm_modes(means=GMM_MEANS, covs=GMM_COVS, weights=None):
-    """The `gmm` toy's means and a representative std: the largest principal std among its components."""
-    means, covs, _ = gmm_mixture(means, covs, weights)
-    return means.float(), torch.linalg.eigvalsh(covs).max().sqrt().item()
-
-
 def gmm(n, *, generator, device, means=GMM_MEANS, covs=GMM_COVS, weights=None, return_labels=False):
     """Mixture of Gaussians N(means[k], covs[k]) (2x2 covariances) picked with probability weights[k] (with
     return_labels: and each point's component k, its class)."""
@@ -130,8 +124,43 @@ TOYS = {
     "gmm": gmm,
 }
 
-# Toys that are Gaussian mixtures: name -> fn(**params) -> (modes (K, 2), mode_std)
-TOY_MODES = {"eight_gaussians": eight_gaussians_modes, "gmm": gmm_modes}
+def eight_gaussians_mixture(radius=2.0, std=0.1):
+    """The `eight_gaussians` toy's components as float64 (means (8, 2), covs std^2 I, equal weights)."""
+    means, std = eight_gaussians_modes(radius, std)
+    return means.double(), std**2 * torch.eye(2, dtype=torch.float64).expand(8, 2, 2), torch.full((8,), 1 / 8)
+
+
+# The toys that are Gaussian mixtures, the one description of them (data, oracle, metrics):
+# name -> fn(**data.params) -> (means (K, d), covs (K, d, d), weights (K,)), float64
+MIXTURES = {"eight_gaussians": eight_gaussians_mixture, "gmm": gmm_mixture}
+
+
+def mixture_modes(name: str, params: dict):
+    """(modes (K, 2) float32, a representative std: the largest principal std among the components) of a mixture."""
+    means, covs, _ = MIXTURES[name](**params)
+    return means.float(), torch.linalg.eigvalsh(covs).max().sqrt().item()
+
+
+def mixture_distribution(data_cfg):
+    """A Gaussian-mixture toy as torch.distributions (MixtureSameFamily, float64), or None for other data."""
+    from omegaconf import OmegaConf
+
+    if data_cfg.get("kind") != "toy" or data_cfg.name not in MIXTURES:
+        return None
+    params = OmegaConf.to_container(data_cfg.get("params") or {}, resolve=True)
+    means, covs, weights = MIXTURES[data_cfg.name](**params)
+    D = torch.distributions
+    return D.MixtureSameFamily(D.Categorical(weights.double()), D.MultivariateNormal(means.double(), covs.double()))
+
+
+def shape_kind(shape) -> str:
+    """"images" for a (C, H, W) shape, "points" for a (D,) one: the one place this is asked."""
+    return "images" if len(shape) == 3 else "points"
+
+
+def config_kind(data_cfg) -> str:
+    """shape_kind of a data config before its data is built: the 2D toys are points, every other kind images."""
+    return "points" if data_cfg.kind == "toy" else "images"
 
 
 def no_labels(name: str) -> DiffcliError:
@@ -146,16 +175,15 @@ class ToyData:
     its components."""
 
     shape = (2,)
-    is_image = False
+    is_image = property(lambda self: shape_kind(self.shape) == "images")
     class_names = None
 
     def __init__(self, name, params, device):
         self.name, self.params, self.device = name, dict(params), torch.device(device)
         self.fn = TOYS[name]
-        mixture = TOY_MODES.get(name)
         self.modes, self.mode_std = None, None
-        if mixture is not None:
-            modes, self.mode_std = mixture(**self.params)
+        if name in MIXTURES:
+            modes, self.mode_std = mixture_modes(name, self.params)
             self.modes = modes.to(self.device)
         self.n_classes = 0 if self.modes is None else len(self.modes)
 
@@ -196,7 +224,7 @@ def _epoch_seed(seed, epoch):
 class ImageData:
     """A whole image set as uint8 (N, C, H, W) on the device, served in seeded epoch order."""
 
-    is_image = True
+    is_image = property(lambda self: shape_kind(self.shape) == "images")
 
     def __init__(self, name, images, labels=None, *, device, seed=0, hflip=False, class_names=None):
         self.name, self.device, self.seed, self.hflip = name, torch.device(device), seed, bool(hflip)

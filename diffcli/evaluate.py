@@ -1,204 +1,27 @@
 """`diffcli eval`: score a checkpoint the way the field does, record everything needed to reproduce it.
 
-2D toys: sliced Wasserstein, MMD, energy distance and mode coverage of samples against fresh data;
-exact NLL through the probability-flow ODE. Images: Inception FID / KID, classifier-feature FID,
-bits per dimension. `diffcli summary <dir>` (diffcli/summary.py) gathers a sweep's metrics.json files into one table.
+The metrics are diffcli/scoring.py's; `diffcli summary <dir>` gathers a sweep's metrics.json files into one table.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from pathlib import Path as FsPath
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import DiffcliError
-from .data import build_data, to_float
-from .metrics import energy_distance, mmd_rbf, sliced_wasserstein
-from .sample import load_model, pick_device, sample_checkpoint, save_picture
+from .data import build_data
+from .loading import load_model, pick_device
+from .plots import save_picture
+from .runs import fmt
+from .sampling import draw
 from .schema import check_ranges
-from .summary import fmt
+from .scoring import LIKELIHOODS, image_metrics, nll_2d, resolve_names, toy_agreement, toy_metrics
 
 log = logging.getLogger("diffcli")
-# 2D sample-vs-data distances: metric name -> (key in metrics.json, function of (samples, reference))
-POINT_DISTANCES = {"sliced_wasserstein": ("sliced_wasserstein", sliced_wasserstein), "mmd": ("mmd", mmd_rbf),
-                   "energy": ("energy_distance", energy_distance)}
-TOY_METRICS = (*POINT_DISTANCES, "modes", "nll")
-IMAGE_METRICS = ("fid", "kid", "cfid", "bpd")
-LIKELIHOODS = {"nll", "bpd"}  # scored on real data: no sampling needed
-
-
-def mode_coverage(x: torch.Tensor, modes: torch.Tensor, std: float, min_share: float = 0.25) -> dict:
-    """Mixture modes that received at least `min_share` of their expected share of samples.
-
-    A sample counts for its nearest mode only when it lies within 4 std of it (else it is an
-    off-manifold sample and counts against `in_modes`).
-    """
-    d = torch.cdist(x.double(), modes.double())
-    dist, nearest = d.min(dim=1)
-    close = dist < 4 * std
-    counts = torch.bincount(nearest[close], minlength=len(modes))
-    expected = len(x) / len(modes)
-    return {"modes_covered": int((counts >= min_share * expected).sum()), "modes_total": len(modes),
-            "in_modes": close.double().mean().item(), "mode_counts": counts.tolist()}
-
-
-def toy_metrics(samples: torch.Tensor, reference: torch.Tensor, data, names=("sliced_wasserstein", "modes")) -> dict:
-    """Distances of samples to fresh data of the same size, and mode coverage for mixtures."""
-    metrics = {key: fn(samples, reference) for name, (key, fn) in POINT_DISTANCES.items() if name in names}
-    if "modes" in names and getattr(data, "modes", None) is not None:
-        metrics |= mode_coverage(samples, data.modes.cpu(), data.mode_std)
-    return metrics
-
-
-def _mixture(data_cfg: DictConfig):
-    """A Gaussian-mixture toy as torch.distributions (MixtureSameFamily), or None for other data."""
-    from .oracle import MIXTURES
-
-    if data_cfg.get("kind") != "toy" or data_cfg.name not in MIXTURES:
-        return None
-    params = OmegaConf.to_container(data_cfg.get("params") or {}, resolve=True)
-    means, covs, weights = MIXTURES[data_cfg.name](**params)
-    D = torch.distributions
-    return D.MixtureSameFamily(D.Categorical(weights.double()), D.MultivariateNormal(means.double(), covs.double()))
-
-
-def data_log_prob(data_cfg: DictConfig, x: torch.Tensor) -> torch.Tensor | None:
-    """Analytic log-density of a Gaussian-mixture toy at x (None for other data)."""
-    mixture = _mixture(data_cfg)
-    return None if mixture is None else mixture.log_prob(x.double())
-
-
-def toy_agreement(data_cfg: DictConfig, samples: torch.Tensor, labels: torch.Tensor) -> dict:
-    """{"agreement": the share of samples whose most probable component, argmax_k w_k N(x; mu_k, S_k), is the
-    requested class} for a mixture toy; {} for other data."""
-    mixture = _mixture(data_cfg)
-    if mixture is None:
-        return {}
-    log_p = mixture.component_distribution.log_prob(samples.double()[:, None]) + mixture.mixture_distribution.logits
-    return {"agreement": (log_p.argmax(1) == labels).double().mean().item()}
-
-
-def resolve_names(names, is_image: bool, data) -> list[str]:
-    """The metric names to compute: `auto` picks the usual ones for the data; unknown names are errors."""
-    if names == "auto" or names == ["auto"]:
-        if not is_image:
-            return [name for name in TOY_METRICS if name not in LIKELIHOODS]
-        return ["cfid"] if data.labels is not None and data.shape[0] == 1 else ["fid", "kid"]
-    names = [names] if isinstance(names, str) else list(names)
-    valid = IMAGE_METRICS if is_image else TOY_METRICS
-    kind = "image" if is_image else "2D"
-    for name in names:
-        if name not in valid:
-            hint = " (bits/dim is `bpd` for images)" if name == "nll" else " (NLL of 2D data is `nll`)" if name == "bpd" else ""
-            raise DiffcliError(f"metric {name} is not available for {kind} data{hint}; choose from {', '.join(valid)}")
-    return names
-
-
-def reference_images(data_cfg: DictConfig, mc: DictConfig, seed: int, split: str | None = None):
-    """Real images to compare with: the training data, or its `split` (metric.reference_split), capped at n_reference."""
-    split = split or mc.get("reference_split")
-    if split and data_cfg.get("kind") == "torchvision":
-        data_cfg = OmegaConf.merge(data_cfg, {"split": split})
-    data = build_data(data_cfg, "cpu", seed=seed)
-    images, n = data.images, mc.get("n_reference")
-    if n and n < len(images):  # a seeded random subset, the same on every call
-        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
-    where = data_cfg.split if data_cfg.get("kind") == "torchvision" else FsPath(str(data_cfg.get("path", ""))).stem
-    name = f"{data_cfg.name}-{where}"
-    return data, images, name
-
-
-def image_metrics(names, samples, train_cfg, mc, denoiser, seed: int, device, labels=None) -> dict:
-    """FID/KID (Inception), classifier-FID and bits/dim for an image model."""
-    out = {}
-    if {"fid", "kid"} & set(names):
-        out |= _inception_metrics(names, samples, train_cfg, mc, seed, device)
-    if "cfid" in names:
-        from .classifier import classifier_fid, classifier_for
-
-        _, images, _ = reference_images(train_cfg.data, mc, seed)
-        classifier, info = classifier_for(train_cfg.data, cache_dir=FsPath(mc.cache_dir).expanduser(), device=device,
-                                          seed=seed, epochs=mc.classifier_epochs, log=log)
-        out |= classifier_fid(classifier, samples, to_float(images), labels)
-        out |= {"classifier_accuracy": info["accuracy"], "classifier_trained_on": info["trained_on"]}
-    if "bpd" in names:
-        out |= _bits_per_dim(denoiser, train_cfg, mc, seed)
-    return out
-
-
-def _inception_metrics(names, samples, train_cfg, mc, seed, device) -> dict:
-    """FID and KID against cached Inception features of the real data."""
-    from .inception import fid_kid, inception_features, inception_weights, load_inception, reference_features
-
-    weights = inception_weights(mc.inception_weights)
-    net = load_inception(weights, device)
-    _, images, name = reference_images(train_cfg.data, mc, seed)
-    reference = reference_features(net, weights, images, name, mc.cache_dir, mc.batch_size)
-    scores = fid_kid(inception_features(net, samples, mc.batch_size), reference,
-                     subsets=mc.kid_subsets, subset_size=mc.kid_subset_size, seed=seed)
-    scores["fid_reference"] = f"{name} ({len(images)} images)"
-    return {k: v for k, v in scores.items() if k.split("_")[0] in names or k == "fid_reference"}
-
-
-def _bits_per_dim(denoiser, train_cfg, mc, seed) -> dict:
-    """Bits/dim of real held-out images (the test split when there is one) through the PF-ODE."""
-    from .likelihood import bits_per_dim
-
-    _, images, name = reference_images(train_cfg.data, OmegaConf.merge(mc, {"n_reference": None}), seed,
-                                       split="test")
-    images = images[: mc.nll_n]
-    g = torch.Generator().manual_seed(seed)
-    bpd, nfe = [], 0
-    for batch in images.split(mc.batch_size):
-        out = bits_per_dim(denoiser, batch.to(denoiser.device), generator=g, probes=mc.probes,
-                           rtol=mc.rtol, atol=mc.atol)
-        bpd.append(out["bpd"].cpu())
-        nfe = max(nfe, out["nfe"])
-    bpd = torch.cat(bpd)
-    return {"bpd": bpd.mean().item(), "bpd_sem": _sem(bpd), "bpd_images": f"{name} ({len(bpd)})", "bpd_nfe": nfe}
-
-
-def nll_2d(denoiser, data, data_cfg, mc, seed) -> dict:
-    """Exact NLL (nats) of fresh data through the PF-ODE; next to it, the data's own entropy where known."""
-    from .likelihood import log_likelihood
-
-    g = torch.Generator().manual_seed(seed + 2)
-    x = data.sample(mc.nll_n, g).cpu()
-    out = log_likelihood(denoiser, x.to(denoiser.device), exact=True, rtol=mc.rtol, atol=mc.atol)
-    nll = -out["log_p"].cpu()
-    metrics = {"nll": nll.mean().item(), "nll_sem": _sem(nll), "nll_nfe": out["nfe"]}
-    truth = data_log_prob(data_cfg, x)
-    if truth is not None:  # E[-log p_data] on the same points: no model can go below it on average
-        metrics["nll_data"] = -truth.mean().item()
-    return metrics
-
-
-def _sem(v: torch.Tensor) -> float:
-    return (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else float("nan")
-
-
-def default_cache_dir() -> FsPath:
-    """$DIFFCLI_CACHE, else ~/.cache/diffcli: where reference features and classifiers are kept."""
-    import os
-
-    return FsPath(os.environ.get("DIFFCLI_CACHE", "~/.cache/diffcli")).expanduser()
-
-
-def quick_metric(samples: torch.Tensor, data, data_cfg: DictConfig, seed: int, device) -> dict:
-    """The cheap metric of train.eval_every: sliced Wasserstein (2D) or classifier-FID (labelled images)."""
-    if not data.is_image:
-        reference = data.sample(len(samples), torch.Generator(data.device).manual_seed(seed + 1))
-        return {"sliced_wasserstein": sliced_wasserstein(samples, reference.cpu())}
-    from .classifier import classifier_fid, classifier_for
-
-    classifier, _ = classifier_for(data_cfg, cache_dir=default_cache_dir(), device=device, seed=seed, log=log)
-    scores = classifier_fid(classifier, samples, to_float(data.images.cpu()))
-    return {k: v for k, v in scores.items() if isinstance(v, float)}
 
 
 def run_eval(cfg: DictConfig, out_dir) -> dict:
@@ -206,8 +29,8 @@ def run_eval(cfg: DictConfig, out_dir) -> dict:
     check_ranges(cfg)
     mc, t0 = cfg.metric, time.perf_counter()
     device = pick_device(cfg.device)
-    loaded = load_model(cfg.ckpt, device, cfg.get("net_class"))
-    denoiser, train_cfg, step, shape, file = loaded
+    model = load_model(cfg.ckpt, device, cfg.get("net_class"))
+    train_cfg = model.config
     data = build_data(train_cfg.data, torch.device("cpu"), seed=cfg.seed)
     names = resolve_names(OmegaConf.to_object(mc.names) if OmegaConf.is_list(mc.names) else mc.names,
                           data.is_image, data)
@@ -215,33 +38,31 @@ def run_eval(cfg: DictConfig, out_dir) -> dict:
         from .inception import inception_weights
 
         inception_weights(mc.inception_weights)
-    record = {"ckpt": str(file), "step": step, "data": train_cfg.data.name, "model": train_cfg.model.name,
+    record = {"ckpt": str(model.file), "step": model.step, "data": train_cfg.data.name, "model": train_cfg.model.name,
               "sampler": None, "steps": None, "nfe": None, "n": None, "seed": cfg.seed}
-    out_dir = FsPath(out_dir)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics, samples = {}, None
+    metrics, samples, labels = {}, None, None
     if set(names) - LIKELIHOODS:
-        out = sample_checkpoint(cfg, loaded=loaded)
-        samples, labels = out["samples"], out["labels"]
-        record |= {"sampler": out["sampler"], "steps": out["steps"], "nfe": out["nfe"], "n": cfg.n}
+        out = draw(cfg, model, device)
+        samples, labels = out.samples, out.labels
+        record |= {"sampler": out.sampler, "steps": out.steps, "nfe": out.nfe, "n": cfg.n}
         if labels is not None:
-            record |= {"guidance": out["guidance"], "classifier_scale": out["classifier_scale"],
+            record |= {"guidance": out.guidance, "classifier_scale": out.classifier_scale,
                        "labels": sorted(set(labels.tolist()))}
-    else:
-        labels = None
     if data.is_image:
-        metrics = image_metrics(names, samples, train_cfg, mc, denoiser, cfg.seed, device, labels)
+        metrics = image_metrics(names, samples, train_cfg, mc, model.denoiser, cfg.seed, device, labels)
         if samples is not None:
             save_picture(samples, out_dir / "samples.png", labels=labels)
     else:
         if samples is not None:
-            reference = data.sample(cfg.n, torch.Generator().manual_seed(cfg.seed + 1))  # as reference_data draws
+            reference = data.sample(cfg.n, torch.Generator().manual_seed(cfg.seed + 1))  # as sample's reference
             metrics = toy_metrics(samples, reference, data, names)
             if labels is not None:
                 metrics |= toy_agreement(train_cfg.data, samples, labels)
             save_picture(samples, out_dir / "samples.png", reference, labels)
         if "nll" in names:
-            metrics |= nll_2d(denoiser, data, train_cfg.data, mc, cfg.seed)
+            metrics |= nll_2d(model.denoiser, data, train_cfg.data, mc, cfg.seed)
     record |= {"metrics": metrics, "metric_settings": OmegaConf.to_container(mc, resolve=True),
                "seconds": round(time.perf_counter() - t0, 2)}
     (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))

@@ -1,4 +1,4 @@
-"""`diffcli <command> --help` and the README's config tables, both generated from the configs and the schema.
+"""`diffcli <command> --help` and the config tables of docs/reference/configs.md, both generated from the configs and the schema.
 
 What a command accepts is its schema (diffcli/schema.py) and the groups its primary config composes; the
 text here only describes those keys. tests/test_help.py checks that every key described exists and that every
@@ -152,7 +152,7 @@ def _cell(text: str) -> str:
 
 
 def group_table() -> str:
-    """The README's config-group table (python scripts/config_tables.py prints it)."""
+    """The config-group table of docs/reference/configs.md (python scripts/config_tables.py prints it)."""
     rows = ["| group | commands | options | what | main keys |", "|---|---|---|---|---|"]
     for group in all_groups():
         what, keys = GROUPS[group]
@@ -163,7 +163,7 @@ def group_table() -> str:
 
 
 def key_table() -> str:
-    """The README's table of top-level keys: which commands read each, its default and what it does."""
+    """The table of top-level keys (docs/reference/configs.md): which commands read each, its default and what it does."""
     defaults = {c: top_keys(c) for c in COMMANDS}
     rows = ["| key | " + " | ".join(f"`{c}` default" for c in COMMANDS) + " | what |", "|---" * (len(COMMANDS) + 2) + "|"]
     for key in dict.fromkeys(k for c in COMMANDS for k in defaults[c]):

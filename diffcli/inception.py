@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from pathlib import Path as FsPath
+from pathlib import Path
 
 import torch
 
@@ -24,11 +24,11 @@ WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.
 FEATURE = "2048"  # the pool3 layer both FID and KID are defined on
 
 
-def inception_weights(configured: str | None) -> FsPath:
+def inception_weights(configured: str | None) -> Path:
     """The weights file: `configured` if given, else torch hub's cached copy; a one-line error when neither exists."""
-    cached = FsPath(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
     if configured:
-        file = FsPath(configured).expanduser()
+        file = Path(configured).expanduser()
         if not file.is_file():
             raise DiffcliError(f"metric.inception_weights={configured}: no such file; download {WEIGHTS_URL} there")
         return file
@@ -38,7 +38,7 @@ def inception_weights(configured: str | None) -> FsPath:
                        f"{cached} (download {WEIGHTS_URL}) or set metric.inception_weights=/path/to/{WEIGHTS_FILE}")
 
 
-def read_weights(file: FsPath) -> dict[str, torch.Tensor]:
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
     """A state dict read without running code: safetensors, or torch.load with weights_only=True
     (its unpickler builds tensors and containers only, and refuses anything that would call code)."""
     from safetensors.torch import load_file
@@ -54,7 +54,7 @@ def read_weights(file: FsPath) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_inception(weights: FsPath, device: torch.device):
+def load_inception(weights: Path, device: torch.device):
     """torch-fidelity's TF-compatible Inception-v3 with the given weights, in eval mode on `device`.
 
     torch-fidelity opens a weights file with torch.load(weights_only=False), i.e. full pickle; we
@@ -65,7 +65,7 @@ def load_inception(weights: FsPath, device: torch.device):
 
     from torch_fidelity import feature_extractor_inceptionv3 as fe
 
-    state = read_weights(FsPath(weights))
+    state = read_weights(Path(weights))
     try:
         with mock.patch.object(fe, "load_state_dict_from_url", lambda *args, **kwargs: state):
             net = fe.FeatureExtractorInceptionV3("inception-v3-compat", [FEATURE])
@@ -93,12 +93,12 @@ def images_fingerprint(images: torch.Tensor) -> str:
     return hashlib.sha256(images.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def reference_features(net, weights: FsPath, images: torch.Tensor, name: str, cache_dir, batch_size: int = 100):
+def reference_features(net, weights: Path, images: torch.Tensor, name: str, cache_dir, batch_size: int = 100):
     """Inception features of real images, cached per dataset, split and content under cache_dir."""
     from safetensors.torch import load_file
 
     key = f"{name}-{images_fingerprint(images)}-{weights.stat().st_size}"
-    file = FsPath(cache_dir).expanduser() / f"inception-{key}.safetensors"
+    file = Path(cache_dir).expanduser() / f"inception-{key}.safetensors"
     if file.is_file():
         log.info("reference Inception features from %s", file)
         return load_file(file)["features"]

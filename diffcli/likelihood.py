@@ -17,27 +17,20 @@ import math
 import torch
 
 from . import DiffcliError
-from .paths import Path
+from .paths import ProbabilityPath, get_prior
 
 EXACT_MAX_DIM = 16  # up to this many dimensions the exact divergence costs at most 16 backward passes per step
 
 
-def prior_log_prob(path: Path, x1: torch.Tensor) -> torch.Tensor:
+def prior_log_prob(path: ProbabilityPath, x1: torch.Tensor) -> torch.Tensor:
     """log p_1(x1) per sample, float64 (B,): the prior term log p_T(x(T)) of Song et al. 2021, app. D.2.
 
     Gaussian prior: x_1 = alpha(1) x0 + sigma(1) eps is taken as N(0, sigma(1)^2 I), dropping alpha(1) x0 as
     score_sde does (exact for a flow, alpha(1) = 0; the default VP path's alpha(1) ~ 6.7e-3 leaves a bias of order
     alpha(1) |x0| |x(1)| nats). Uniform prior: uniform on [-sigma(1), sigma(1)]^D, -inf outside.
     """
-    x1 = x1.flatten(1).double()
-    d = x1.shape[1]
     sigma = float(path.sigma(torch.tensor(1.0, dtype=torch.float64)))
-    if path.prior == "gaussian":
-        return -0.5 * (x1 / sigma).pow(2).sum(1) - d * math.log(sigma) - 0.5 * d * math.log(2 * math.pi)
-    if path.prior == "uniform":
-        outside = (x1.abs() > sigma).any(1)
-        return torch.full_like(x1[:, 0], -d * math.log(2 * sigma)).masked_fill(outside, -math.inf)
-    raise DiffcliError(f"log-likelihood knows the gaussian and uniform priors; this model's prior is {path.prior}")
+    return get_prior(path.prior).log_prob(x1.flatten(1).double(), sigma)
 
 
 def _net_dtype(net: torch.nn.Module) -> torch.dtype:

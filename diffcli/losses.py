@@ -6,17 +6,17 @@ import torch
 import torch.nn.functional as F
 
 from . import DiffcliError
-from .paths import Path, expand
+from .paths import ProbabilityPath, expand
 from .prediction import SIGMA_DATA, convert, edm_scale, net_inputs, target
 
 
-def _edm_weight(path: Path, t, sigma_data: float, snr_gamma: float):
+def _edm_weight(path: ProbabilityPath, t, sigma_data: float, snr_gamma: float):
     """(s^2 + sd^2) / (s sd)^2 at s = sigma/alpha, i.e. 1 / c_out^2 (Karras et al. 2022, Table 1), in a form finite
     at alpha = 0."""
     return (edm_scale(path.alpha(t), path.sigma(t), sigma_data) / (sigma_data * path.sigma(t))) ** 2
 
 
-def _min_snr_weight(path: Path, t, sigma_data: float, snr_gamma: float):
+def _min_snr_weight(path: ProbabilityPath, t, sigma_data: float, snr_gamma: float):
     """min(SNR, gamma), SNR = alpha^2 / sigma^2 (Hang et al. 2023, Min-SNR-gamma, weight on the x0 error)."""
     return torch.clamp((path.alpha(t) / path.sigma(t)) ** 2, max=snr_gamma)
 
@@ -34,11 +34,11 @@ WEIGHTINGS = {
 }
 
 
-def check_weighting(weighting: str, path: Path) -> str:
+def check_weighting(weighting: str, path: ProbabilityPath) -> str:
     """Validate a weighting for this path with a one-line error."""
     if weighting not in WEIGHTINGS:
         raise DiffcliError(f"model.weighting={weighting} is unknown; choose one of {', '.join(WEIGHTINGS)}")
-    if WEIGHTINGS[weighting][0] == "score" and path.prior != "gaussian":
+    if WEIGHTINGS[weighting][0] == "score" and not path.gaussian_prior:
         raise DiffcliError(f"model.weighting={weighting} weights a score-matching loss, which needs a Gaussian "
                            f"prior; this model's prior is {path.prior}: use model.weighting=simple, edm or min_snr")
     return weighting
@@ -63,7 +63,7 @@ def check_coupling(coupling: str) -> str:
     return coupling
 
 
-def draw(path: Path, x0: torch.Tensor, generator: torch.Generator | None, coupling: str = "independent",
+def draw(path: ProbabilityPath, x0: torch.Tensor, generator: torch.Generator | None, coupling: str = "independent",
          times=None):
     """(x0, x1, t) of one training batch: t ~ the path's training times (`times`: model.times, dist, mean and
     std; None: uniform), x1 ~ the prior, paired by `coupling`.
@@ -81,7 +81,7 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def pair_loss(net, path: Path, prediction: str, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
+def pair_loss(net, path: ProbabilityPath, prediction: str, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
               weighting: str = "simple", *, precond: str = "none", sigma_data: float = SIGMA_DATA,
               snr_gamma: float = 5.0, y: torch.Tensor | None = None) -> torch.Tensor:
     """The squared error of the net at x_t = alpha x0 + sigma x1 (fed under `precond`, with class labels y for a
@@ -102,14 +102,14 @@ def pair_loss(net, path: Path, prediction: str, x0: torch.Tensor, x1: torch.Tens
     return (expand(weight(path, t, sigma_data, snr_gamma), per_example) * per_example).mean()
 
 
-def denoising_loss(net, path: Path, prediction: str, x0: torch.Tensor, generator: torch.Generator | None,
+def denoising_loss(net, path: ProbabilityPath, prediction: str, x0: torch.Tensor, generator: torch.Generator | None,
                    weighting: str = "simple", coupling: str = "independent", times=None, **options) -> torch.Tensor:
     """E_{t, x1} of the squared error of the net: pair_loss (with `options`: precond, sigma_data, snr_gamma) on a
     fresh draw of (x1, t) for x0."""
     return pair_loss(net, path, prediction, *draw(path, x0, generator, coupling, times), weighting, **options)
 
 
-def classifier_loss(net, path: Path, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+def classifier_loss(net, path: ProbabilityPath, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
                     precond: str = "none", sigma_data: float = SIGMA_DATA, **_) -> torch.Tensor:
     """Cross-entropy of a noise-conditional classifier on x_t = alpha x0 + sigma x1 (fed under `precond`, as the
     model it guides is): the classifier p_t(y | x_t) of Dhariwal & Nichol 2021, sec. 4, on any path."""

@@ -21,20 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import DiffcliError
-from .data import build_data, eight_gaussians_modes, gmm_mixture, to_float
-from .paths import Path
+from .data import MIXTURES, build_data, to_float
+from .paths import ProbabilityPath
 from .prediction import SIGMA_DATA, check_prediction, target
 
 MAX_POINTS = 5000  # the point-set oracle compares x_t with every point at every call
-
-
-def _eight_gaussians(radius=2.0, std=0.1):
-    means, std = eight_gaussians_modes(radius, std)
-    return means.double(), std**2 * torch.eye(2, dtype=torch.float64).expand(8, 2, 2), torch.full((8,), 1 / 8)
-
-
-# toy name -> fn(**data.params) -> (means (K, d), covs (K, d, d), weights (K,))
-MIXTURES = {"eight_gaussians": _eight_gaussians, "gmm": gmm_mixture}
 
 
 def _points(data) -> torch.Tensor:
@@ -69,7 +60,7 @@ class Oracle(nn.Module):
 
     raw_input = True  # E[x0 | x_t] needs the path's own x_t and t (prediction.net_inputs)
 
-    def __init__(self, shape, data, path: Path, prediction: str, sigma_data: float = SIGMA_DATA):
+    def __init__(self, shape, data, path: ProbabilityPath, prediction: str, sigma_data: float = SIGMA_DATA):
         super().__init__()
         self.shape, self.path, self.prediction = tuple(shape), path, check_prediction(prediction, path)
         self.sigma_data = sigma_data

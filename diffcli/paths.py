@@ -7,6 +7,8 @@ diffusion, reverse SDE, probability-flow ODE) is derived from alpha, sigma and t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -21,19 +23,51 @@ def expand(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return c.to(x.dtype) if c.is_floating_point() else c
 
 
+@dataclass(frozen=True)
+class Prior:
+    """The distribution of x1 on the unit scale: how to draw it, its log-density on [-sigma, sigma]-scaled points,
+    and whether it is Gaussian (then eps, the score and Tweedie's formula are defined)."""
+
+    sample: Callable  # (shape, generator, device) -> x1
+    log_prob: Callable  # (x1 flattened to (B, D) float64, sigma(1)) -> (B,) float64
+    gaussian: bool
+
+
+def _gaussian_log_prob(x1: torch.Tensor, sigma: float) -> torch.Tensor:
+    """log N(x1; 0, sigma^2 I) per row."""
+    d = x1.shape[1]
+    return -0.5 * (x1 / sigma).pow(2).sum(1) - d * math.log(sigma) - 0.5 * d * math.log(2 * math.pi)
+
+
+def _uniform_log_prob(x1: torch.Tensor, sigma: float) -> torch.Tensor:
+    """log U([-sigma, sigma]^D) per row: -D log(2 sigma) inside, -inf outside."""
+    outside = (x1.abs() > sigma).any(1)
+    return torch.full_like(x1[:, 0], -x1.shape[1] * math.log(2 * sigma)).masked_fill(outside, -math.inf)
+
+
+# model.prior -> Prior: the one description of each prior (sampling, likelihood, what it allows)
 PRIORS = {
-    "gaussian": lambda shape, g, device: torch.randn(shape, generator=g, device=device),
-    "uniform": lambda shape, g, device: 2 * torch.rand(shape, generator=g, device=device) - 1,  # [-1, 1]^d
+    "gaussian": Prior(lambda shape, g, device: torch.randn(shape, generator=g, device=device), _gaussian_log_prob,
+                      gaussian=True),
+    "uniform": Prior(lambda shape, g, device: 2 * torch.rand(shape, generator=g, device=device) - 1,  # [-1, 1]^d
+                     _uniform_log_prob, gaussian=False),
 }
 
 
-class Path:
+def get_prior(name: str) -> Prior:
+    """PRIORS[name], or a one-line error naming the known priors."""
+    if name not in PRIORS:
+        raise DiffcliError(f"model.prior={name} is unknown; choose one of {', '.join(PRIORS)}")
+    return PRIORS[name]
+
+
+class ProbabilityPath:
     """Base class: subclasses define alpha, sigma, d_alpha, d_sigma as functions of t, and t_from_s.
 
     Continuous-time paths train on times from one of TIME_DISTRIBUTIONS; discrete ones override `sample_t`.
     """
 
-    prior = "gaussian"  # x1 ~ N(0, I)
+    prior = "gaussian"  # x1 ~ N(0, I): a name of PRIORS
     variance_preserving = False  # alpha^2 + sigma^2 = 1 (where v-prediction is defined)
     T: int | None = None  # number of discrete training steps; None for continuous time
     discrete = False  # trains on a fixed set of times (its own sample_t), so only dist=uniform over them
@@ -68,9 +102,14 @@ class Path:
         """x_t = alpha(t) x0 + sigma(t) x1."""
         return expand(self.alpha(t), x0) * x0 + expand(self.sigma(t), x0) * x1
 
+    @property
+    def gaussian_prior(self) -> bool:
+        """Whether x1 is Gaussian, so that eps, the score and Tweedie's formula are defined (PRIORS)."""
+        return get_prior(self.prior).gaussian
+
     def sample_prior(self, shape, generator: torch.Generator | None, device) -> torch.Tensor:
         """x1 ~ the prior (standard normal unless the path says otherwise)."""
-        return PRIORS[self.prior](shape, generator, device)
+        return get_prior(self.prior).sample(shape, generator, device)
 
     def t_from_s(self, s: torch.Tensor) -> torch.Tensor:
         """The t with sigma(t) / alpha(t) = s, in closed form (s may lie beyond the path's s(1))."""
@@ -83,12 +122,12 @@ class Path:
         return sample(self, n, generator, device, mean_0 if mean is None else mean, std_0 if std is None else std)
 
 
-def _uniform_t(path: Path, n: int, generator, device, mean: float, std: float) -> torch.Tensor:
+def _uniform_t(path: ProbabilityPath, n: int, generator, device, mean: float, std: float) -> torch.Tensor:
     """t ~ U(eps, 1) (Song et al. 2021, sec. 3.3: eps keeps 1/sigma finite)."""
     return path.eps + (1 - path.eps) * torch.rand(n, generator=generator, device=device)
 
 
-def _lognormal_t(path: Path, n: int, generator, device, mean: float, std: float) -> torch.Tensor:
+def _lognormal_t(path: ProbabilityPath, n: int, generator, device, mean: float, std: float) -> torch.Tensor:
     """ln s ~ N(mean, std^2) for s = sigma/alpha (Karras et al. 2022, Table 1: P_mean, P_std), t = t_from_s(s).
 
     Not clipped to [0, 1]: VE and VP extend beyond it in closed form, so ln s is exactly normal, as EDM draws
@@ -97,7 +136,7 @@ def _lognormal_t(path: Path, n: int, generator, device, mean: float, std: float)
     return path.t_from_s(torch.exp(mean + std * torch.randn(n, generator=generator, device=device)))
 
 
-def _logit_normal_t(path: Path, n: int, generator, device, mean: float, std: float) -> torch.Tensor:
+def _logit_normal_t(path: ProbabilityPath, n: int, generator, device, mean: float, std: float) -> torch.Tensor:
     """t = sigmoid(u), u ~ N(mean, std^2) (Esser et al. 2024, eq. 19), kept in [eps, 1] as the uniform draws."""
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device)).clamp(path.eps, 1)
 
@@ -110,7 +149,7 @@ TIME_DISTRIBUTIONS = {
 }
 
 
-def check_times(dist: str, path: Path, mean: float | None = None, std: float | None = None) -> str:
+def check_times(dist: str, path: ProbabilityPath, mean: float | None = None, std: float | None = None) -> str:
     """Validate a training-time distribution for this path with a one-line error."""
     if dist not in TIME_DISTRIBUTIONS:
         raise DiffcliError(f"model.times.dist={dist} is unknown; choose one of {', '.join(TIME_DISTRIBUTIONS)}")
@@ -129,7 +168,7 @@ def _check_range(name_lo: str, lo: float, name_hi: str, hi: float) -> None:
                            f"set model.path.{name_lo} below model.path.{name_hi}")
 
 
-class VEPath(Path):
+class VEPath(ProbabilityPath):
     """Variance exploding: alpha = 1, sigma = sigma_min (sigma_max / sigma_min)^t (Song et al. 2021, eq. 30)."""
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, eps: float = 1e-5):
@@ -179,7 +218,7 @@ class NCSNPath(VEPath):
         return i.float() / (self.L - 1)
 
 
-class VPPath(Path):
+class VPPath(ProbabilityPath):
     """Variance preserving with linear beta(t) (Song et al. 2021, eq. 33):
     alpha = exp(-t^2 (b_max - b_min) / 4 - t b_min / 2), sigma = sqrt(1 - alpha^2)."""
 
@@ -235,14 +274,13 @@ class SubVPPath(VPPath):
         return torch.asinh(s / 2)
 
 
-class FlowPath(Path):
+class FlowPath(ProbabilityPath):
     """Flow matching / rectified flow: x_t = (1 - t) x0 + t x1 with any simple prior (Lipman et al. 2023;
     Liu et al. 2023); the conditional field is alpha' x0 + sigma' x1 = x1 - x0."""
 
     def __init__(self, prior: str = "gaussian", eps: float = 1e-5):
         super().__init__(eps)
-        if prior not in PRIORS:
-            raise DiffcliError(f"model.prior={prior} is unknown; choose one of {', '.join(PRIORS)}")
+        get_prior(prior)  # one line for an unknown name
         self.prior = prior
 
     def alpha(self, t):
@@ -285,7 +323,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
 
 
-class DDPMPath(Path):
+class DDPMPath(ProbabilityPath):
     """DDPM's discrete VP path: alpha_bar_i = prod_{j<=i} (1 - beta_j), step i at t = (i + 1) / T.
 
     Between grid points log alpha_bar is interpolated linearly, so the path is defined for every

@@ -139,17 +139,17 @@ class MetricConfig:
 
 
 @dataclass
-class SampleApp:
+class SamplingOptions:
+    """What every command that samples a checkpoint reads (sample, eval): the one base of their schemas."""
+
     sampler: Optional[SamplerConfig] = None
     ckpt: Optional[str] = None
     net_class: Optional[str] = None   # your own network class, named on this command line (never from a file)
     steps: Optional[int] = None
     eta: float = 0.0
-    n: Optional[int] = None           # null: DEFAULT_N for the data's kind
     batch_size: int = MISSING
     seed: int = 0
     device: str = "auto"
-    sample: SampleOptions = field(default_factory=SampleOptions)
     label: Optional[int] = None       # conditional models: every sample of this class
     labels: Optional[List[int]] = None  # or these classes, cycled over the n samples; neither: an even spread
     guidance: float = 1.0             # guidance weight w: classifier-free, or autoguidance with guide=
@@ -160,24 +160,15 @@ class SampleApp:
 
 
 @dataclass
-class EvalApp:
-    sampler: Optional[SamplerConfig] = None
-    ckpt: Optional[str] = None
-    net_class: Optional[str] = None
-    steps: Optional[int] = None
-    eta: float = 0.0
+class SampleApp(SamplingOptions):
+    n: Optional[int] = None           # null: sampling.DEFAULT_N for the data's kind
+    sample: SampleOptions = field(default_factory=SampleOptions)
+
+
+@dataclass
+class EvalApp(SamplingOptions):
     n: int = MISSING
-    batch_size: int = MISSING
     metric: MetricConfig = field(default_factory=MetricConfig)
-    seed: int = 0
-    device: str = "auto"
-    label: Optional[int] = None
-    labels: Optional[List[int]] = None
-    guidance: float = 1.0
-    guide: Optional[str] = None
-    guidance_interval: Optional[List[float]] = None
-    classifier: Optional[str] = None
-    classifier_scale: float = 1.0
 
 
 SCHEMAS = {"train_schema": TrainApp, "sample_schema": SampleApp, "eval_schema": EvalApp}
@@ -191,46 +182,9 @@ def register() -> None:
     store = ConfigStore.instance()
     for name, node in SCHEMAS.items():
         store.store(name=name, node=node)
+    from .runs import new_dir
+
     OmegaConf.register_new_resolver("diffcli.new_dir", new_dir, replace=True)
-
-
-_CLAIMED: dict[str, str] = {}
-CREATED: dict[str, list[str]] = {}  # a run folder this process created -> the parents it created for it
-
-
-def missing_folders(path: str) -> list[str]:
-    """`path` and those of its parents that do not exist yet, deepest first (absolute)."""
-    import os
-
-    out, p = [], os.path.abspath(path)
-    while not os.path.exists(p) and p != os.path.dirname(p):
-        out.append(p)
-        p = os.path.dirname(p)
-    return out
-
-
-def new_dir(path: str) -> str:
-    """`path`, or `path_1`, `path_2`, ...: the first that did not exist, created now.
-
-    os.mkdir is atomic, so two runs started in the same second (the run folders are named to the
-    second) never share a folder. Memoized: Hydra resolves a run folder more than once per process.
-    """
-    import os
-
-    if path not in _CLAIMED:
-        parents = missing_folders(os.path.dirname(path) or ".")
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        candidate, k = path, 0
-        while True:
-            try:
-                os.mkdir(candidate)
-                break
-            except FileExistsError:
-                k += 1
-                candidate = f"{path}_{k}"
-        _CLAIMED[path] = candidate
-        CREATED[os.path.abspath(candidate)] = parents
-    return _CLAIMED[path]
 
 
 def validate(cfg, schema: type, source: str) -> DictConfig:

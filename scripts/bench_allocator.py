@@ -37,7 +37,7 @@ def child(args) -> dict:
     from omegaconf import OmegaConf
 
     from bench_train import DiffcliStep, time_steps, unet_and_batch
-    from diffcli.train import speed_settings
+    from diffcli.training import speed_settings
 
     device, shape = torch.device("cpu"), (args.channels, args.image_size, args.image_size)
     tc = OmegaConf.create({"steps": 1000, "precision": args.precision, "compile": args.compile,

@@ -24,7 +24,9 @@ from diffcli import DiffcliError
 from diffcli.data import build_data
 from diffcli.metrics import sliced_wasserstein
 from diffcli.build import build_net, build_path
-from diffcli.sample import generate, model_denoiser, pyplot, sampler_from_config
+from diffcli.loading import model_denoiser
+from diffcli.plots import pyplot
+from diffcli.sampling import generate, sampler_from_config
 
 STEPS = [2, 5, 10, 20, 50, 100, 200, 500, 1000]
 
@@ -80,11 +82,10 @@ def run(label, denoiser, k, n):
     cfg = compose_cfg("sample", RUNS[label][1](k))
     try:
         fn, grid = sampler_from_config(cfg.sampler, denoiser.path)
-        denoiser.nfe = 0
-        x = generate(denoiser, fn, grid, n, (2,), batch_size=n, seed=0, device=torch.device("cpu"))
+        out = generate(denoiser, fn, grid, n, (2,), batch_size=n, seed=0, device=torch.device("cpu"))
     except DiffcliError:
         return None
-    return denoiser.nfe, x
+    return out.nfe, out.samples
 
 
 def curve(label, n):

@@ -47,10 +47,10 @@ from diffcli.allocator import keep_freed_memory
 from diffcli.data import ImageData
 from diffcli.losses import denoising_loss
 from diffcli.paths import DDPMPath
-from diffcli.sample import pick_device
+from diffcli.loading import pick_device
 from diffcli.schema import ModelConfig
 from diffcli.distributed import World
-from diffcli.train import PRECISIONS, build_optimization, step_generator, train_step
+from diffcli.training import PRECISIONS, build_optimization, step_generator, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs/model/ddpm.yaml's choices over the schema's defaults (precond, sigma_data, times, snr_gamma)

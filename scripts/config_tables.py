@@ -1,8 +1,9 @@
-"""The README's config-group and key tables, generated from the configs and the schema (diffcli/help.py).
+"""The config-group and key tables of docs/reference/configs.md, generated from the configs and the schema
+(diffcli/help.py).
 
-    python scripts/config_tables.py      # prints the two Markdown tables the README carries
+    python scripts/config_tables.py      # prints the two Markdown tables docs/reference/configs.md carries
 
-tests/test_help.py keeps the README's copy identical to this output.
+tests/test_help.py keeps the copy in docs/reference/configs.md identical to this output.
 """
 
 from diffcli.help import group_table, key_table

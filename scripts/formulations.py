@@ -14,8 +14,10 @@ import torch
 from hydra import compose, initialize_config_module
 
 from diffcli.data import eight_gaussians_modes
-from diffcli.evaluate import mode_coverage, sliced_wasserstein
-from diffcli.sample import sample_checkpoint
+from diffcli.loading import load_model
+from diffcli.metrics import sliced_wasserstein
+from diffcli.sampling import draw
+from diffcli.scoring import mode_coverage
 from diffcli.train import run_train
 
 RUNS = {  # label -> overrides
@@ -47,14 +49,15 @@ def measure(overrides, steps: int, n: int = 2000) -> dict:
     start = time.perf_counter()
     run_train(cfg, out)
     seconds = time.perf_counter() - start
-    result = sample_checkpoint(compose_cfg("sample", [f"ckpt={out}", f"n={n}", f"batch_size={n}", "device=cpu"]))
+    result = draw(compose_cfg("sample", [f"ckpt={out}", f"n={n}", f"batch_size={n}", "device=cpu"]),
+                  load_model(str(out), torch.device("cpu")), torch.device("cpu"))
     modes, std = eight_gaussians_modes()
     reference = torch.randn(n, 2, generator=torch.Generator().manual_seed(1)) * std + modes[
         torch.randint(0, 8, (n,), generator=torch.Generator().manual_seed(2))]
-    coverage = mode_coverage(result["samples"], modes, std)
-    return {"seconds": seconds, "sampler": cfg.model.sampler, "nfe": result["nfe"],
+    coverage = mode_coverage(result.samples, modes, std)
+    return {"seconds": seconds, "sampler": cfg.model.sampler, "nfe": result.nfe,
             "covered": coverage["modes_covered"], "in_modes": coverage["in_modes"],
-            "swd": sliced_wasserstein(result["samples"], reference)}
+            "swd": sliced_wasserstein(result.samples, reference)}
 
 
 def main(steps: int, labels: list[str]) -> None:

@@ -13,6 +13,7 @@ import torch
 from diffcli.data import gmm
 from diffcli.oracle import Oracle
 from diffcli.paths import FlowPath, VPPath
+from diffcli.guidance import condition
 from diffcli.prediction import Denoiser
 from diffcli.samplers import heun, karras_grid
 
@@ -24,13 +25,13 @@ WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
 def adherence(path, w: float, n: int = 4000) -> tuple[float, float]:
     """(share of samples in their class, the spread of class 1's samples along x) at guidance w."""
     oracle = Oracle((2,), CLOSE, path, "x0")
-    d = Denoiser(oracle, path, "x0")
-    d.labels, d.guidance = torch.arange(2).repeat(n // 2), w
+    labels = torch.arange(2).repeat(n // 2)
+    d = condition(Denoiser(oracle, path, "x0"), labels, guidance=w)
     ts = karras_grid(path, 30).double()
     x = heun(d, path, torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
              * path.sigma(ts[0]), ts)
     posterior = oracle.log_class_probs(x, torch.zeros(n, dtype=torch.float64))
-    return (posterior.argmax(1) == d.labels).double().mean().item(), x[d.labels == 1, 0].std().item()
+    return (posterior.argmax(1) == labels).double().mean().item(), x[labels == 1, 0].std().item()
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ def real_floor(n: int, seed: int = 0) -> float:
     import torch
     from hydra import compose, initialize_config_module
 
-    from diffcli.classifier import classifier_fid, classifier_for
+    from diffcli.cfid import classifier_fid, classifier_for
     from diffcli.data import build_data
 
     with initialize_config_module(config_module="diffcli.configs", version_base=None):

@@ -1,6 +1,8 @@
 """Which sampler works with which formulation and prior, generated from diffcli.samplers.NEEDS.
 
-    python scripts/sampler_table.py      # prints the Markdown table the README carries
+    python scripts/sampler_table.py      # prints the Markdown table docs/guides/sampling.md carries
+
+tests/test_configs.py keeps the copy in docs/guides/sampling.md identical to this output.
 
 Each sampler is checked with the options its YAML sets (dpmpp_2m_sde's eta = 1, heun's s_churn = 0, ...); where
 those fail but setting one of them to 0 passes, the cell names that setting (e.g. `eta=0`).

@@ -56,3 +56,13 @@ def k_diffusion_sampling():
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["k_diffusion"] = package
     return importlib.import_module("k_diffusion.sampling")
+
+
+def sample_checkpoint(cfg):
+    """(LoadedModel, SampleResult) of a `sample` config, in-process: what `diffcli sample` draws, without files."""
+    from diffcli.loading import load_model, pick_device
+    from diffcli.sampling import draw
+
+    device = pick_device(cfg.device)
+    model = load_model(cfg.ckpt, device, cfg.get("net_class"))
+    return model, draw(cfg, model, device)

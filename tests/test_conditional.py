@@ -14,7 +14,8 @@ from diffcli.data import ImageData, build_data, eight_gaussians_modes
 from diffcli.evaluate import run_eval
 from diffcli.summary import summarize
 from diffcli.sample import run_sample
-from diffcli.train import drop_labels, run_train
+from diffcli.train import run_train
+from diffcli.training import drop_labels
 
 TOY = ["data=eight_gaussians", "model=flow", "net=mlp", "train=toy", "model.cond=class", "train.sample_every=0",
        "train.eval_every=0", "device=cpu"]
@@ -86,7 +87,7 @@ def test_sampling_a_class_puts_the_samples_in_its_mode(conditional_toy, tmp_path
     out = run_sample(compose_config("sample", [f"ckpt={conditional_toy}", "label=3", "n=400", "steps=40",
                                                "device=cpu"]), tmp_path)
     modes, _ = eight_gaussians_modes()
-    share = (torch.cdist(out["samples"], modes).argmin(1) == 3).double().mean().item()
+    share = (torch.cdist(out.samples, modes).argmin(1) == 3).double().mean().item()
     assert share > 0.9, share
     saved = np.load(tmp_path / "samples.npz")
     assert (saved["labels"] == 3).all() and len(saved["labels"]) == 400

@@ -8,8 +8,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import compose_config
-from diffcli.sample import sampler_config, sampler_from_config
-from diffcli.sampler_core import check_clip
+from diffcli.sampling import sampler_config, sampler_from_config
+from diffcli.samplers.core import check_clip
 
 CONFIGS = files("diffcli.configs")
 GROUPS = {g: sorted(p.name[:-5] for p in CONFIGS.joinpath(g).iterdir() if p.name.endswith(".yaml"))
@@ -76,7 +76,7 @@ def test_readme_sampler_table_is_the_generated_one():
     from conftest import ROOT
 
     table = runpy.run_path(str(ROOT / "scripts" / "sampler_table.py"))["table"]()
-    assert table in (ROOT / "README.md").read_text()
+    assert table in (ROOT / "docs" / "guides" / "sampling.md").read_text()
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ancestral"])

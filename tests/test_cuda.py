@@ -67,9 +67,9 @@ def test_sampling_on_cuda(tmp_path, images, sampler):
                                                 "train.steps=2", "train.compile=false"]), tmp_path / "run")
     runs = {name: run_sample(compose_config("sample", [f"ckpt={tmp_path / 'run'}", *sampler, "n=4", f"device={dev}"]),
                              tmp_path / name) for name, dev in (("a", "cuda"), ("b", "cuda"), ("cpu", "cpu"))}
-    assert runs["a"]["samples"].shape == (4, 3, 16, 16) and torch.isfinite(runs["a"]["samples"]).all()
-    torch.testing.assert_close(runs["a"]["samples"], runs["b"]["samples"], rtol=1e-4, atol=1e-4)
-    assert runs["a"]["nfe"] == runs["cpu"]["nfe"]
+    assert runs["a"].samples.shape == (4, 3, 16, 16) and torch.isfinite(runs["a"].samples).all()
+    torch.testing.assert_close(runs["a"].samples, runs["b"].samples, rtol=1e-4, atol=1e-4)
+    assert runs["a"].nfe == runs["cpu"].nfe
 
 
 def test_resume_on_cuda(tmp_path, images):

@@ -8,7 +8,7 @@ import torch
 
 from conftest import run_cli
 from diffcli.data import eight_gaussians_modes
-from diffcli.evaluate import mode_coverage
+from diffcli.scoring import mode_coverage
 
 
 @pytest.mark.slow
@@ -55,5 +55,5 @@ def test_every_ddpm_prediction_trains_and_covers_all_modes(tmp_path, prediction)
     out = run_sample(compose_config("sample", [f"ckpt={tmp_path / 'run'}", "sampler=ddim", "steps=50", "n=2000",
                                                "batch_size=2000", "device=cpu"]), tmp_path / "sample")
     modes, std = eight_gaussians_modes(radius=2.0, std=0.1)
-    coverage = mode_coverage(out["samples"], modes, std)
+    coverage = mode_coverage(out.samples, modes, std)
     assert coverage["modes_covered"] == 8, coverage

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_config, run_cli
+from conftest import compose_config, run_cli, sample_checkpoint
 from diffcli import DiffcliError
 from diffcli.losses import denoising_loss, pair_loss
 from diffcli.paths import DDPMPath, FlowPath, NCSNPath, SubVPPath, VEPath, VPPath, check_times
@@ -269,14 +269,13 @@ def test_bad_edm_settings_are_one_line_errors(tmp_path, overrides, fragment):
       "model.weighting=min_snr"], None),
 ])
 def test_edm_trains_and_samples(tmp_path, overrides, nfe):
-    from diffcli.sample import sample_checkpoint
     from diffcli.train import run_train
 
     run_train(compose_config("train", ["data=moons", "train.steps=30", "train.log_every=10", "train.sample_every=0",
                                        "device=cpu", *overrides]), tmp_path / "run")
-    out = sample_checkpoint(compose_config("sample", [f"ckpt={tmp_path / 'run'}", "n=16", "device=cpu"]))
-    assert torch.isfinite(out["samples"]).all() and out["denoiser"].precond == "edm"
-    assert nfe is None or out["nfe"] == nfe
+    model, out = sample_checkpoint(compose_config("sample", [f"ckpt={tmp_path / 'run'}", "n=16", "device=cpu"]))
+    assert torch.isfinite(out.samples).all() and model.denoiser.precond == "edm"
+    assert nfe is None or out.nfe == nfe
 
 
 def test_checkpoints_without_the_new_keys_load_and_sample_as_before(tmp_path):
@@ -284,7 +283,7 @@ def test_checkpoints_without_the_new_keys_load_and_sample_as_before(tmp_path):
     and the same samples as the plain Denoiser(net, path, prediction) of that time."""
     from diffcli.build import build_net, build_path
     from diffcli.checkpoint import save_ema
-    from diffcli.sample import generate, sample_checkpoint, sampler_config, sampler_from_config
+    from diffcli.sampling import generate, sampler_config, sampler_from_config
 
     cfg = compose_config("train", ["model=vpsde", "data=moons", "device=cpu"])
     torch.manual_seed(0)
@@ -293,15 +292,15 @@ def test_checkpoints_without_the_new_keys_load_and_sample_as_before(tmp_path):
     for key in ("precond", "sigma_data", "times", "snr_gamma"):
         del old["model"][key]
     save_ema(tmp_path / "ema_0.safetensors", net.state_dict(), OmegaConf.create(old), 0, (2,))
-    out = sample_checkpoint(compose_config("sample", [f"ckpt={tmp_path / 'ema_0.safetensors'}", "n=32",
-                                                      "device=cpu", "steps=20"]))
-    d = out["denoiser"]
+    model, out = sample_checkpoint(compose_config("sample", [f"ckpt={tmp_path / 'ema_0.safetensors'}", "n=32",
+                                                             "device=cpu", "steps=20"]))
+    d = model.denoiser
     assert (d.precond, d.sigma_data) == ("none", 0.5)
     path = build_path(cfg.model.path)
     sampler, grid = sampler_from_config(sampler_config(compose_config("sample", ["steps=20"]), cfg.model), path)
     before = generate(Denoiser(net.eval(), path, "eps"), sampler, grid, 32, (2,), batch_size=256, seed=0,
-                      device=torch.device("cpu"))
-    assert torch.equal(out["samples"], before)
+                      device=torch.device("cpu")).samples
+    assert torch.equal(out.samples, before)
 
 
 def test_oracle_takes_raw_inputs_under_precond_edm():

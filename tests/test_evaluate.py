@@ -9,7 +9,9 @@ import torch
 from conftest import compose_config
 from diffcli import DiffcliError
 from diffcli.data import eight_gaussians, eight_gaussians_modes
-from diffcli.evaluate import mode_coverage, run_eval, sliced_wasserstein
+from diffcli.evaluate import run_eval
+from diffcli.metrics import sliced_wasserstein
+from diffcli.scoring import mode_coverage
 from diffcli.train import run_train
 
 
@@ -119,7 +121,7 @@ def test_eval_refuses_metrics_of_the_other_kind(image_oracle, tmp_path):
 
 
 def test_sampler_steps_without_a_sampler_sets_the_default_samplers_steps(tmp_path):
-    from diffcli.sample import sampler_config
+    from diffcli.sampling import sampler_config
 
     cfg = compose_config("eval", ["sampler.steps=7"])
     chosen = sampler_config(cfg, compose_config("train", ["model=flow"]).model)
@@ -170,13 +172,13 @@ def test_eval_bpd_of_an_image_model(image_oracle, tmp_path):
     import numpy as np
 
     from diffcli.likelihood import bits_per_dim
-    from diffcli.sample import load_model
+    from diffcli.loading import load_model
 
     record = run_eval(compose_config("eval", [f"ckpt={image_oracle / 'run'}", "metric=bpd", "metric.nll_n=4",
                                               "metric.rtol=1e-3", "metric.atol=1e-3", "device=cpu"]), tmp_path / "e")
     m = record["metrics"]
     assert m["bpd"] > 8 and m["bpd_images"] == "npz-x (4)" and m["bpd_nfe"] > 0
-    denoiser = load_model(str(image_oracle / "run"), torch.device("cpu"))[0]
+    denoiser = load_model(str(image_oracle / "run"), torch.device("cpu")).denoiser
     images = torch.from_numpy(np.load(image_oracle / "x.npz")["images"][:4, None])
     direct = bits_per_dim(denoiser, images, generator=torch.Generator().manual_seed(0), rtol=1e-3, atol=1e-3)
     assert m["bpd"] == pytest.approx(direct["bpd"].mean().item(), rel=1e-9)

@@ -4,11 +4,10 @@ covers all eight modes; samplers refuse formulations they are not valid for."""
 import pytest
 import torch
 
-from conftest import compose_config, run_cli
+from conftest import compose_config, run_cli, sample_checkpoint
 from diffcli import DiffcliError
 from diffcli.data import eight_gaussians_modes
-from diffcli.evaluate import mode_coverage
-from diffcli.sample import sample_checkpoint
+from diffcli.scoring import mode_coverage
 from diffcli.train import run_train
 
 FORMULATIONS = {
@@ -32,9 +31,9 @@ def train_toy(tmp_path, overrides, steps=800):
 @pytest.mark.parametrize("name", list(FORMULATIONS))
 def test_formulation_trains_and_covers_all_modes(tmp_path, name):
     run = train_toy(tmp_path, FORMULATIONS[name])
-    out = sample_checkpoint(compose_config("sample", [f"ckpt={run}", "n=2000", "batch_size=2000", "device=cpu"]))
+    _, out = sample_checkpoint(compose_config("sample", [f"ckpt={run}", "n=2000", "batch_size=2000", "device=cpu"]))
     modes, std = eight_gaussians_modes()
-    coverage = mode_coverage(out["samples"], modes, std)
+    coverage = mode_coverage(out.samples, modes, std)
     assert coverage["modes_covered"] == 8, coverage
     assert coverage["in_modes"] > 0.3, coverage  # most samples on the data, not smeared between modes
 
@@ -48,9 +47,9 @@ def test_samplers_refuse_a_uniform_prior(tmp_path):
                                                         *extra]))
         assert "sampler=euler" in str(e.value)
     # deterministic DDIM is a valid ODE step for any prior
-    out = sample_checkpoint(compose_config("sample", [f"ckpt={run}", "sampler=ddim", "steps=5", "eta=0", "n=4",
-                                                      "device=cpu"]))
-    assert out["nfe"] == 5 and torch.isfinite(out["samples"]).all()
+    _, out = sample_checkpoint(compose_config("sample", [f"ckpt={run}", "sampler=ddim", "steps=5", "eta=0", "n=4",
+                                                         "device=cpu"]))
+    assert out.nfe == 5 and torch.isfinite(out.samples).all()
 
 
 @pytest.mark.parametrize("args, fragment", [

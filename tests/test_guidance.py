@@ -13,6 +13,7 @@ from diffcli import DiffcliError
 from diffcli.nets import MLP, UNet
 from diffcli.oracle import Oracle
 from diffcli.paths import DDPMPath, FlowPath, VEPath, VPPath
+from diffcli.guidance import CountNFE, condition
 from diffcli.prediction import Denoiser
 from diffcli.samplers import ancestral, euler, heun, karras_grid, uniform_grid
 
@@ -35,15 +36,13 @@ def oracle_denoiser(data, path, prediction="x0"):
 def classifier_guided(data, path, labels, scale, prediction="x0"):
     """The exact unconditional oracle guided by the exact classifier log p_t(y | x_t) at `scale`."""
     d = oracle_denoiser(data, path, prediction)
-    d.labels, d.classifier, d.classifier_scale = labels, d.net.log_class_probs, scale
-    d.guidance = 0.0  # the unconditional model, as in Dhariwal & Nichol's unconditional guided sampling
-    return d
+    # guidance 0: the unconditional model, as in Dhariwal & Nichol's unconditional guided sampling
+    return condition(d, labels, guidance=0.0, classifier=d.net.log_class_probs, classifier_scale=scale)
 
 
-def cfg(data, path, labels, w, prediction="x0"):
-    d = oracle_denoiser(data, path, prediction)
-    d.labels, d.guidance = labels, w
-    return d
+def cfg(data, path, labels, w, prediction="x0", interval=None, guide=None):
+    return condition(oracle_denoiser(data, path, prediction), labels, guidance=w, guidance_interval=interval,
+                     guide=guide)
 
 
 def test_conditional_oracle_is_the_component_posterior_mean():
@@ -138,16 +137,13 @@ def test_cfg_is_one_batched_forward_of_both_halves():
     """w (D_c - D_u) + D_u with both halves from one forward; nfe counts one evaluation; w = 0 is unconditional."""
     torch.manual_seed(0)
     net = MLP((2,), hidden=32, depth=1, emb_dim=8, n_classes=3).double()
-    d = Denoiser(net, VPPath(), "eps")
+    bare = Denoiser(net, VPPath(), "eps")
     x_t, t, labels = torch.randn(4, 2, dtype=torch.float64), torch.full((4,), 0.4, dtype=torch.float64), \
         torch.tensor([0, 1, 2, 0])
-    d.labels = labels
-    d.guidance = 1.0
-    x0_c = d(x_t, t)
-    d.guidance = 0.0
-    x0_u = d(x_t, t)
+    x0_c = condition(bare, labels, guidance=1.0)(x_t, t)
+    x0_u = condition(bare, labels, guidance=0.0)(x_t, t)
     torch.testing.assert_close(x0_u, Denoiser(net, VPPath(), "eps")(x_t, t))  # y=None is the "no label" class
-    d.guidance, d.nfe = 2.5, 0
+    d = CountNFE(condition(bare, labels, guidance=2.5))
     torch.testing.assert_close(d(x_t, t), x0_u + 2.5 * (x0_c - x0_u))
     assert d.nfe == 1
 
@@ -164,9 +160,8 @@ def test_label_embedding_changes_the_output_and_unconditional_nets_refuse_labels
     assert plain.n_classes == 0 and not any("label" in k for k in plain.state_dict())
     with pytest.raises(DiffcliError, match="without classes"):
         plain(torch.randn(2, 2), torch.full((2,), 0.5), torch.tensor([0, 1]))
-    d = Denoiser(plain, VPPath(), "eps")
-    d.labels, d.guidance = torch.tensor([0, 1]), 3.0
     with pytest.raises(DiffcliError, match="class-conditional model"):
+        d = condition(Denoiser(plain, VPPath(), "eps"), torch.tensor([0, 1]), guidance=3.0)
         d(torch.randn(2, 2), 0.5)
 
 
@@ -203,12 +198,10 @@ def test_autoguidance_with_the_unconditional_model_as_guide_is_cfg(path):
     t = torch.tensor([0.02, 0.2, 0.5, 0.8, 0.97], dtype=torch.float64)
     x_t = torch.randn(5, 2, generator=gen(9), dtype=torch.float64)
     for w in (0.0, 1.0, 2.5):
-        auto = cfg(EIGHT, path, labels, w)
-        auto.guide = Denoiser(Unconditional(auto.net), path, "x0")
+        auto = cfg(EIGHT, path, labels, w, guide=Denoiser(Unconditional(oracle_denoiser(EIGHT, path).net), path, "x0"))
         for g, want in zip(auto.predict(x_t, t), cfg(EIGHT, path, labels, w).predict(x_t, t)):
             torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)
-        same = cfg(EIGHT, path, labels, w)
-        same.guide = oracle_denoiser(EIGHT, path)
+        same = cfg(EIGHT, path, labels, w, guide=oracle_denoiser(EIGHT, path))
         torch.testing.assert_close(same(x_t, t), cfg(EIGHT, path, labels, 1.0)(x_t, t), rtol=1e-12, atol=1e-12)
 
 
@@ -218,12 +211,11 @@ def test_guidance_interval_guides_only_inside_it():
     t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)  # sigma/alpha below, inside, above the interval
     s = path.sigma(t)
     x_t = torch.randn(3, 2, generator=gen(10), dtype=torch.float64)
-    d = cfg(EIGHT, path, labels, 4.0)
-    d.guidance_interval = (float(s[0]) * 1.01, float(s[2]) * 0.99)
+    d = cfg(EIGHT, path, labels, 4.0, interval=(float(s[0]) * 1.01, float(s[2]) * 0.99))
     got = d(x_t, t)
     guided, plain = cfg(EIGHT, path, labels, 4.0)(x_t, t), cfg(EIGHT, path, labels, 1.0)(x_t, t)
     torch.testing.assert_close(got, torch.stack([plain[0], guided[1], plain[2]]), rtol=1e-12, atol=1e-12)
-    d.guidance_interval = (0.0, float(s[0]) * 0.5)  # the whole batch outside: the conditional model alone
+    d = cfg(EIGHT, path, labels, 4.0, interval=(0.0, float(s[0]) * 0.5))  # the whole batch outside: conditional
     torch.testing.assert_close(d(x_t, t), plain, rtol=1e-12, atol=1e-12)
 
 
@@ -231,8 +223,8 @@ def test_classifier_guidance_refuses_a_flow_without_a_score():
     path = FlowPath(prior="uniform")
     diag = {"kind": "toy", "name": "gmm", "params": {"means": [[-1.0, 0.5], [1.5, -0.5]],
                                                      "covs": [[[0.3, 0.0], [0.0, 0.05]], [[0.1, 0.0], [0.0, 0.4]]]}}
-    d = classifier_guided(diag, path, torch.tensor([0, 1]), 2.0)
     with pytest.raises(DiffcliError, match="uniform prior has none"):
+        d = classifier_guided(diag, path, torch.tensor([0, 1]), 2.0)
         d(torch.zeros(2, 2, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64))
 
 
@@ -280,7 +272,6 @@ def test_cfg_on_x0_is_diffusers_rule_on_eps():
         torch.tensor([0, 1, 2, 3, 0, 1])
     eps_c, eps_u = net(x_t, t, labels), net(x_t, t, torch.full((6,), 4))
     eps = eps_u + 3.0 * (eps_c - eps_u)
-    d = Denoiser(net, path, "eps")
-    d.labels, d.guidance = labels, 3.0
+    d = condition(Denoiser(net, path, "eps"), labels, guidance=3.0)
     torch.testing.assert_close(d(x_t, t), (x_t - path.sigma(t)[:, None] * eps) / path.alpha(t)[:, None],
                                rtol=1e-10, atol=1e-10)

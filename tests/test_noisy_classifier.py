@@ -19,7 +19,8 @@ from diffcli.evaluate import run_eval
 from diffcli.summary import summarize
 from diffcli.nets import MLPClassifier, UNetClassifier
 from diffcli.oracle import Oracle
-from diffcli.sample import load_classifier, load_model, run_sample
+from diffcli.loading import load_classifier, load_model
+from diffcli.sample import run_sample
 from diffcli.train import run_train
 
 SETTINGS = ["train=toy", "train.sample_every=0", "train.eval_every=0", "device=cpu"]
@@ -54,8 +55,9 @@ def test_classifier_nets_give_logits_differentiable_in_x():
 def test_trained_classifier_is_near_the_bayes_posterior(runs):
     """The learned p_t(y | x_t) against the exact posterior of the noised mixture, on x_t drawn from the path."""
     device = torch.device("cpu")
-    model, train_cfg, _, shape, _ = load_model(str(runs["oracle"]), device)
-    learned = load_classifier(str(runs["classifier"]), device, train_cfg, shape)
+    loaded = load_model(str(runs["oracle"]), device)
+    model, train_cfg, shape = loaded.denoiser, loaded.config, loaded.shape
+    learned = load_classifier(str(runs["classifier"]), device, loaded)
     exact = Oracle(shape, {"kind": "toy", "name": "eight_gaussians"}, build_path(train_cfg.model.path), "x0")
     g = torch.Generator().manual_seed(3)
     modes, std = eight_gaussians_modes()
@@ -78,7 +80,7 @@ def test_guidance_by_the_trained_classifier_puts_samples_in_the_class(runs, tmp_
         overrides = [f"ckpt={runs['oracle']}", f"classifier={runs['classifier']}", f"classifier_scale={s}",
                      "guidance=0", "label=3", "n=400", "sampler=euler", "steps=40", "device=cpu"]
         out = run_sample(compose_config("sample", overrides), tmp_path / str(s))
-        share[s] = (torch.cdist(out["samples"], modes).argmin(1) == 3).double().mean().item()
+        share[s] = (torch.cdist(out.samples, modes).argmin(1) == 3).double().mean().item()
     # scale 0 samples the mixture (1/8 in each mode); 1 is Bayes' conditional score with the learned classifier
     assert share[0.0] < 0.25 and share[1.0] > 0.9 and share[3.0] > 0.95, share
 

@@ -7,6 +7,7 @@ import torch
 
 from diffcli import DiffcliError
 from diffcli.paths import DDPMPath
+from diffcli.guidance import CountNFE
 from diffcli.prediction import COEFFICIENTS, Denoiser, convert, target, to_x0_x1
 
 PATH = DDPMPath(T=1000, schedule="cosine")
@@ -52,7 +53,7 @@ def test_denoiser_counts_evaluations_and_broadcasts_scalar_time():
         def forward(self, x, t):
             return target("v", PATH, X0, X1, t)
 
-    d = Denoiser(Perfect(), PATH, "v")
+    d = CountNFE(Denoiser(Perfect(), PATH, "v"))
     torch.testing.assert_close(d(X_T, T_), X0)
     d(PATH.marginal(X0, X1, T_[3]), T_[3])
     assert d.nfe == 2

@@ -4,7 +4,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from conftest import compose_config, run_cli
-from diffcli.train import schedule_warnings
+from diffcli.training import schedule_warnings
 
 TINY = ["train.batch_size=64", "train.log_every=2", "train.sample_every=0", "train.eval_every=0"]
 

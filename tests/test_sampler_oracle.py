@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 from conftest import compose_config
 from diffcli import DiffcliError
 from diffcli.data import build_data
-from diffcli.evaluate import sliced_wasserstein
+from diffcli.metrics import sliced_wasserstein
 from diffcli.prediction import Denoiser
-from diffcli.sample import generate, sampler_from_config
+from diffcli.sampling import generate, sampler_from_config
 from diffcli.samplers import NEEDS, check_sampler
 
 FORMULATIONS = {"ddpm": ["model=ddpm"], "ncsn": ["model=ncsn"], "vesde": ["model=vesde"], "vpsde": ["model=vpsde"],
@@ -33,7 +33,7 @@ def oracle(model, data="eight_gaussians"):
 def draw(denoiser, sampler, overrides=(), n=N, seed=0):
     fn, grid = sampler_from_config(compose_config("sample", [f"sampler={sampler}", *overrides]).sampler,
                                    denoiser.path)
-    return generate(denoiser, fn, grid, n, (2,), batch_size=n, seed=seed, device=torch.device("cpu"))
+    return generate(denoiser, fn, grid, n, (2,), batch_size=n, seed=seed, device=torch.device("cpu")).samples
 
 
 def default_options(sampler):

@@ -10,6 +10,7 @@ from scipy.integrate import solve_ivp
 
 from diffcli import DiffcliError
 from diffcli.paths import DDPMPath, FlowPath, NCSNPath, VEPath, VPPath
+from diffcli.guidance import CountNFE
 from diffcli.prediction import Denoiser
 from diffcli.samplers import (GRIDS, NEEDS, SAMPLERS, check_sampler, dopri5, karras_grid, logsnr_grid,
                               t_from_lambda)
@@ -39,7 +40,7 @@ class GaussianMixtureVelocity(torch.nn.Module):
 
 def denoiser(path, mixture=False):
     net = GaussianMixtureVelocity(path, *MIXTURE) if mixture else GaussianMixtureVelocity(path)
-    return Denoiser(net, path, "velocity")
+    return CountNFE(Denoiser(net, path, "velocity"))
 
 
 def x_prior(path, n=64, seed=0):

@@ -218,7 +218,7 @@ def test_steps_offset_out_of_range_is_one_line():
 
 def test_dynamic_threshold_is_imagens_rule():
     """Per sample: s = the quantile of |x0| in [1, max]; samples already inside [-1, 1] are untouched."""
-    from diffcli.sampler_core import dynamic_threshold
+    from diffcli.samplers.core import dynamic_threshold
 
     x0 = torch.stack([torch.linspace(-0.5, 0.5, 100), torch.linspace(-8, 8, 100), torch.linspace(-3, 3, 100)])
     out = dynamic_threshold(x0[:, None], 0.9, 4.0)[:, 0]
@@ -347,7 +347,7 @@ def test_zero_terminal_snr_samplers_reach_the_data_from_pure_noise(name):
     """The exact v-predicting oracle of eight_gaussians on the zero-terminal-SNR path: every sampler that allows
     alpha(1) = 0 starts from pure noise at t = 1 and lands on the modes."""
     from diffcli.data import eight_gaussians_modes
-    from diffcli.evaluate import mode_coverage
+    from diffcli.scoring import mode_coverage
     from diffcli.oracle import Oracle
     from diffcli.samplers import SAMPLERS, karras_grid
 

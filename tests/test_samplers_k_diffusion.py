@@ -16,7 +16,8 @@ from hydra.utils import instantiate
 
 from conftest import compose_config, k_diffusion_sampling
 from diffcli.data import build_data
-from diffcli.grids import karras_grid, logsnr_grid, t_from_lambda, uniform_grid
+from diffcli.samplers.grids import karras_grid, logsnr_grid, t_from_lambda, uniform_grid
+from diffcli.guidance import CountNFE
 from diffcli.prediction import Denoiser
 from diffcli.samplers import ddim, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, euler, heun
 
@@ -30,7 +31,7 @@ def oracle(model):
     """The exact denoiser of eight_gaussians on this formulation (net=oracle)."""
     cfg = compose_config("train", ["data=eight_gaussians", "net=oracle", f"model={model}"])
     data = build_data(cfg.data, torch.device("cpu"))
-    return Denoiser(instantiate(cfg.net, shape=data.shape), instantiate(cfg.model.path), cfg.model.prediction)
+    return CountNFE(Denoiser(instantiate(cfg.net, shape=data.shape), instantiate(cfg.model.path), cfg.model.prediction))
 
 
 def prior(path, n=64, seed=0):

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from conftest import compose_config
 from diffcli import DiffcliError
 from diffcli.data import build_data
-from diffcli.grids import uniform_grid
+from diffcli.samplers.grids import uniform_grid
 from diffcli.paths import SubVPPath, VEPath, VPPath
 from diffcli.prediction import Denoiser
 from diffcli.samplers import pc

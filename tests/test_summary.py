@@ -7,7 +7,9 @@ import json
 import numpy as np
 
 from conftest import run_cli
-from diffcli.summary import quality_figure, read_jsonl, summarize
+from diffcli.plots import quality_figure
+from diffcli.runs import read_jsonl
+from diffcli.summary import summarize
 
 
 def test_a_training_sweep_ends_with_pictures_and_summarizes(tmp_path):

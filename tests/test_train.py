@@ -85,7 +85,7 @@ def test_lr_factor_matches_torch_warmup_then_cosine_annealing():
     """lr_factor against torch's own schedulers: LinearLR over the warm-up, then CosineAnnealingLR to 0."""
     from omegaconf import OmegaConf
 
-    from diffcli.train import lr_factor
+    from diffcli.training import lr_factor
 
     steps, warmup = 300, 40
     tc = OmegaConf.create({"steps": steps, "warmup": warmup, "lr_schedule": "cosine"})
@@ -116,7 +116,7 @@ def test_sample_images_from_an_npz_dataset(tmp_path):
     out = run_sample(compose_config("sample", [f"ckpt={tmp_path / 'run'}", "sampler=ddim", "steps=4", "n=6",
                                                "batch_size=4", "device=cpu"]), tmp_path / "sample")
     saved = np.load(tmp_path / "sample" / "samples.npz")
-    assert saved["samples"].shape == (6, 3, 16, 16) and int(saved["nfe"]) == 4 == out["nfe"]
+    assert saved["samples"].shape == (6, 3, 16, 16) and int(saved["nfe"]) == 4 == out.nfe
     assert (tmp_path / "sample" / "samples.png").stat().st_size > 0
 
 

@@ -11,9 +11,11 @@ from safetensors.torch import load_file
 from conftest import compose_config
 from diffcli import DiffcliError, distributed
 from diffcli import train as train_module
+from diffcli import training as training_module
 from diffcli.checkpoint import load_state
 from diffcli.paths import VPPath
-from diffcli.train import build_optimization, run_train, train_step
+from diffcli.train import run_train
+from diffcli.training import build_optimization, train_step
 
 TOY = ["data=moons", "train.log_every=1", "train.sample_every=0", "train.eval_every=0", "device=cpu"]
 
@@ -33,7 +35,7 @@ def _assert_same_weights(run_a, run_b, step):
 
 def _nan_on(steps, monkeypatch):
     """Make pair_loss non-finite on the given (0-based) optimizer steps: what a diverging run produces."""
-    real, calls = train_module.pair_loss, {"step": -1}
+    real, calls = training_module.pair_loss, {"step": -1}
 
     def step_counter(*args, **kwargs):
         loss = real(*args, **kwargs)
@@ -44,7 +46,7 @@ def _nan_on(steps, monkeypatch):
         return real_step(*args, **kwargs)
 
     real_step = train_module.train_step
-    monkeypatch.setattr(train_module, "pair_loss", step_counter)
+    monkeypatch.setattr(training_module, "pair_loss", step_counter)
     monkeypatch.setattr(train_module, "train_step", counting_train_step)
 
 
@@ -149,7 +151,7 @@ def test_auto_precision_and_compile_follow_the_hardware(monkeypatch):
     explicit values stand."""
     from omegaconf import OmegaConf
 
-    from diffcli.train import COMPILE_STEPS, speed_settings
+    from diffcli.training import COMPILE_STEPS, speed_settings
 
     cpu = torch.device("cpu")
     tc = OmegaConf.create({"precision": "auto", "compile": "auto", "channels_last": "auto", "steps": COMPILE_STEPS})

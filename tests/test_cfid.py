@@ -12,8 +12,8 @@ from safetensors import safe_open
 
 from conftest import SHARED_DATA, needs_shared_data
 from diffcli import DiffcliError
-from diffcli import classifier as clf
-from diffcli.classifier import SmallCNN, classifier_fid, classifier_for, classifier_outputs
+from diffcli import cfid as clf
+from diffcli.cfid import SmallCNN, classifier_fid, classifier_for, classifier_outputs
 from diffcli.data import build_data
 
 MNIST = {"name": "mnist", "kind": "torchvision", "root": str(SHARED_DATA), "split": "test", "download": False}

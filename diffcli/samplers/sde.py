@@ -7,21 +7,21 @@ import math
 
 import torch
 
-from . import DiffcliError
-from .paths import NCSNPath, Path, VEPath, VPPath
-from .sampler_core import alpha_sigma, check_sampler, draw_noise, record, score_at, transition, x0_clipper
+from .. import DiffcliError
+from ..paths import NCSNPath, ProbabilityPath, VEPath, VPPath
+from .core import alpha_sigma, check_sampler, draw_noise, record, score_at, transition, x0_clipper
 
 # ---------------------------------------------------------------------------------------------
 # Gaussian posteriors
 
 
 @torch.no_grad()
-def ancestral(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *,
+def ancestral(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *,
               generator: torch.Generator | None = None, clip_x0: bool | str = False, clip_sample_range: float = 1.0,
               dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
               trajectory: list | None = None) -> torch.Tensor:
     """Ancestral sampling from the posterior q(x_s | x_t, x0_hat) (Ho et al. 2020, Alg. 2 / eq. 7); x0_hat clipped
-    as `clip_x0` says (sampler_core.x0_clipper)."""
+    as `clip_x0` says (core.x0_clipper)."""
     check_sampler("ancestral", path)
     clip = x0_clipper(clip_x0, clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
     record(trajectory, x)
@@ -35,12 +35,12 @@ def ancestral(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *,
 
 
 @torch.no_grad()
-def ddim(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, eta: float = 0.0,
+def ddim(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *, eta: float = 0.0,
          generator: torch.Generator | None = None, clip_x0: bool | str = False, clip_sample_range: float = 1.0,
          dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
          trajectory: list | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021a, eq. 12): eta = 0 is deterministic, eta = 1 is ancestral sampling; x0_hat clipped
-    as `clip_x0` says (sampler_core.x0_clipper)."""
+    as `clip_x0` says (core.x0_clipper)."""
     if eta < 0:
         raise DiffcliError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like)")
     check_sampler("ddim", path, eta=eta)  # eta = 0 is a valid ODE step for any prior
@@ -107,7 +107,7 @@ def _phi_terms(x0, history, h, g):
 SOLVER_TYPES = {"midpoint": _midpoint_term, "heun": _phi_terms}
 
 
-def _dpmpp_sde(denoiser, path: Path, x, t_grid, *, eta, s_noise, generator, trajectory, multistep_term, memory):
+def _dpmpp_sde(denoiser, path: ProbabilityPath, x, t_grid, *, eta, s_noise, generator, trajectory, multistep_term, memory):
     """The multistep DPM-Solver++ SDE loop in lambda = log(alpha/sigma): each step the first-order step, plus
     alpha_s multistep_term(x0_hat, history, h, (1+eta) h) from the last `memory` evaluations, plus the noise; the
     step to t = 0 returns x0_hat. A step from lambda = -inf (a flow's t = 1) leaves no slope to carry over."""
@@ -130,7 +130,7 @@ def _dpmpp_sde(denoiser, path: Path, x, t_grid, *, eta, s_noise, generator, traj
 
 
 @torch.no_grad()
-def dpmpp_2m_sde(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, eta: float = 1.0,
+def dpmpp_2m_sde(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *, eta: float = 1.0,
                  s_noise: float = 1.0, solver_type: str = "midpoint", generator: torch.Generator | None = None,
                  trajectory: list | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022's SDE variant; k-diffusion's sample_dpmpp_2m_sde) in lambda =
@@ -147,7 +147,7 @@ def dpmpp_2m_sde(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *,
 
 
 @torch.no_grad()
-def dpmpp_3m_sde(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, eta: float = 1.0,
+def dpmpp_3m_sde(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *, eta: float = 1.0,
                  s_noise: float = 1.0, generator: torch.Generator | None = None,
                  trajectory: list | None = None) -> torch.Tensor:
     """DPM-Solver++(3M) SDE (k-diffusion's sample_dpmpp_3m_sde; Lu et al. 2022's multistep scheme at third order)
@@ -164,7 +164,7 @@ def dpmpp_3m_sde(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *,
 # The reverse-time SDE and score_sde's predictor-corrector sampler (Gaussian prior)
 
 
-def _euler_maruyama_step(path: Path, x, score, t, s):
+def _euler_maruyama_step(path: ProbabilityPath, x, score, t, s):
     """(mean, std) of an Euler-Maruyama step of the reverse SDE dx = [f x - g^2 score] dt + g dw (Song et al.
     2021, eq. 6) from t to s < t."""
     dt = s - t  # dt < 0: integrating from t = 1 down to 0
@@ -199,7 +199,7 @@ def _smld_discretization(path: VEPath, x, score, t, n: int):
 REVERSE_DIFFUSION = {VPPath: _ddpm_discretization, VEPath: _smld_discretization, NCSNPath: _smld_discretization}
 
 
-def _reverse_diffusion_step(path: Path, x, score, t, s, n: int):
+def _reverse_diffusion_step(path: ProbabilityPath, x, score, t, s, n: int):
     """(mean, std) of score_sde's ReverseDiffusionPredictor (Song et al. 2021, eq. 46): x_mean = x - f + G^2 score,
     x = x_mean + G z, with f, G from the path's discretization in score_sde (REVERSE_DIFFUSION)."""
     discretize = REVERSE_DIFFUSION.get(type(path))
@@ -208,7 +208,7 @@ def _reverse_diffusion_step(path: Path, x, score, t, s, n: int):
     return discretize(path, x, score, t, n)
 
 
-def _gaussian_transition_step(path: Path, x, score, t, s, n: int):
+def _gaussian_transition_step(path: ProbabilityPath, x, score, t, s, n: int):
     """(mean, std) of the reverse-diffusion step with the path's exact transition from s to t: x_mean = (x +
     sigma_ts^2 score) / alpha_ts, alpha_ts = alpha_t/alpha_s, sigma_ts^2 = sigma_t^2 - alpha_ts^2 sigma_s^2 (eq. 46
     with f, G of the Gaussian path itself); any grid and path, and at s = 0 the mean is Tweedie's E[x0 | x_t]."""
@@ -222,7 +222,7 @@ PREDICTORS = {"reverse_diffusion": _reverse_diffusion_step,
               "gaussian_transition": _gaussian_transition_step}
 
 
-def _langevin_alpha(path: Path, t, n: int):
+def _langevin_alpha(path: ProbabilityPath, t, n: int):
     """The corrector's alpha in score_sde's LangevinCorrector: 1 - beta_k of the VP table on VP and sub-VP (score_sde
     reads sde.alphas, which its own subVPSDE lacks, score_sde_pytorch issue #8: we take the VP table it meant), 1
     on every other path."""
@@ -236,7 +236,7 @@ def _mean_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def euler_maruyama(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *,
+def euler_maruyama(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *,
                    generator: torch.Generator | None = None, trajectory: list | None = None) -> torch.Tensor:
     """Euler-Maruyama on the reverse-time SDE dx = [f x - g^2 score] dt + g dw (Song et al. 2021, eq. 6) with the
     grid's steps; the last step returns the noise-free mean."""
@@ -250,7 +250,7 @@ def euler_maruyama(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, 
 
 
 @torch.no_grad()
-def pc(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, predictor: str = "reverse_diffusion",
+def pc(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *, predictor: str = "reverse_diffusion",
        snr: float = 0.16, n_corrector: int = 1, generator: torch.Generator | None = None,
        trajectory: list | None = None) -> torch.Tensor:
     """Predictor-corrector sampling (Song et al. 2021, Alg. 2/3) as score_sde's pc_sampler: at each of the N grid
@@ -282,7 +282,7 @@ def pc(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, predictor
 
 
 @torch.no_grad()
-def langevin(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, n_steps: int = 100,
+def langevin(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *, n_steps: int = 100,
              step_size: float = 2e-5, denoise: bool = True, generator: torch.Generator | None = None,
              trajectory: list | None = None) -> torch.Tensor:
     """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1): at each level sigma_i, n_steps of

@@ -1,4 +1,4 @@
-"""What every sampler shares: what each needs of the model (NEEDS, check_sampler, the one source of the README's
+"""What every sampler shares: what each needs of the model (NEEDS, check_sampler, the one source of the docs'
 validity table) and the small pieces they are written with (noise, trajectory, predictions, a path's
 coefficients on a grid, EDM's variables)."""
 
@@ -6,24 +6,24 @@ from __future__ import annotations
 
 import torch
 
-from . import DiffcliError
-from .paths import FlowPath, Path
+from .. import DiffcliError
+from ..paths import FlowPath, ProbabilityPath
 
 # ---------------------------------------------------------------------------------------------
-# What each sampler needs of the model: the single source of truth (the README table reads it)
+# What each sampler needs of the model: the single source of truth (docs/guides/sampling.md's table is generated from it)
 
 # requirement -> (does it hold for this path and these sampler options?, the one-line refusal)
 REQUIREMENTS = {
     "gaussian prior": (
-        lambda path, **options: path.prior == "gaussian",
+        lambda path, **options: path.gaussian_prior,
         "sampler={name} needs a Gaussian prior (it uses the score or Gaussian posteriors); this model's prior "
         "is {prior}: use sampler=euler, heun, dpmpp_2m, unipc or dopri5"),
     "gaussian prior if eta > 0": (
-        lambda path, eta=0.0, **options: eta == 0 or path.prior == "gaussian",
+        lambda path, eta=0.0, **options: eta == 0 or path.gaussian_prior,
         "sampler={name} with eta={eta} needs a Gaussian prior (its noise stands in for x1); this model's prior "
         "is {prior}: use eta=0 or sampler=euler"),
     "gaussian prior if s_churn > 0": (
-        lambda path, s_churn=0.0, **options: s_churn == 0 or path.prior == "gaussian",
+        lambda path, s_churn=0.0, **options: s_churn == 0 or path.gaussian_prior,
         "sampler={name} with s_churn={s_churn} needs a Gaussian prior (churn adds Gaussian noise); this model's "
         "prior is {prior}: use s_churn=0"),
     "alpha(1) > 0": (
@@ -54,7 +54,7 @@ NEEDS = {
 }
 
 
-def check_sampler(name: str, path: Path, **options) -> None:
+def check_sampler(name: str, path: ProbabilityPath, **options) -> None:
     """Raise a one-line DiffcliError unless sampler `name` (with these options) is valid for `path`."""
     if name not in NEEDS:
         raise DiffcliError(f"sampler={name} is unknown; choose one of {', '.join(NEEDS)}")
@@ -120,32 +120,32 @@ def x0_clipper(clip_x0="none", clip_sample_range: float = 1.0, dynamic_threshold
 CLIP_OPTIONS = ("clip_x0", "clip_sample_range", "dynamic_thresholding_ratio", "sample_max_value")
 
 
-def velocity_at(denoiser, path: Path, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def velocity_at(denoiser, path: ProbabilityPath, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """v(x, t) = alpha'(t) x0_hat + sigma'(t) x1_hat: the probability-flow ODE / a flow's marginal velocity."""
     x0, x1 = denoiser.predict(x, t)
     return path.d_alpha(t) * x0 + path.d_sigma(t) * x1
 
 
-def score_at(denoiser, path: Path, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def score_at(denoiser, path: ProbabilityPath, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """score = -x1_hat / sigma (Gaussian prior)."""
     return -denoiser.predict(x, t)[1] / path.sigma(t)
 
 
-def transition(path: Path, t: torch.Tensor, s: torch.Tensor):
+def transition(path: ProbabilityPath, t: torch.Tensor, s: torch.Tensor):
     """alpha_t, sigma_t, alpha_s, sigma_s and sigma_{t|s}^2 = sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2, with
     sigma_s = 0 at s = 0 (clean data, see alpha_sigma): a step to t = 0 lands on x0_hat for every path."""
     a_t, s_t, a_s, s_s = path.alpha(t), path.sigma(t), path.alpha(s), torch.where(s > 0, path.sigma(s), 0)
     return a_t, s_t, a_s, s_s, s_t**2 - (a_t / a_s) ** 2 * s_s**2
 
 
-def alpha_sigma(path: Path, t_grid: torch.Tensor):
+def alpha_sigma(path: ProbabilityPath, t_grid: torch.Tensor):
     """alpha, sigma and lambda = log(alpha/sigma) at the grid's times, with t = 0 clean data for every path:
     sigma = 0 and lambda = inf there (a VE path's sigma(0) = sigma_min is only its smallest trained level)."""
     alpha, sigma = path.alpha(t_grid), torch.where(t_grid > 0, path.sigma(t_grid), 0)
     return alpha, sigma, torch.log(alpha) - torch.log(sigma)
 
 
-def edm_sigma(path: Path, t_grid: torch.Tensor) -> torch.Tensor:
+def edm_sigma(path: ProbabilityPath, t_grid: torch.Tensor) -> torch.Tensor:
     """EDM's noise level s = sigma/alpha at the grid's times (x~ = x/alpha has x~ = x0 + s x1): 0 at t = 0 for
     every path, inf where alpha = 0 (a flow's t = 1)."""
     alpha, sigma, _ = alpha_sigma(path, t_grid)

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import torch
 
-from . import DiffcliError
-from .paths import Path
+from .. import DiffcliError
+from ..paths import ProbabilityPath
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -29,7 +29,7 @@ def ddim_timesteps(T: int, steps: int, spacing: str = "leading", steps_offset: i
     raise DiffcliError(f"sampler.spacing={spacing} is unknown; choose one of {', '.join(SPACINGS)}")
 
 
-def ddim_grid(path: Path, steps: int, spacing: str = "leading", t_min: float = 1e-3, steps_offset: int = 0,
+def ddim_grid(path: ProbabilityPath, steps: int, spacing: str = "leading", t_min: float = 1e-3, steps_offset: int = 0,
               set_alpha_to_one: bool = True) -> torch.Tensor:
     """The path times of DDIM-spaced DDPM steps (`auto`: trailing with zero terminal SNR, else leading), followed by
     t = 0 (clean data; alpha_bar = 1), or with set_alpha_to_one=False by DDPM step 0 (alpha_bar_0 = 1 - beta_1),
@@ -57,13 +57,13 @@ def _then_zero(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
 
 
-def uniform_grid(path: Path, steps: int, t_min: float = 1e-3) -> torch.Tensor:
+def uniform_grid(path: ProbabilityPath, steps: int, t_min: float = 1e-3) -> torch.Tensor:
     """`steps` intervals: uniform in t from 1 down to t_min, then a last step to t = 0."""
     _check_t_min(t_min)
     return _then_zero(torch.linspace(1, t_min, steps, dtype=torch.float64))
 
 
-def quadratic_grid(path: Path, steps: int, t_min: float = 1e-3) -> torch.Tensor:
+def quadratic_grid(path: ProbabilityPath, steps: int, t_min: float = 1e-3) -> torch.Tensor:
     """t_i = t_min + (1 - t_min) (1 - i / (N - 1))^2 for i = 0..N-1 (N = steps: from 1 to t_min, dense near
     the data), then a last step to t = 0 (the quadratic DDIM schedule of Song et al. 2021a, App. D.2, in t)."""
     _check_t_min(t_min)
@@ -71,19 +71,19 @@ def quadratic_grid(path: Path, steps: int, t_min: float = 1e-3) -> torch.Tensor:
     return _then_zero(t_min + (1 - t_min) * (1 - u) ** 2)
 
 
-def log_snr(path: Path, t: torch.Tensor) -> torch.Tensor:
+def log_snr(path: ProbabilityPath, t: torch.Tensor) -> torch.Tensor:
     """lambda(t) = log(alpha / sigma): decreasing in t, +inf at t = 0 where sigma = 0, -inf where alpha = 0."""
     return torch.log(path.alpha(t)) - torch.log(path.sigma(t))
 
 
-def t_from_lambda(path: Path, lam) -> torch.Tensor:
+def t_from_lambda(path: ProbabilityPath, lam) -> torch.Tensor:
     """The t >= 0 with log_snr(path, t) = lam: the path's closed-form inverse of s = sigma/alpha = e^-lam, which
     reaches beyond t = 1 where alpha, sigma extend (EDM's churn raises the first step's noise level above s(1));
     values of lam beyond lambda(0) (a VE path's smallest level) give t = 0."""
     return path.t_from_s(torch.exp(-torch.as_tensor(lam, dtype=torch.float64))).clamp(min=0)
 
 
-def _lambda_range(path: Path, t_min: float):
+def _lambda_range(path: ProbabilityPath, t_min: float):
     """lambda at the top and at t_min. A flow's alpha(1) = 0 puts lambda(1) at -inf, so its range starts
     at t = 1 - 1e-4; the grids then move that first point to t = 1 exactly."""
     _check_t_min(t_min)
@@ -92,13 +92,13 @@ def _lambda_range(path: Path, t_min: float):
     return log_snr(path, t_top), log_snr(path, torch.tensor(t_min, dtype=torch.float64))
 
 
-def _grid_from_lambdas(path: Path, lam: torch.Tensor) -> torch.Tensor:
+def _grid_from_lambdas(path: ProbabilityPath, lam: torch.Tensor) -> torch.Tensor:
     t = t_from_lambda(path, lam)
     t[0] = 1.0  # start exactly at the prior
     return _then_zero(t)
 
 
-def karras_grid(path: Path, steps: int, t_min: float = 1e-3, rho: float = 7.0,
+def karras_grid(path: ProbabilityPath, steps: int, t_min: float = 1e-3, rho: float = 7.0,
                 sigma_cap: float = 80.0) -> torch.Tensor:
     """Karras et al. 2022, eq. 5, on the scaled noise level sigma/alpha = exp(-lambda):
     sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..N-1,
@@ -112,20 +112,20 @@ def karras_grid(path: Path, steps: int, t_min: float = 1e-3, rho: float = 7.0,
     return _grid_from_lambdas(path, -torch.log(sigmas))
 
 
-def logsnr_grid(path: Path, steps: int, t_min: float = 1e-3) -> torch.Tensor:
+def logsnr_grid(path: ProbabilityPath, steps: int, t_min: float = 1e-3) -> torch.Tensor:
     """Uniform in lambda = log(alpha/sigma) from t = 1 to t_min (DPM-Solver's recommended grid, Lu et al. 2022,
     sec. 3.3), mapped back to t; then a last step to t = 0."""
     lam_max, lam_min = _lambda_range(path, t_min)
     return _grid_from_lambdas(path, torch.linspace(float(lam_max), float(lam_min), steps, dtype=torch.float64))
 
 
-def ends_grid(path: Path, steps: int | None = None, t_min: float = 1e-3) -> torch.Tensor:
+def ends_grid(path: ProbabilityPath, steps: int | None = None, t_min: float = 1e-3) -> torch.Tensor:
     """[1, t_min, 0] whatever `steps`: an adaptive solver (dopri5) picks its own steps between the ends."""
     _check_t_min(t_min)
     return torch.tensor([1.0, t_min, 0.0], dtype=torch.float64)
 
 
-def levels_grid(path: Path, steps: int | None = None, sigma_min: float = 0.01) -> torch.Tensor:
+def levels_grid(path: ProbabilityPath, steps: int | None = None, sigma_min: float = 0.01) -> torch.Tensor:
     """Noise levels for annealed Langevin, largest first: NCSN's own L levels; for other paths `steps`
     (default 10) levels geometric in the noise level sigma/alpha from t = 1 down to sigma_min, the
     spacing NCSN uses, so that Langevin's step rule (calibrated on sigma_L = 0.01) carries over."""

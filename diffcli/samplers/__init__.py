@@ -2,21 +2,22 @@
 
 A time grid is a decreasing float64 tensor from t_0 (near 1, the prior) to 0 (the data), from `grids.py`.
 Samplers step between consecutive grid points using only denoiser(x_t, t) -> x0_hat and the path's alpha,
-sigma; they return the final x (network evaluations are counted by the denoiser). Every sampler takes
-`trajectory=`: a list that receives the initial x and x after every step. `NEEDS` (sampler_core.py) states
-what each sampler requires of the model; `check_sampler` refuses the rest.
+sigma; they return the final x (network evaluations are counted by a wrapper, guidance.CountNFE). Every sampler
+takes `trajectory=`: a list that receives the initial x and x after every step.
 
-    ode_samplers.py   euler, heun (EDM's variables), dpmpp_2m, unipc, midpoint, rk4, dopri5
-    sde_samplers.py   ancestral, ddim, dpmpp_2m_sde, dpmpp_3m_sde, euler_maruyama, pc, langevin
+    core.py    NEEDS and check_sampler (what each sampler requires of the model), the shared pieces
+    grids.py   time grids (uniform, karras, logsnr, ddim, levels, ...)
+    ode.py     euler, heun (EDM's variables), dpmpp_2m, unipc, midpoint, rk4, dopri5
+    sde.py     ancestral, ddim, dpmpp_2m_sde, dpmpp_3m_sde, euler_maruyama, pc, langevin
 
 Configs and checkpoints name samplers `diffcli.samplers.<name>`: every one stays importable from here.
 """
 
 from .grids import (GRIDS, SPACINGS, ddim_grid, ddim_timesteps, ends_grid, karras_grid, levels_grid, log_snr,
                     logsnr_grid, quadratic_grid, t_from_lambda, uniform_grid)
-from .ode_samplers import dopri5, dpmpp_2m, euler, heun, midpoint, rk4, unipc
-from .sampler_core import NEEDS, REQUIREMENTS, check_sampler
-from .sde_samplers import PREDICTORS, ancestral, ddim, dpmpp_2m_sde, dpmpp_3m_sde, euler_maruyama, langevin, pc
+from .ode import dopri5, dpmpp_2m, euler, heun, midpoint, rk4, unipc
+from .core import NEEDS, REQUIREMENTS, check_sampler
+from .sde import PREDICTORS, ancestral, ddim, dpmpp_2m_sde, dpmpp_3m_sde, euler_maruyama, langevin, pc
 
 SAMPLERS = {"ancestral": ancestral, "ddim": ddim, "euler": euler, "heun": heun, "dpmpp_2m": dpmpp_2m,
             "dpmpp_2m_sde": dpmpp_2m_sde, "dpmpp_3m_sde": dpmpp_3m_sde, "unipc": unipc, "midpoint": midpoint,

@@ -1,4 +1,5 @@
-"""Classifier-feature FID for MNIST-like data: a small CNN trained once per dataset, cached as safetensors.
+"""The classifier-FID feature network (not the guidance classifier, guidance.NoisyClassifier): a small CNN trained
+once per dataset, cached as safetensors, whose features give a Fréchet distance for MNIST-like data.
 
 Inception features are made for 299x299 photographs and need a download; a CNN trained on the
 dataset itself gives features that work offline and are sensitive to digit/garment shape.
@@ -11,7 +12,7 @@ import hashlib
 import logging
 import math
 import time
-from pathlib import Path as FsPath
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +155,7 @@ def _accuracy(model, images, labels) -> float:
     return (probs.argmax(1) == labels.cpu()).double().mean().item()
 
 
-def _load(path: FsPath, device):
+def _load(path: Path, device):
     """(model, metadata) from a cached classifier, or None if the file is unreadable or not one of ours."""
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -183,7 +184,7 @@ def classifier_for(data_cfg, *, cache_dir, device, seed=0, epochs=None, log=None
     if epochs < 1:
         raise DiffcliError(f"classifier epochs={epochs} must be at least 1")
     fingerprint = _fingerprint(train_x, train_y, epochs, seed)
-    path = FsPath(cache_dir).expanduser() / f"classifier-{cfg.get('name', 'images')}-{fingerprint}.safetensors"
+    path = Path(cache_dir).expanduser() / f"classifier-{cfg.get('name', 'images')}-{fingerprint}.safetensors"
     info = {"trained_on": trained_on, "n_train": len(train_x), "n_test": len(test_x), "epochs": epochs,
             "fingerprint": fingerprint, "cache": str(path)}
     cached = _load(path, device) if path.is_file() else None

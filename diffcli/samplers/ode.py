@@ -12,28 +12,28 @@ import math
 
 import torch
 
-from . import DiffcliError
-from .paths import Path
-from .sampler_core import alpha_sigma, check_sampler, draw_noise, edm_sigma, record, velocity_at
-from .sde_samplers import dpmpp_2m_sde
+from .. import DiffcliError
+from ..paths import ProbabilityPath
+from .core import alpha_sigma, check_sampler, draw_noise, edm_sigma, record, velocity_at
+from .sde import dpmpp_2m_sde
 
 # ---------------------------------------------------------------------------------------------
 # EDM's Euler and Heun in x~ = x/alpha, s = sigma/alpha
 
 
-def _edm_denoise(denoiser, path: Path, x_tilde: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _edm_denoise(denoiser, path: ProbabilityPath, x_tilde: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """D(x~; s) = x0_hat(alpha(t) x~, t) at the t whose sigma/alpha is s."""
     return denoiser(path.alpha(t) * x_tilde, t)
 
 
-def _churn(path: Path, x_tilde, s, gamma, eps):
+def _churn(path: ProbabilityPath, x_tilde, s, gamma, eps):
     """EDM's churn (Karras et al. 2022, Alg. 2): s_hat = (1 + gamma) s, x~ += sqrt(s_hat^2 - s^2) eps;
     returns x~, s_hat and its time t_hat (beyond t = 1 on the first step: the paths extend there)."""
     s_hat = (1 + gamma) * s
     return x_tilde + torch.sqrt(s_hat**2 - s**2) * eps, s_hat, path.t_from_s(s_hat)
 
 
-def _edm_steps(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, second_order: bool, s_churn: float,
+def _edm_steps(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *, second_order: bool, s_churn: float,
                s_tmin: float, s_tmax: float, s_noise: float, generator, trajectory) -> torch.Tensor:
     """The loop of k-diffusion's sample_euler / sample_heun on the grid's s = sigma/alpha, in x~ = x/alpha."""
     record(trajectory, x)
@@ -65,7 +65,7 @@ def _edm_steps(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, s
 
 
 @torch.no_grad()
-def euler(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, s_churn: float = 0.0,
+def euler(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *, s_churn: float = 0.0,
           s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
           generator: torch.Generator | None = None, trajectory: list | None = None) -> torch.Tensor:
     """Euler steps of dx~/ds = (x~ - D)/s in EDM's variables x~ = x/alpha, s = sigma/alpha (Karras et al. 2022,
@@ -81,7 +81,7 @@ def euler(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, s_chur
 
 
 @torch.no_grad()
-def heun(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, s_churn: float = 0.0,
+def heun(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *, s_churn: float = 0.0,
          s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
          generator: torch.Generator | None = None, trajectory: list | None = None) -> torch.Tensor:
     """EDM's Heun sampler (Karras et al. 2022, Alg. 2; k-diffusion's sample_heun) in x~ = x/alpha, s = sigma/alpha:
@@ -100,7 +100,7 @@ def heun(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, s_churn
 # Multistep exponential integrators in lambda = log(alpha/sigma)
 
 
-def dpmpp_2m(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *,
+def dpmpp_2m(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *,
              generator: torch.Generator | None = None, trajectory: list | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): x_s = (sigma_s/sigma_t) x - alpha_s (e^-h - 1) D with
     h = lambda_s - lambda_t, D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_prev, r = h_prev/h (first order on the first step);
@@ -140,7 +140,7 @@ def _unipc_update(x, x0s, lams, lam_t, alpha_t, sigma_t, sigma_s, order: int, x0
 
 
 @torch.no_grad()
-def unipc(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, order: int = 2,
+def unipc(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *, order: int = 2,
           generator: torch.Generator | None = None, trajectory: list | None = None) -> torch.Tensor:
     """UniPC (Zhao et al. 2023, UniPC-p with B(h) = e^h - 1, data prediction), as diffusers'
     UniPCMultistepScheduler: each evaluation x0_hat(x_i) first corrects x_i (UniC, no extra evaluation), then
@@ -176,7 +176,7 @@ def unipc(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, order:
 
 
 @torch.no_grad()
-def midpoint(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *,
+def midpoint(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *,
              generator: torch.Generator | None = None, trajectory: list | None = None) -> torch.Tensor:
     """Explicit midpoint rule (2nd-order Runge-Kutta) on a flow's velocity dx/dt = v(x, t) (Lipman et al. 2023)."""
     check_sampler("midpoint", path)
@@ -189,7 +189,7 @@ def midpoint(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *,
 
 
 @torch.no_grad()
-def rk4(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *,
+def rk4(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *,
         generator: torch.Generator | None = None, trajectory: list | None = None) -> torch.Tensor:
     """Classic 4th-order Runge-Kutta on a flow's velocity dx/dt = v(x, t) (Lipman et al. 2023)."""
     check_sampler("rk4", path)
@@ -206,7 +206,7 @@ def rk4(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *,
 
 
 @torch.no_grad()
-def dopri5(denoiser, path: Path, x: torch.Tensor, t_grid: torch.Tensor, *, rtol: float = 1e-5,
+def dopri5(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *, rtol: float = 1e-5,
            atol: float = 1e-5, generator: torch.Generator | None = None,
            trajectory: list | None = None) -> torch.Tensor:
     """Adaptive Dormand-Prince RK5(4) (Dormand & Prince 1980) on dx/dt = v(x, t) via torchdiffeq's odeint.
