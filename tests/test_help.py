@@ -12,7 +12,8 @@ from diffcli.help import GROUPS, command_groups
 
 CONFIGS = ROOT / "configs"
 OPTIONS = {d.name: sorted(f.stem for f in d.glob("*.yaml")) for d in CONFIGS.iterdir() if d.is_dir()}
-README = (ROOT / "README.md").read_text()
+README = "\n".join((ROOT / "docs" / page).read_text() for page in (  # the docs pages that carry the tables
+    "reference/configs.md", "guides/sampling.md", "formulations.md", "guides/evaluation.md"))
 ABSENT = object()
 
 
