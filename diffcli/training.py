@@ -271,14 +271,8 @@ class TrainState:
     nhwc: bool
     micro: int
     start: int
-
-    @property
-    def classify(self) -> bool:
-        return is_classifier(self.cfg)
-
-    @property
-    def conditional(self) -> bool:
-        return self.cfg.model.get("cond", "none") == "class"
+    classify: bool  # a noise-conditional classifier p_t(y | x_t): cross-entropy, no samples
+    conditional: bool  # a class-conditional model (model.cond=class)
 
     def batch(self, step: int, g: torch.Generator):
         """The global batch of `step` (x0 and, for a conditional model, its labels after dropout; for a classifier
@@ -309,4 +303,4 @@ def build_state(cfg: DictConfig, out_dir: Path, path, world, data, net, micro: i
     if compiled:
         model = torch.compile(model)  # state dicts are taken from `net`, so no _orig_mod. prefixes
     return TrainState(cfg, out_dir, path, world, data, net, model, ema, opt, sched, scaler, autocast, precision,
-                      compiled, nhwc, micro, start)
+                      compiled, nhwc, micro, start, is_classifier(cfg), cfg.model.get("cond", "none") == "class")
