@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from . import DiffcliError
+from . import DiffcliError, distributed
 from .build import CLASSIFIERS, build_net
 from .checkpoint import load_state, load_weights, newest_state, remove_temporaries
 from .data import build_data, no_labels
@@ -297,8 +297,6 @@ def build_state(cfg: DictConfig, out_dir: Path, path, world, data, net, micro: i
     start = restore(saved, net, ema, opt, scaler, device) if saved else 0
     # built after the optimizer state is loaded so that last_epoch restores its LR
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc), last_epoch=start - 1)
-    from . import distributed
-
     model = distributed.wrap(world, net)
     if compiled:
         model = torch.compile(model)  # state dicts are taken from `net`, so no _orig_mod. prefixes
