@@ -75,7 +75,7 @@ GMM_MEANS = ((-1.2, -0.5), (1.8, -0.5), (0.3, 2.0))
 GMM_COVS = (((0.30, 0.15), (0.15, 0.20)), ((0.10, -0.06), (-0.06, 0.25)), ((0.40, 0.10), (0.10, 0.08)))
 
 
-def gmm_mixture(means, covs, weights=None):
+def gmm_mixture(means=GMM_MEANS, covs=GMM_COVS, weights=None):
     """The `gmm` toy's components as float64 (means (K, 2), covs (K, 2, 2), weights (K,) summing to 1)."""
     means, covs = torch.as_tensor(means, dtype=torch.float64), torch.as_tensor(covs, dtype=torch.float64)
     k = len(means)
@@ -147,7 +147,8 @@ def mixture_distribution(data_cfg):
 
     if data_cfg.get("kind") != "toy" or data_cfg.name not in MIXTURES:
         return None
-    params = OmegaConf.to_container(data_cfg.get("params") or {}, resolve=True)
+    params = data_cfg.get("params")
+    params = OmegaConf.to_container(params, resolve=True) if params else {}  # an empty node is falsy
     means, covs, weights = MIXTURES[data_cfg.name](**params)
     D = torch.distributions
     return D.MixtureSameFamily(D.Categorical(weights.double()), D.MultivariateNormal(means.double(), covs.double()))
@@ -156,6 +157,11 @@ def mixture_distribution(data_cfg):
 def shape_kind(shape) -> str:
     """"images" for a (C, H, W) shape, "points" for a (D,) one: the one place this is asked."""
     return "images" if len(shape) == 3 else "points"
+
+
+def is_image(data) -> bool:
+    """Whether a data set (ToyData, ImageData) holds images: its shape_kind."""
+    return shape_kind(data.shape) == "images"
 
 
 def config_kind(data_cfg) -> str:
@@ -175,7 +181,7 @@ class ToyData:
     its components."""
 
     shape = (2,)
-    is_image = property(lambda self: shape_kind(self.shape) == "images")
+    is_image = property(is_image)
     class_names = None
 
     def __init__(self, name, params, device):
@@ -224,7 +230,7 @@ def _epoch_seed(seed, epoch):
 class ImageData:
     """A whole image set as uint8 (N, C, H, W) on the device, served in seeded epoch order."""
 
-    is_image = property(lambda self: shape_kind(self.shape) == "images")
+    is_image = property(is_image)
 
     def __init__(self, name, images, labels=None, *, device, seed=0, hflip=False, class_names=None):
         self.name, self.device, self.seed, self.hflip = name, torch.device(device), seed, bool(hflip)

@@ -47,6 +47,13 @@ class Labelled(Wrapped):
         return self.inner.predict(x_t, t, labels)
 
 
+def _need_labels(labels) -> None:
+    """Classifier-free and classifier guidance steer towards a class: refuse a call without one."""
+    if labels is None:
+        raise DiffcliError("guidance needs the classes to generate: set label= or labels= (or leave "
+                           "both unset for an even spread over the classes)")
+
+
 def _extrapolate(base, target, w):
     """base + w (target - base) on (x0_hat, x1_hat): the one rule of CFG and autoguidance; w a float or (B,)."""
     w = w if isinstance(w, float) else expand(w, base[0])
@@ -78,9 +85,7 @@ class ClassifierFree(_Weighted):
     both halves in one forward; linear in the prediction, so it is the same rule on the score, eps or velocity."""
 
     def predict(self, x_t, t, labels=None):
-        if labels is None:
-            raise DiffcliError("guidance needs the classes to generate: set label= or labels= (or leave "
-                               "both unset for an even spread over the classes)")
+        _need_labels(labels)
         t = batch_times(t, x_t)
         w, null = self.weight(t), torch.full_like(labels, self.n_classes)
         if isinstance(w, float) and w in (0, 1):  # one half suffices: conditional, or unconditional ("no label")
@@ -130,9 +135,7 @@ class ClassifierGuided(Wrapped):
         self.classifier, self.scale = classifier, float(scale)
 
     def predict(self, x_t, t, labels=None):
-        if labels is None:
-            raise DiffcliError("guidance needs the classes to generate: set label= or labels= (or leave "
-                               "both unset for an even spread over the classes)")
+        _need_labels(labels)
         t = batch_times(t, x_t)
         x0, x1 = self.inner.predict(x_t, t, labels)
         with torch.enable_grad():

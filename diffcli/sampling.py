@@ -94,8 +94,8 @@ def even_labels(n: int, n_classes: int) -> torch.Tensor | None:
     return torch.arange(n) % n_classes if n_classes else None
 
 
-def requested_labels(cfg: DictConfig, model: LoadedModel, classifier=None) -> torch.Tensor | None:
-    """The class of each of the cfg.n samples: `label=`, `labels=` (cycled), or for a model trained with labels (or
+def requested_labels(cfg: DictConfig, model: LoadedModel, n: int, classifier=None) -> torch.Tensor | None:
+    """The class of each of the n samples: `label=`, `labels=` (cycled), or for a model trained with labels (or
     guided by a classifier) an even spread; None when none was asked of a model trained without (net=oracle knows
     its mixture's classes but samples the mixture itself unless asked for one)."""
     k = model.denoiser.n_classes or (classifier.n_classes if classifier is not None else 0)
@@ -111,10 +111,10 @@ def requested_labels(cfg: DictConfig, model: LoadedModel, classifier=None) -> to
                                "(train one with model.cond=class, or guide it with classifier=<ckpt>)")
         return None
     if asked is None:
-        return even_labels(cfg.n, k if conditional else 0)
+        return even_labels(n, k if conditional else 0)
     if max(asked) >= k:
         raise DiffcliError(f"class {max(asked)} does not exist: this model knows classes 0 to {k - 1}")
-    return torch.tensor(asked).repeat(math.ceil(cfg.n / len(asked)))[: cfg.n]
+    return torch.tensor(asked).repeat(math.ceil(n / len(asked)))[:n]
 
 
 def requested_conditions(cfg: DictConfig, model: LoadedModel, device) -> dict:
@@ -162,12 +162,11 @@ def generate(denoiser, sampler, grid, n: int, shape, *, batch_size: int, seed: i
 def draw(cfg: DictConfig, model: LoadedModel, device: torch.device, trajectory: bool = False) -> SampleResult:
     """cfg.n samples of a loaded model with the command line's sampler, classes and guidance (sample and eval)."""
     n = cfg.n if cfg.get("n") is not None else DEFAULT_N[model.kind]
-    cfg = OmegaConf.merge(cfg, {"n": n})
     sampler_cfg = sampler_config(cfg, model.config.model)
     sampler, grid = sampler_from_config(sampler_cfg, model.denoiser.path, model.kind == "images")
     how = sampler_description(sampler, sampler_cfg, grid)
     conditions = requested_conditions(cfg, model, device)
-    labels = requested_labels(cfg, model, conditions.get("classifier"))
+    labels = requested_labels(cfg, model, n, conditions.get("classifier"))
     guided = "classifier" in conditions
     log.info("sampling %d from %s (step %d) with %s%s", n, model.file, model.step, how,
              "" if labels is None else f", classes {sorted(set(labels.tolist()))[:10]}, guidance w = "

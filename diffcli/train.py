@@ -94,7 +94,6 @@ def training_loop(s: TrainState, tally: Tally) -> None:
     """Steps s.start .. train.steps; a signal stops it after the current step, with a checkpoint."""
     tc, world = s.cfg.train, s.world
     logger, stop = Logger(s.out_dir, tc.steps, s.start) if world.main else Silent(), StopFlag()
-    clock = {"since_log": 0, "t_log": time.perf_counter()}
     try:
         s.model.train()
         for step in range(s.start, tc.steps):
@@ -106,12 +105,11 @@ def training_loop(s: TrainState, tally: Tally) -> None:
             s.ema.update(s.net, step)
             tally.add(loss, finite)  # stays on the device: no host sync until the log line
             done = step + 1
-            clock["since_log"] += 1
             logger.tick()
             at_log = done % tc.log_every == 0 or done == tc.steps
             at_ckpt = done % tc.ckpt_every == 0 or done == tc.steps
             if at_log:
-                log_progress(s, logger, tally, clock, done, grad_norm)
+                log_progress(s, logger, tally, done, grad_norm)
             if at_log or at_ckpt:  # checked before any checkpoint
                 check_nonfinite(s, tally, done)
             signalled = stop.signum is not None if world.size == 1 else at_log and distributed.any_rank(
@@ -125,18 +123,18 @@ def training_loop(s: TrainState, tally: Tally) -> None:
         logger.close()
 
 
-def log_progress(s: TrainState, logger, tally: Tally, clock: dict, done: int, grad_norm: torch.Tensor) -> None:
+def log_progress(s: TrainState, logger, tally: Tally, done: int, grad_norm: torch.Tensor) -> None:
     """One log.jsonl row: the mean loss of the finite steps since the last row (all ranks), LR, throughput."""
     now = time.perf_counter()
-    elapsed, clock["t_log"] = now - clock["t_log"], now
+    elapsed, tally.t_log = now - tally.t_log, now
     losses = distributed.mean(s.world, torch.stack([tally.loss_sum, tally.n_finite]))
     mean_loss = (losses[0] / losses[1]).item() if losses[1].item() > 0 else None  # all skipped: no loss
-    since = clock["since_log"]
+    since = tally.since_log
     logger({"step": done, "loss": mean_loss, "lr": s.sched.get_last_lr()[0], "grad_norm": grad_norm.item(),
             "it_per_s": since / elapsed, "samples_per_s": since * s.cfg.train.batch_size / elapsed,
             "skipped": int(tally.skipped.item())})
     tally.loss_sum.zero_(), tally.n_finite.zero_()
-    clock["since_log"] = 0
+    tally.since_log = 0
 
 
 def check_nonfinite(s: TrainState, tally: Tally, done: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,14 +234,17 @@ def train_step(model, path, model_cfg, x0, g, opt, scaler, autocast, grad_clip, 
 
 
 class Tally:
-    """Device-side counts of a run's steps, read at log intervals only (no host sync per step): the summed loss of
-    finite steps and their number since the last log line, skipped (non-finite) steps, the longest run of them."""
+    """Counts of a run's steps. On the device, read at log intervals only (no host sync per step): the summed loss
+    of finite steps and their number since the last log line, skipped (non-finite) steps, the longest run of them.
+    On the host: the steps since the last log line and when it was written."""
 
     def __init__(self, device: torch.device):
         zero = lambda: torch.zeros((), device=device)  # noqa: E731
         self.loss_sum, self.n_finite, self.skipped, self.run_of_bad, self.worst_run = (zero() for _ in range(5))
+        self.since_log, self.t_log = 0, time.perf_counter()
 
     def add(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+        self.since_log += 1
         self.loss_sum += torch.where(finite, loss, 0)
         self.n_finite += finite
         self.skipped += ~finite

@@ -321,3 +321,32 @@ def test_folder_errors(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"definitely not a png")
     with pytest.raises(DiffcliError, match="broken.png"):
         load(tmp_path)
+
+
+def test_mixture_table_matches_the_closed_forms():
+    """data.MIXTURES (the one description of the mixture toys) against hand-written closed forms: eight_gaussians'
+    centres radius (cos, sin)(2 pi k / 8) and std; gmm's representative std, the largest 2x2 eigenvalue
+    (a + d)/2 + sqrt(((a - d)/2)^2 + b^2), square-rooted; the mixture density log sum_k w_k N(x; mu_k, S_k) by scipy."""
+    import math
+
+    import numpy as np
+    from omegaconf import OmegaConf
+    from scipy.stats import multivariate_normal
+
+    from diffcli.data import GMM_COVS, GMM_MEANS, mixture_distribution, mixture_modes
+
+    modes, std = mixture_modes("eight_gaussians", {"radius": 3.0, "std": 0.25})
+    angle = [2 * math.pi * k / 8 for k in range(8)]
+    want = torch.tensor([[3 * math.cos(a), 3 * math.sin(a)] for a in angle])
+    torch.testing.assert_close(modes, want, rtol=0, atol=1e-6)
+    assert std == pytest.approx(0.25, rel=1e-12)
+
+    _, std = mixture_modes("gmm", {})
+    top = max((a + d) / 2 + math.sqrt(((a - d) / 2) ** 2 + b**2) for (a, b), (_, d) in GMM_COVS)
+    assert std == pytest.approx(math.sqrt(top), rel=1e-12)
+
+    x = torch.tensor([[0.1, -0.3], [1.7, 0.2], [-2.0, 2.5]], dtype=torch.float64)
+    got = mixture_distribution(OmegaConf.create({"kind": "toy", "name": "gmm", "params": {}})).log_prob(x)
+    density = sum(multivariate_normal(m, c).pdf(x.numpy()) / 3 for m, c in zip(GMM_MEANS, GMM_COVS))
+    np.testing.assert_allclose(got.numpy(), np.log(density), rtol=1e-12)
+    assert mixture_distribution(OmegaConf.create({"kind": "toy", "name": "moons"})) is None

@@ -175,34 +175,46 @@ def unipc(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor
 # Runge-Kutta on a flow's velocity dx/dt = v(x, t)
 
 
+def _midpoint_step(v, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """One explicit midpoint step (2nd-order Runge-Kutta) of dx/dt = v(x, t) from t to s."""
+    h = s - t
+    return x + h * v(x + h / 2 * v(x, t), t + h / 2)
+
+
+def _rk4_step(v, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """One classic 4th-order Runge-Kutta step of dx/dt = v(x, t) from t to s."""
+    h = s - t
+    k1 = v(x, t)
+    k2 = v(x + h / 2 * k1, t + h / 2)
+    k3 = v(x + h / 2 * k2, t + h / 2)
+    k4 = v(x + h * k3, s)
+    return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+def _runge_kutta(step, name: str, denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor,
+                 trajectory: list | None) -> torch.Tensor:
+    """`step` between consecutive grid times on a flow's velocity (velocity_at)."""
+    check_sampler(name, path)
+    v = lambda x, t: velocity_at(denoiser, path, x, t)  # noqa: E731
+    record(trajectory, x)
+    for t, s in zip(t_grid[:-1], t_grid[1:]):
+        x = step(v, x, t, s)
+        record(trajectory, x)
+    return x
+
+
 @torch.no_grad()
 def midpoint(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *,
              generator: torch.Generator | None = None, trajectory: list | None = None) -> torch.Tensor:
     """Explicit midpoint rule (2nd-order Runge-Kutta) on a flow's velocity dx/dt = v(x, t) (Lipman et al. 2023)."""
-    check_sampler("midpoint", path)
-    record(trajectory, x)
-    for t, s in zip(t_grid[:-1], t_grid[1:]):
-        h = s - t
-        x = x + h * velocity_at(denoiser, path, x + h / 2 * velocity_at(denoiser, path, x, t), t + h / 2)
-        record(trajectory, x)
-    return x
+    return _runge_kutta(_midpoint_step, "midpoint", denoiser, path, x, t_grid, trajectory)
 
 
 @torch.no_grad()
 def rk4(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *,
         generator: torch.Generator | None = None, trajectory: list | None = None) -> torch.Tensor:
     """Classic 4th-order Runge-Kutta on a flow's velocity dx/dt = v(x, t) (Lipman et al. 2023)."""
-    check_sampler("rk4", path)
-    record(trajectory, x)
-    for t, s in zip(t_grid[:-1], t_grid[1:]):
-        h = s - t
-        k1 = velocity_at(denoiser, path, x, t)
-        k2 = velocity_at(denoiser, path, x + h / 2 * k1, t + h / 2)
-        k3 = velocity_at(denoiser, path, x + h / 2 * k2, t + h / 2)
-        k4 = velocity_at(denoiser, path, x + h * k3, s)
-        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-        record(trajectory, x)
-    return x
+    return _runge_kutta(_rk4_step, "rk4", denoiser, path, x, t_grid, trajectory)
 
 
 @torch.no_grad()
