@@ -231,7 +231,12 @@ def classifier_fid(model, samples, reference, labels=None) -> dict:
     """{"cfid": Fréchet distance of classifier features, plus the samples' class balance and confidence, and with
     the requested labels the classifier's agreement with them}."""
     f_samples, p_samples = classifier_outputs(model, samples)
-    f_reference, _ = classifier_outputs(model, reference)
+    return classifier_scores(f_samples, p_samples, classifier_outputs(model, reference)[0], labels)
+
+
+def classifier_scores(f_samples, p_samples, f_reference, labels=None) -> dict:
+    """classifier_fid from the classifier's outputs: features and class probabilities of the samples, features of
+    the reference images."""
     out = {"cfid": frechet_distance(f_samples, f_reference), **class_balance(p_samples)}
     if labels is not None:
         out["agreement"] = (p_samples.argmax(1) == labels.cpu()).double().mean().item()

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     user_wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["DIFFCLI_TRACEBACK"] = "1" if user_wants_trace else "0"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
-    if command == "train" and os.environ.get("RANK", "0") != "0":
+    if command in ("train", "sample", "eval") and os.environ.get("RANK", "0") != "0":
         # torchrun's other ranks: rank 0 owns the run folder and its logs, these write nothing of their own
         rest = [*rest, "hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=stdout"]
     sys.argv = [f"diffcli {command}", *rest]

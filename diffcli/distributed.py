@@ -103,3 +103,13 @@ def wrap(world: World, net: torch.nn.Module) -> torch.nn.Module:
 
     ids = [world.device.index] if world.device.type == "cuda" else None
     return DistributedDataParallel(net, device_ids=ids)
+
+
+def gather(world: World, value) -> list | None:
+    """Every rank's `value` on rank 0, in rank order (None on the other ranks): a collective, call it on every rank.
+    Values travel pickled between this run's own processes; nothing read from a file passes here."""
+    if world.size == 1:
+        return [value]
+    box = [None] * world.size if world.main else None
+    dist.gather_object(value, box, dst=0)
+    return box

@@ -5,6 +5,7 @@ The metrics are diffcli/scoring.py's; `diffcli summary <dir>` gathers a sweep's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -13,49 +14,65 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import distributed
 from .data import build_data
 from .loading import load_model, pick_device
-from .plots import save_picture
-from .runs import fmt
-from .sampling import draw
+from .plots import PICTURE_IMAGES, save_picture
+from .runs import fmt, progress
+from .sampling import Plan, SampleResult, collect, plan
 from .schema import check_ranges
-from .scoring import LIKELIHOODS, image_metrics, nll_2d, resolve_names, toy_agreement, toy_metrics
+from .scoring import LIKELIHOODS, ImageScores, nll_2d, resolve_names, toy_agreement, toy_metrics
 
 log = logging.getLogger("diffcli")
 
 
-def run_eval(cfg: DictConfig, out_dir) -> dict:
-    """Writes metrics.json and samples.png into out_dir and prints the metrics as a table."""
+def run_eval(cfg: DictConfig, out_dir) -> dict | None:
+    """Writes metrics.json and samples.png into out_dir and prints the metrics as a table (rank 0 under torchrun,
+    the ranks splitting the sampling: sampling.sample_batches; the other ranks return None)."""
     check_ranges(cfg)
-    mc, t0 = cfg.metric, time.perf_counter()
-    device = pick_device(cfg.device)
+    world = distributed.setup(pick_device(cfg.device))
+    try:
+        record = _eval(cfg, Path(distributed.shared(world, str(out_dir))), world)
+    except BaseException:
+        distributed.teardown(world, wait=False)
+        raise
+    distributed.teardown(world)
+    return record
+
+
+def _eval(cfg: DictConfig, out_dir: Path, world) -> dict | None:
+    mc, t0, device = cfg.metric, time.perf_counter(), world.device
     model = load_model(cfg.ckpt, device, cfg.get("net_class"))
     train_cfg = model.config
     data = build_data(train_cfg.data, torch.device("cpu"), seed=cfg.seed)
     names = resolve_names(OmegaConf.to_object(mc.names) if OmegaConf.is_list(mc.names) else mc.names,
                           data.is_image, data)
-    if {"fid", "kid"} & set(names):  # fail before sampling, not after
-        from .inception import inception_weights
-
-        inception_weights(mc.inception_weights)
+    sampling = bool(set(names) - LIKELIHOODS)
+    run = plan(cfg, model, device) if sampling else None
+    if not world.main:  # the other ranks draw their batches and hand them to rank 0
+        for _ in run.batches(world) if run else ():
+            pass
+        return None
+    # images: the feature nets load (and a missing weights file fails) before any sampling
+    scores = ImageScores(names, train_cfg, mc, cfg.seed, device) if data.is_image else None
     record = {"ckpt": str(model.file), "step": model.step, "data": train_cfg.data.name, "model": train_cfg.model.name,
               "sampler": None, "steps": None, "nfe": None, "n": None, "seed": cfg.seed}
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics, samples, labels = {}, None, None
-    if set(names) - LIKELIHOODS:
-        out = draw(cfg, model, device)
-        samples, labels = out.samples, out.labels
-        record |= {"sampler": out.sampler, "steps": out.steps, "nfe": out.nfe, "n": cfg.n}
-        if labels is not None:
-            record |= {"guidance": out.guidance, "classifier_scale": out.classifier_scale,
-                       "labels": sorted(set(labels.tolist()))}
+    metrics, shown = {}, None
+    if run is not None:
+        shown = _sample_and_score(run, world, scores, keep=PICTURE_IMAGES if data.is_image else run.n)
+        record |= {"sampler": shown.sampler, "steps": shown.steps, "nfe": shown.nfe, "n": run.n,
+                   "speed": str(run.speed)}
+        if run.labels is not None:
+            record |= {"guidance": shown.guidance, "classifier_scale": shown.classifier_scale,
+                       "labels": sorted(set(run.labels.tolist()))}
     if data.is_image:
-        metrics = image_metrics(names, samples, train_cfg, mc, model.denoiser, cfg.seed, device, labels)
-        if samples is not None:
-            save_picture(samples, out_dir / "samples.png", labels=labels)
+        metrics = scores.scores(model.denoiser)
+        if shown is not None:
+            save_picture(shown.samples, out_dir / "samples.png", labels=shown.labels)
     else:
-        if samples is not None:
+        if shown is not None:
+            samples, labels = shown.samples, shown.labels
             reference = data.sample(cfg.n, torch.Generator().manual_seed(cfg.seed + 1))  # as sample's reference
             metrics = toy_metrics(samples, reference, data, names)
             if labels is not None:
@@ -69,6 +86,26 @@ def run_eval(cfg: DictConfig, out_dir) -> dict:
     print_table(record)
     log.info("wrote %s", out_dir / "metrics.json")
     return record
+
+
+def _sample_and_score(run: Plan, world, scores: ImageScores | None, keep: int) -> SampleResult:
+    """Draw the run's samples batch by batch, handing each to `scores` (images); returns the first `keep` samples
+    (the picture's; for 2D points all of them) with the run's mean NFE."""
+    kept, nfe, done = [], [], 0
+    t0 = time.perf_counter()
+    with progress(run.n, "sampling") as bar:
+        for batch in run.batches(world):
+            if scores is not None:
+                scores.add(batch.samples, batch.labels)
+            if done < keep:
+                kept.append(dataclasses.replace(batch, samples=batch.samples[: keep - done],
+                                                labels=None if batch.labels is None else batch.labels[: keep - done]))
+            done += len(batch.samples)
+            nfe.append(batch.nfe)
+            bar(len(batch.samples))
+    log.info("sampled %d with %s: %d network evaluations (NFE) per sample, %.1f samples/s", run.n, run.description,
+             sum(nfe) // len(nfe), run.n / (time.perf_counter() - t0))
+    return dataclasses.replace(collect(kept), nfe=sum(nfe) // len(nfe))
 
 
 def print_table(record: dict) -> None:

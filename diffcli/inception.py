@@ -109,9 +109,12 @@ def reference_features(net, weights: Path, images: torch.Tensor, name: str, cach
     return features
 
 
-def fid_kid(sample_features: torch.Tensor, reference: torch.Tensor, **kid_args) -> dict:
-    """FID (Heusel et al. 2017) and KID (Bińkowski et al. 2018) of sample features against reference features."""
+def fid_kid(sample_features: torch.Tensor, reference: torch.Tensor, names=("fid", "kid"), **kid_args) -> dict:
+    """FID (Heusel et al. 2017) and KID (Bińkowski et al. 2018) of sample features against reference features
+    (those of the two in `names`)."""
     from .metrics import frechet_from_statistics, kid
 
-    fid = frechet_from_statistics(feature_statistics(sample_features), feature_statistics(reference))
-    return {"fid": fid} | kid(sample_features, reference, **kid_args)
+    out = {}
+    if "fid" in names:
+        out["fid"] = frechet_from_statistics(feature_statistics(sample_features), feature_statistics(reference))
+    return out | (kid(sample_features, reference, **kid_args) if "kid" in names else {})

@@ -23,11 +23,14 @@ def frechet_from_statistics(s1: dict, s2: dict) -> float:
     return fid_statistics_to_metric(s1, s2, verbose=False)[KEY_METRIC_FID]
 
 
-def feature_statistics(f: torch.Tensor) -> dict:
-    """{"mu", "sigma"}: mean and unbiased covariance of (N, d) features, as numpy float64."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
-
-    return fid_features_to_statistics(f.detach().double().cpu())
+def feature_statistics(f: torch.Tensor, chunk: int = 4096) -> dict:
+    """{"mu", "sigma"}: mean and unbiased covariance of (N, d) features, as numpy float64 (np.cov's, as
+    torch-fidelity's fid_features_to_statistics computes them), summed in float64 over chunks of rows, so that
+    50,000 float32 Inception features never exist as one float64 copy."""
+    f = f.detach().cpu()
+    mu = sum(c.double().sum(0) for c in f.split(chunk)) / len(f)
+    sigma = sum((c.double() - mu).T @ (c.double() - mu) for c in f.split(chunk)) / (len(f) - 1)
+    return {"mu": mu.numpy(), "sigma": sigma.numpy()}
 
 
 def kid(f1: torch.Tensor, f2: torch.Tensor, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> dict:

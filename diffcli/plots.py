@@ -79,6 +79,9 @@ def save_field_picture(denoiser, reference: torch.Tensor, file: Path,
     return Path(file)
 
 
+PICTURE_IMAGES = 256  # the images a sample grid shows at most (class_rows: 10 of each of up to 20 classes)
+
+
 def class_rows(samples: torch.Tensor, labels: torch.Tensor, cols: int = 10, max_rows: int = 20) -> torch.Tensor:
     """Images arranged one row per requested class (the first `cols` of each; short rows padded in black)."""
     import torch
@@ -103,7 +106,8 @@ def save_picture(samples: torch.Tensor, file: Path, reference: torch.Tensor | No
         if labels is not None:
             save_image((class_rows(samples, labels.cpu()) + 1) / 2, file, nrow=10)
         else:
-            save_image((samples[:256] + 1) / 2, file, nrow=int(math.ceil(math.sqrt(min(len(samples), 256)))))
+            save_image((samples[:PICTURE_IMAGES] + 1) / 2, file,
+                       nrow=int(math.ceil(math.sqrt(min(len(samples), PICTURE_IMAGES)))))
         return file
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))

@@ -3,6 +3,7 @@ it between steps, its log (log.jsonl, eval.jsonl, a progress bar) and the readin
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -194,3 +195,75 @@ def read_jsonl(file: Path) -> list[dict]:
 def fmt(value) -> str:
     """A logged or tabulated value as text: floats to 4 significant digits."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class StreamedNpz:
+    """An .npz (numpy's uncompressed zip of .npy members) written member by member, the large one in chunks
+    (begin, write..., end), into a hidden temporary renamed over `file` by close(): a crash or a full disk never
+    leaves a partial file under the real name. Each open member holds one chunk in memory at most."""
+
+    def __init__(self, file):
+        import zipfile
+
+        self.file = Path(file)
+        self.tmp = self.file.with_name(f".{self.file.name}.partial")
+        self.zip = zipfile.ZipFile(self.tmp, "w", allowZip64=True)
+        self.member, self.left = None, 0
+
+    def add(self, name: str, array) -> None:
+        """A whole member at once."""
+        import numpy as np
+
+        with self.zip.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+    def begin(self, name: str, shape: tuple, dtype) -> None:
+        """Open member `name` of this shape and dtype; its rows follow through write()."""
+        import numpy as np
+
+        self.dtype = np.dtype(dtype)
+        self.member = self.zip.open(f"{name}.npy", "w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": tuple(shape)}
+        np.lib.format.write_array_header_2_0(self.member, header)
+        self.left = int(np.prod(shape))
+
+    def write(self, rows) -> None:
+        import numpy as np
+
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        self.left -= rows.size
+        self.member.write(rows.tobytes())
+
+    def end(self) -> None:
+        if self.left:
+            raise ValueError(f"{self.file}: {self.left} values of the open member were never written")
+        self.member.close()
+        self.member = None
+
+    def close(self) -> None:
+        """Finish the zip and move it into place."""
+        self.zip.close()
+        os.replace(self.tmp, self.file)
+
+    def discard(self) -> None:
+        """Abandon the file (an error or a signal mid-run): the temporary goes, nothing is renamed."""
+        try:
+            if self.member is not None:
+                self.member.close()
+            self.zip.close()
+        except (OSError, ValueError):
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def progress(total: int, what: str):
+    """A progress bar of `total` items on a terminal (advance it by calling what this yields); nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield lambda k: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda k: bar.advance(task, k)

@@ -9,13 +9,20 @@ import math
 from dataclasses import dataclass
 from importlib.resources import files
 
+from collections.abc import Iterable, Iterator
+
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from . import DiffcliError
+from . import DiffcliError, distributed
 from .build import SAMPLER_NAMES, build_grid, build_sampler_fn
+from .distributed import World
 from .guidance import CountNFE, condition
+from .hardware import PRECISIONS, bf16_pays
 from .loading import LoadedModel, load_classifier, load_guide
+from .prediction import Denoiser
 from .samplers import check_sampler
 
 log = logging.getLogger("diffcli")
@@ -133,51 +140,189 @@ def requested_conditions(cfg: DictConfig, model: LoadedModel, device) -> dict:
     return out
 
 
-@torch.no_grad()
+COMPILE_WORK = 50_000  # compile=auto: n x steps from which the compile (30-50 s on 2 CPU cores) is repaid
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How the network runs while sampling: autocast precision, torch.compile'd, channels-last inputs and weights."""
+
+    precision: str = "fp32"
+    compiled: bool = False
+    nhwc: bool = False
+
+    def __str__(self) -> str:
+        return ", ".join([self.precision, *(["compiled"] if self.compiled else []),
+                          *(["channels-last"] if self.nhwc else [])])
+
+
+def inference_speed(options, device: torch.device, is_image: bool, work: int) -> Speed:
+    """`precision`, `compile` and `channels_last` of a sampling command with `auto` resolved (docs/guides/sampling.md,
+    "Speed"): for image nets, bf16 where it was measured to pay on this kind of device (hardware.bf16_pays), compiled
+    when the run's work (n x steps) repays the compile, channels-last on CUDA or when compiled; fp32 eager otherwise."""
+    precision = options.get("precision", "auto")
+    if precision == "auto":
+        precision = "bf16" if is_image and bf16_pays(device, "sample") else "fp32"
+    compiled = options.get("compile", "auto")
+    compiled = is_image and work >= COMPILE_WORK if compiled == "auto" else bool(compiled)
+    nhwc = options.get("channels_last", "auto")
+    nhwc = is_image and (device.type == "cuda" or compiled) if nhwc == "auto" else bool(nhwc) and is_image
+    return Speed(precision, compiled, nhwc)
+
+
+class FastNet(nn.Module):
+    """A network run at a Speed: its inputs channels-last, its forward under autocast, compiled; its output back in
+    the input's dtype, so that the sampler's state and arithmetic stay in fp32 (or float64)."""
+
+    def __init__(self, net: nn.Module, speed: Speed):
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last) if speed.nhwc else net
+        # one graph per batch shape (a last smaller batch compiles once more); no dynamic-shape code
+        self.run = torch.compile(self.net, dynamic=False) if speed.compiled else self.net
+        self.dtype, self.nhwc = PRECISIONS[speed.precision], speed.nhwc
+        self.n_classes = int(getattr(net, "n_classes", 0))
+
+    def forward(self, x: torch.Tensor, *rest) -> torch.Tensor:
+        if self.nhwc and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            out = self.run(x, *rest)
+        return out.to(x.dtype).contiguous()
+
+
+def at_speed(denoiser: Denoiser, speed: Speed) -> Denoiser:
+    """The denoiser with its network run at `speed`; the exact oracle (float64, no network) is left as it is."""
+    if getattr(denoiser.net, "raw_input", False) or speed == Speed():
+        return denoiser
+    return Denoiser(FastNet(denoiser.net, speed), denoiser.path, denoiser.prediction, denoiser.precond,
+                    denoiser.sigma_data)
+
+
+def batch_seed(seed: int, i: int) -> int:
+    """The seed of batch i: `seed` itself for the first, then independent streams derived from (seed, i), so
+    that a batch's noise depends on its index alone, not on which process draws it or what was drawn before."""
+    if i == 0:
+        return seed
+    return int(np.random.SeedSequence([seed % 2**63, i]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def sample_batches(denoiser, sampler, grid, n: int, shape, *, batch_size: int, seed: int, device: torch.device,
+                   labels: torch.Tensor | None = None, trajectory: bool = False, world: World | None = None,
+                   **conditions) -> Iterator[SampleResult]:
+    """The n samples batch by batch, in order, on the CPU: sample i of class labels[i] when labels are given, under
+    the guidance `conditions` (guidance.condition's arguments), batch i drawn from its own seed (batch_seed).
+
+    With a `world` of several processes (torchrun), rank r draws batches r, r + W, ...; rank 0 yields them all in
+    order, the others nothing: the samples are the same for every world size. With `trajectory`, each batch holds
+    the states the sampler visited, (frames, b, *shape).
+    """
+    world = world or World(device=device)
+    starts = list(range(0, n, batch_size))
+    # a classifier's gradient needs autograd; everything else runs without its bookkeeping
+    mode = torch.no_grad if conditions.get("classifier") is not None else torch.inference_mode
+    for first in range(0, len(starts), world.size):
+        i, out = first + world.rank, None
+        if i < len(starts):
+            with mode():
+                out = _one_batch(denoiser, sampler, grid, starts[i], min(batch_size, n - starts[i]), shape,
+                                 batch_seed(seed, i), device, labels, trajectory, conditions)
+        if world.main:
+            yield from (b for b in distributed.gather(world, out) if b is not None)
+        else:
+            distributed.gather(world, out)
+
+
+def _one_batch(denoiser, sampler, grid, start, b, shape, seed, device, labels, trajectory, conditions) -> SampleResult:
+    """Batch [start, start + b) of a sampling run, from its own generator."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x1 = denoiser.path.sample_prior((b, *shape), g, device)
+    batch_labels = None if labels is None else labels[start : start + b].to(device)
+    counted = CountNFE(condition(denoiser, batch_labels, **conditions))
+    visited = [] if trajectory else None
+    extra = {} if visited is None else {"trajectory": visited}
+    x0 = sampler(counted, denoiser.path, x1 * denoiser.path.sigma(grid[0]), grid, generator=g, **extra).cpu()
+    return SampleResult(x0, None if labels is None else labels[start : start + b], counted.nfe, grid,
+                        trajectory=torch.stack(visited).cpu() if trajectory else None)
+
+
+def collect(batches: Iterable[SampleResult]) -> SampleResult:
+    """The batches of one run as one SampleResult (NFE: the mean over batches)."""
+    batches = list(batches)
+    first = batches[0]
+    return dataclasses.replace(
+        first, samples=torch.cat([b.samples for b in batches]),
+        labels=None if first.labels is None else torch.cat([b.labels for b in batches]),
+        nfe=sum(b.nfe for b in batches) // len(batches),
+        trajectory=None if first.trajectory is None else torch.cat([b.trajectory for b in batches], dim=1))
+
+
 def generate(denoiser, sampler, grid, n: int, shape, *, batch_size: int, seed: int, device: torch.device,
              labels: torch.Tensor | None = None, trajectory: bool = False, **conditions) -> SampleResult:
-    """n samples in batches, reproducible from `seed`, returned on the CPU; sample i of class labels[i] when labels
-    are given, under the guidance `conditions` (guidance.condition's arguments).
-
-    With `trajectory`, the result holds the states the sampler visited, (frames, n, *shape).
-    """
-    g = torch.Generator(device=device).manual_seed(seed)
-    out, frames, nfe = [], [], []
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        x1 = denoiser.path.sample_prior((b, *shape), g, device)
-        batch_labels = None if labels is None else labels[start : start + b].to(device)
-        counted = CountNFE(condition(denoiser, batch_labels, **conditions))
-        visited = [] if trajectory else None
-        extra = {} if visited is None else {"trajectory": visited}
-        out.append(sampler(counted, denoiser.path, x1 * denoiser.path.sigma(grid[0]), grid, generator=g,
-                           **extra).cpu())
-        nfe.append(counted.nfe)
-        if visited is not None:
-            frames.append(torch.stack(visited))
-    return SampleResult(torch.cat(out), labels, sum(nfe) // len(nfe), grid,
-                        trajectory=torch.cat(frames, dim=1) if trajectory else None)
+    """n samples (sample_batches, in one process) as one SampleResult on the CPU, reproducible from `seed`."""
+    return collect(sample_batches(denoiser, sampler, grid, n, shape, batch_size=batch_size, seed=seed, device=device,
+                                  labels=labels, trajectory=trajectory, **conditions))
 
 
-def draw(cfg: DictConfig, model: LoadedModel, device: torch.device, trajectory: bool = False) -> SampleResult:
-    """cfg.n samples of a loaded model with the command line's sampler, classes and guidance (sample and eval)."""
+@dataclass(frozen=True)
+class Plan:
+    """A sampling run as a command line asks for it, decided before the first batch: the denoiser at its Speed, the
+    sampler and its grid, the classes and guidance, and what to say about it."""
+
+    model: LoadedModel
+    denoiser: Denoiser
+    sampler: object
+    grid: torch.Tensor
+    n: int
+    labels: torch.Tensor | None
+    conditions: dict
+    batch_size: int
+    seed: int
+    description: str
+    speed: Speed
+
+    def batches(self, world: World | None = None, trajectory: bool = False) -> Iterator[SampleResult]:
+        """The run's samples batch by batch (on rank 0 only under torchrun); a non-finite batch stops the run."""
+        for out in sample_batches(self.denoiser, self.sampler, self.grid, self.n, self.model.shape,
+                                  batch_size=self.batch_size, seed=self.seed, device=self.denoiser.device,
+                                  labels=self.labels, trajectory=trajectory, world=world, **self.conditions):
+            bad = (~torch.isfinite(out.samples.flatten(1))).any(1).sum().item()
+            if bad:
+                raise DiffcliError(f"{bad} of {len(out.samples)} samples in a batch from {self.model.file} (step "
+                                   f"{self.model.step}) are not finite (NaN or inf): the weights diverged or the "
+                                   "sampler is unstable; try an earlier checkpoint or another sampler")
+            yield self.described(out)
+
+    def described(self, out: SampleResult) -> SampleResult:
+        """`out` with what drew it: the sampler, its description and the guidance."""
+        guided = "classifier" in self.conditions
+        return dataclasses.replace(out, sampler=self.sampler.func.__name__, description=self.description,
+                                   guidance=self.conditions["guidance"],
+                                   classifier_scale=self.conditions.get("classifier_scale") if guided else None)
+
+
+def plan(cfg: DictConfig, model: LoadedModel, device: torch.device) -> Plan:
+    """The sampling run that a sample or eval command line asks of a loaded model (logged as it is decided)."""
     n = cfg.n if cfg.get("n") is not None else DEFAULT_N[model.kind]
     sampler_cfg = sampler_config(cfg, model.config.model)
     sampler, grid = sampler_from_config(sampler_cfg, model.denoiser.path, model.kind == "images")
     how = sampler_description(sampler, sampler_cfg, grid)
     conditions = requested_conditions(cfg, model, device)
     labels = requested_labels(cfg, model, n, conditions.get("classifier"))
+    speed = inference_speed(cfg, device, model.kind == "images", n * (len(grid) - 1))
+    if "guide" in conditions:
+        conditions["guide"] = at_speed(conditions["guide"], speed)
     guided = "classifier" in conditions
-    log.info("sampling %d from %s (step %d) with %s%s", n, model.file, model.step, how,
+    log.info("sampling %d from %s (step %d) with %s%s; the network in %s", n, model.file, model.step, how,
              "" if labels is None else f", classes {sorted(set(labels.tolist()))[:10]}, guidance w = "
-             f"{conditions['guidance']}" + (f", classifier scale {conditions['classifier_scale']}" if guided else ""))
-    out = generate(model.denoiser, sampler, grid, n, model.shape, batch_size=cfg.batch_size, seed=cfg.seed,
-                   device=device, labels=labels, trajectory=trajectory, **conditions)
-    bad = (~torch.isfinite(out.samples.flatten(1))).any(1).sum().item()
-    if bad:
-        raise DiffcliError(f"{bad} of {n} samples from {model.file} (step {model.step}) are not finite (NaN or inf): "
-                           "the weights diverged or the sampler is unstable; try an earlier checkpoint or another "
-                           "sampler")
-    log.info("sampled %d with %s: %d network evaluations (NFE) per sample", n, how, out.nfe)
-    return dataclasses.replace(out, sampler=sampler.func.__name__, description=how, guidance=conditions["guidance"],
-                               classifier_scale=conditions.get("classifier_scale") if guided else None)
+             f"{conditions['guidance']}" + (f", classifier scale {conditions['classifier_scale']}" if guided else ""),
+             speed)
+    return Plan(model, at_speed(model.denoiser, speed), sampler, grid, n, labels, conditions, cfg.batch_size,
+                cfg.seed, how, speed)
+
+
+def draw(cfg: DictConfig, model: LoadedModel, device: torch.device, trajectory: bool = False) -> SampleResult:
+    """cfg.n samples of a loaded model with the command line's sampler, classes and guidance, in one process."""
+    run = plan(cfg, model, device)
+    out = collect(run.batches(trajectory=trajectory))
+    log.info("sampled %d with %s: %d network evaluations (NFE) per sample", run.n, run.description, out.nfe)
+    return out

@@ -157,6 +157,9 @@ class SamplingOptions:
     guidance_interval: Optional[List[float]] = None  # [lo, hi]: guide only where lo < sigma/alpha <= hi
     classifier: Optional[str] = None  # classifier guidance: the checkpoint (or run) of a noise-conditional classifier
     classifier_scale: float = 1.0     # s in score + s grad log p_t(y | x_t); 1 is Bayes' conditional score
+    precision: str = "auto"           # auto | fp32 | bf16 | fp16: the network's autocast (the sampler stays fp32)
+    compile: Any = "auto"             # auto | true | false: torch.compile the network (auto: when n x steps repays it)
+    channels_last: Any = "auto"       # auto | true | false: NHWC images (auto: on CUDA, or when compiled)
 
 
 @dataclass
@@ -346,6 +349,9 @@ RANGES = {
     "train.ema.warmup": (lambda v: v >= 0, "an integer >= 0"),
     "train.channels_last": (lambda v: v in ("auto", True, False), "auto, true or false"),
     "train.compile": (lambda v: v in ("auto", True, False), "auto, true or false"),
+    "precision": (lambda v: v in ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
+    "compile": (lambda v: v in ("auto", True, False), "auto, true or false"),
+    "channels_last": (lambda v: v in ("auto", True, False), "auto, true or false"),
     "train.grad_accum": (lambda v: v > 0, "a positive integer"),
     "train.max_nonfinite": (lambda v: v > 0, "a positive integer"),
     "train.log_every": (lambda v: v > 0, "a positive integer"),

@@ -96,36 +96,70 @@ def reference_images(data_cfg: DictConfig, mc: DictConfig, seed: int, split: str
     return data, images, name
 
 
-def image_metrics(names, samples, train_cfg, mc, denoiser, seed: int, device, labels=None) -> dict:
-    """FID/KID (Inception), classifier-FID and bits/dim for an image model."""
-    out = {}
-    if {"fid", "kid"} & set(names):
-        out |= _inception_metrics(names, samples, train_cfg, mc, seed, device)
-    if "cfid" in names:
-        from .cfid import classifier_fid, classifier_for
+class ImageScores:
+    """FID/KID (Inception), classifier-FID and bits/dim of an image model, its samples fed batch by batch (add):
+    only their features are kept (Inception's 2048 and the classifier's 128 numbers per image, in float32), so that
+    n = 50,000 samples need no more memory than their features. The feature nets load first: a missing weights file
+    fails before any sampling."""
 
-        _, images, _ = reference_images(train_cfg.data, mc, seed)
-        classifier, info = classifier_for(train_cfg.data, cache_dir=Path(mc.cache_dir).expanduser(), device=device,
-                                          seed=seed, epochs=mc.classifier_epochs, log=log)
-        out |= classifier_fid(classifier, samples, to_float(images), labels)
-        out |= {"classifier_accuracy": info["accuracy"], "classifier_trained_on": info["trained_on"]}
-    if "bpd" in names:
-        out |= _bits_per_dim(denoiser, train_cfg, mc, seed)
-    return out
+    def __init__(self, names, train_cfg: DictConfig, mc: DictConfig, seed: int, device):
+        self.names, self.train_cfg, self.mc, self.seed = list(names), train_cfg, mc, seed
+        self.inception = self.classifier = None
+        if {"fid", "kid"} & set(names):
+            from .inception import inception_weights, load_inception
 
+            self.weights = inception_weights(mc.inception_weights)
+            self.inception = load_inception(self.weights, device)
+        if "cfid" in names:
+            from .cfid import classifier_for
 
-def _inception_metrics(names, samples, train_cfg, mc, seed, device) -> dict:
-    """FID and KID against cached Inception features of the real data."""
-    from .inception import fid_kid, inception_features, inception_weights, load_inception, reference_features
+            self.classifier, self.info = classifier_for(train_cfg.data, cache_dir=Path(mc.cache_dir).expanduser(),
+                                                        device=device, seed=seed, epochs=mc.classifier_epochs, log=log)
+        self.features, self.cfid_features, self.probabilities, self.labels = [], [], [], []
 
-    weights = inception_weights(mc.inception_weights)
-    net = load_inception(weights, device)
-    _, images, name = reference_images(train_cfg.data, mc, seed)
-    reference = reference_features(net, weights, images, name, mc.cache_dir, mc.batch_size)
-    scores = fid_kid(inception_features(net, samples, mc.batch_size), reference,
-                     subsets=mc.kid_subsets, subset_size=mc.kid_subset_size, seed=seed)
-    scores["fid_reference"] = f"{name} ({len(images)} images)"
-    return {k: v for k, v in scores.items() if k.split("_")[0] in names or k == "fid_reference"}
+    def add(self, samples: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """The features of a batch of samples (and the class each was asked for)."""
+        if self.inception is not None:
+            from .inception import inception_features
+
+            self.features.append(inception_features(self.inception, samples, self.mc.batch_size).float())
+        if self.classifier is not None:
+            from .cfid import classifier_outputs
+
+            f, p = classifier_outputs(self.classifier, samples, self.mc.batch_size)
+            self.cfid_features.append(f.float())
+            self.probabilities.append(p.float())
+        if labels is not None:
+            self.labels.append(labels.cpu())
+
+    def scores(self, denoiser) -> dict:
+        """The metrics of every sample added so far (bits/dim: of real held-out images, through `denoiser`)."""
+        out = {}
+        if self.inception is not None:
+            out |= self._inception_scores()
+        if self.classifier is not None:
+            from .cfid import classifier_outputs, classifier_scores
+
+            _, images, _ = reference_images(self.train_cfg.data, self.mc, self.seed)
+            f_reference = classifier_outputs(self.classifier, to_float(images), self.mc.batch_size)[0]
+            out |= classifier_scores(torch.cat(self.cfid_features).double(), torch.cat(self.probabilities).double(),
+                                     f_reference, torch.cat(self.labels) if self.labels else None)
+            out |= {"classifier_accuracy": self.info["accuracy"], "classifier_trained_on": self.info["trained_on"]}
+        if "bpd" in self.names:
+            out |= _bits_per_dim(denoiser, self.train_cfg, self.mc, self.seed)
+        return out
+
+    def _inception_scores(self) -> dict:
+        """FID and KID against cached Inception features of the real data."""
+        from .inception import fid_kid, reference_features
+
+        _, images, name = reference_images(self.train_cfg.data, self.mc, self.seed)
+        reference = reference_features(self.inception, self.weights, images, name, self.mc.cache_dir,
+                                       self.mc.batch_size)
+        scores = fid_kid(torch.cat(self.features), reference, names=self.names, subsets=self.mc.kid_subsets,
+                         subset_size=self.mc.kid_subset_size, seed=self.seed)
+        scores["fid_reference"] = f"{name} ({len(images)} images)"
+        return {k: v for k, v in scores.items() if k.split("_")[0] in self.names or k == "fid_reference"}
 
 
 def _bits_per_dim(denoiser, train_cfg, mc, seed) -> dict:

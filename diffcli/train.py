@@ -20,7 +20,8 @@ from .data import config_kind
 from .loading import model_denoiser, pick_device
 from .plots import plot_loss, save_picture
 from .runs import Logger, Silent, StopFlag, claim_run_dir, release_run_dir
-from .sampling import even_labels, generate, sampler_config, sampler_description, sampler_from_config
+from .sampling import (at_speed, even_labels, generate, inference_speed, sampler_config, sampler_description,
+                       sampler_from_config)
 from .schema import TrainApp, validate
 from .scoring import quick_metric
 from .training import (Tally, TrainState, build_model, build_state, check_train_config, noisy_accuracy, resume_config,
@@ -174,7 +175,9 @@ def ema_samples(s: TrainState, n: int) -> tuple[torch.Tensor, str]:
     cfg = s.cfg
     sampler_cfg = sampler_config(cfg, cfg.model)
     sampler, grid = sampler_from_config(sampler_cfg, s.path, s.data.is_image)
-    out = generate(model_denoiser(s.ema.net, s.path, cfg.model), sampler, grid, n, s.data.shape,
+    # the network as sampling runs it here (hardware.bf16_pays "sample"), in the layout it trains in, never compiled
+    speed = inference_speed({"compile": False, "channels_last": s.nhwc}, s.world.device, s.data.is_image, 0)
+    out = generate(at_speed(model_denoiser(s.ema.net, s.path, cfg.model), speed), sampler, grid, n, s.data.shape,
                    batch_size=min(n, 1000), seed=cfg.seed, device=s.world.device,
                    labels=even_labels(n, cfg.model.get("n_classes") or 0))
     return out.samples, f"{sampler_description(sampler, sampler_cfg, grid)}, NFE {out.nfe}"

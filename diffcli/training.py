@@ -24,12 +24,12 @@ from .checkpoint import load_state, load_weights, newest_state, remove_temporari
 from .data import build_data, no_labels
 from .ema import EMA, initial_share
 from .guidance import NoisyClassifier
+from .hardware import PRECISIONS, bf16_pays
 from .losses import check_coupling, check_weighting, classifier_loss, draw, pair_loss
 from .paths import check_times
 from .prediction import check_precond, check_prediction
 from .schema import check_ranges, resume_overrides
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_STEPS = 1000  # compile=auto: runs this long repay the one-off compile (about a minute on 2 CPU cores)
 
 
@@ -139,18 +139,11 @@ def lr_factor(step: int, tc: DictConfig) -> float:
     return LR_DECAY[tc.lr_schedule](min(1.0, (step - tc.warmup) / max(tc.steps - tc.warmup, 1)))
 
 
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 has units of its own here: a CUDA GPU that has bf16, or a CPU with AMX tiles (oneDNN)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
 def speed_settings(tc: DictConfig, device: torch.device, is_image: bool) -> tuple[str, bool, bool]:
     """train.precision, train.compile and train.channels_last with `auto` resolved (docs/guides/training.md, "Precision and speed"): for
-    image nets where bf16 has units of its own, bf16, compiled on runs that repay the compile, NHWC on CUDA or
-    when compiled; fp32 eager elsewhere (without AMX a CPU emulates bf16, 15x slower)."""
-    fast = is_image and fast_bf16(device)
+    image nets where bf16 was measured to pay for training on this kind of device (hardware.bf16_pays), bf16,
+    compiled on runs that repay the compile, NHWC on CUDA or when compiled; fp32 eager elsewhere."""
+    fast = is_image and bf16_pays(device, "train")
     compiled = fast and tc.steps >= COMPILE_STEPS if tc.compile == "auto" else bool(tc.compile)
     precision = ("bf16" if fast else "fp32") if tc.precision == "auto" else tc.precision
     # NHWC: cuDNN's layout; on a CPU only compiled code gains from it (eager bf16 NHWC loses 43%, most of it in

@@ -50,7 +50,8 @@ from diffcli.paths import DDPMPath
 from diffcli.loading import pick_device
 from diffcli.schema import ModelConfig
 from diffcli.distributed import World
-from diffcli.training import PRECISIONS, build_optimization, step_generator, train_step
+from diffcli.hardware import PRECISIONS
+from diffcli.training import build_optimization, step_generator, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs/model/ddpm.yaml's choices over the schema's defaults (precond, sigma_data, times, snr_gamma)

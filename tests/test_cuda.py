@@ -72,6 +72,19 @@ def test_sampling_on_cuda(tmp_path, images, sampler):
     assert runs["a"].nfe == runs["cpu"].nfe
 
 
+def test_sampling_speed_settings_on_cuda(tmp_path, images):
+    """bf16, compiled, channels-last sampling (auto's choice on a GPU with bf16) against fp32 eager from the same
+    noise: fp32 samples, the same NFE, and differences of bf16's size; a classifier-free batch too."""
+    run_train(compose_config("train", images + ["model=flow", "train.steps=2", "train.compile=false"]), tmp_path / "r")
+    base = [f"ckpt={tmp_path / 'r'}", "sampler=heun", "steps=6", "n=8", "device=cuda"]
+    slow = run_sample(compose_config("sample", base + ["precision=fp32", "compile=false", "channels_last=false"]),
+                      tmp_path / "fp32")
+    fast = run_sample(compose_config("sample", base + ["precision=bf16", "compile=true", "channels_last=true"]),
+                      tmp_path / "bf16")
+    assert fast.samples.dtype == torch.float32 and fast.nfe == slow.nfe
+    assert (fast.samples - slow.samples).abs().max() < 0.1 * slow.samples.abs().max()
+
+
 def test_resume_on_cuda(tmp_path, images):
     """6 steps straight == 3 steps, stop, resume to 6 (deterministic cuDNN): the same weights."""
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False

@@ -147,6 +147,7 @@ RANGE_CASES = {
     "train.betas": ([0.9, 1.0], [0.9, 0.999]), "train.weight_decay": (-0.1, 0.0), "train.warmup": (-1, 0),
     "train.grad_clip": (0.0, None), "train.ema.decay": (1.0, 0.999), "train.ema.warmup": (-1, 0),
     "train.channels_last": ("yes", True), "train.compile": ("sometimes", "auto"), "train.grad_accum": (0, 2),
+    "precision": ("fp8", "bf16"), "compile": ("sometimes", True), "channels_last": ("yes", "auto"),
     "train.max_nonfinite": (0, 20), "train.log_every": (0, 1), "train.ckpt_every": (0, 5),
     "train.sample_every": (-1, 0), "train.eval_every": (-1, 0), "train.n_samples": (0, 16), "train.eval_n": (0, 16),
     "train.keep_last": (-1, 0), "data.sigma_max": (0.0, None), "model.sigma_data": (0.0, 0.5),
