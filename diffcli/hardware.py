@@ -12,7 +12,7 @@ import torch
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes (None: none)
 # bf16 autocast over fp32 images/s, eager, unet_small, 2 cores, per CPU kind (None: not measured there).
-# Training: one step (batch 32, 32x32x3) with AdamW; sampling: one forward under inference_mode (batch 256).
+# Training: one step (batch 32, 32x32x3) with AdamW; sampling: a whole sampling run, or a forward at batch 256.
 BF16_SPEEDUP = {
     "train": {
         "amx": 1.78,          # 231.7 / 130.0 img/s, Xeon with AMX, 2026-11-23, b52956d
@@ -23,7 +23,8 @@ BF16_SPEEDUP = {
     "sample": {
         "amx": 1.78,          # not measured for a forward alone: the training step's figure, whose forward is part
         "avx512_bf16": 2.37,  # 445 / 188 img/s at 28x28x1, 306 / 113 at 32x32x3 (2.7x): AMD EPYC, issue 26
-        "avx512": 0.69,       # 124.5 / 179.7 img/s at 32x32x3, Xeon Ice Lake, 2026-12-04 (forward alone, batch 128)
+        "avx512": 0.49,       # heun-18 runs, 2.5 / 5.1 img/s at 32x32x3 (0.27 at 28x28x1), Xeon Ice Lake, 2026-12-04
+                              # (scripts/bench_sample.py; docs/benchmarks.md, "Sampling speed")
         "avx2": 0.07,         # the training figure: bf16 is emulated there
     },
 }

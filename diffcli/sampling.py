@@ -179,15 +179,27 @@ class FastNet(nn.Module):
         self.net = net.to(memory_format=torch.channels_last) if speed.nhwc else net
         # one graph per batch shape (a last smaller batch compiles once more); no dynamic-shape code
         self.run = torch.compile(self.net, dynamic=False) if speed.compiled else self.net
-        self.dtype, self.nhwc = PRECISIONS[speed.precision], speed.nhwc
+        self.dtype, self.nhwc, self.compiled, self.batch = PRECISIONS[speed.precision], speed.nhwc, speed.compiled, 0
         self.n_classes = int(getattr(net, "n_classes", 0))
 
     def forward(self, x: torch.Tensor, *rest) -> torch.Tensor:
+        b = x.shape[0]
+        if self.compiled:  # a last, smaller batch is padded to the compiled size, not compiled again (30-50 s)
+            self.batch = max(self.batch, b)
+            x, *rest = (_pad_rows(v, b, self.batch) for v in (x, *rest))
         if self.nhwc and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             out = self.run(x, *rest)
-        return out.to(x.dtype).contiguous()
+        return out[:b].to(x.dtype).contiguous()
+
+
+def _pad_rows(v, b: int, size: int):
+    """A batch tensor of b rows padded to `size` with copies of its last row (the net treats rows independently:
+    no batch statistics in eval mode); anything else as it is."""
+    if not torch.is_tensor(v) or v.dim() == 0 or v.shape[0] != b or b == size:
+        return v
+    return torch.cat([v, v[-1:].expand(size - b, *v.shape[1:])])
 
 
 def at_speed(denoiser: Denoiser, speed: Speed) -> Denoiser:

@@ -10,12 +10,14 @@ does not depend on the weights) on a DDPM path with eps prediction. diffcli's ru
 `diffcli sample` runs, with the network wrapped by sampling.at_speed at that setting, `n` samples in one batch;
 diffusers' run is the loop of its DDIMPipeline (scheduler.step on the UNet's output, num_inference_steps = the
 diffcli run's NFE) under torch.inference_mode, with the same autocast / channels-last / torch.compile. Each
-setting is warmed up first (the compile, oneDNN's kernel choice) by a run of 2 steps; then one timed run.
+setting is warmed up first (the compile, oneDNN's kernel choice) by a run of 2 steps; then `--repeats` timed runs,
+of which the median counts.
 The last lines: `auto`'s setting against fp32 eager, and against diffusers' best setting, per sampler and shape.
 """
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,20 +55,23 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def ours(net, path, shape, name, steps, speed, n, device) -> tuple[float, int]:
-    """(images/s, NFE) of one diffcli sampling run at `speed` (after a 2-step warm-up)."""
+def ours(net, path, shape, name, steps, speed, n, device, repeats) -> tuple[float, int]:
+    """(images/s, NFE) of a diffcli sampling run at `speed`: the median of `repeats` runs after a 2-step warm-up."""
     denoiser = at_speed(Denoiser(net, path, "eps"), speed)
-    for k in (2, steps):
+    times = []
+    for k in (2, *[steps] * repeats):
         fn, grid = sampler(name, k, path)
         sync(device)
         t0 = time.perf_counter()
         out = generate(denoiser, fn, grid, n, shape, batch_size=n, seed=0, device=device)
         sync(device)
-    return n / (time.perf_counter() - t0), out.nfe
+        times.append(time.perf_counter() - t0)
+    return n / statistics.median(times[1:]), out.nfe
 
 
-def theirs(unet, shape, nfe, speed, n, device) -> float:
-    """images/s of diffusers' DDIM loop (DDIMPipeline.__call__'s) for `nfe` steps at `speed`."""
+def theirs(unet, shape, nfe, speed, n, device, repeats) -> float:
+    """images/s of diffusers' DDIM loop (DDIMPipeline.__call__'s) for `nfe` steps at `speed`: the median of
+    `repeats` runs after a 2-step warm-up."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
@@ -74,7 +79,8 @@ def theirs(unet, shape, nfe, speed, n, device) -> float:
     run = torch.compile(model, dynamic=False) if speed.compiled else model
     dtype = PRECISIONS[speed.precision]
     g = torch.Generator(device).manual_seed(0)
-    for k in (2, nfe):
+    times = []
+    for k in (2, *[nfe] * repeats):
         scheduler.set_timesteps(k)
         x = torch.randn((n, *shape), generator=g, device=device)
         sync(device)
@@ -85,7 +91,8 @@ def theirs(unet, shape, nfe, speed, n, device) -> float:
                 eps = run(xin, t).sample.float()
                 x = scheduler.step(eps, t, x, eta=0.0, generator=g).prev_sample
         sync(device)
-    return n / (time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
+    return n / statistics.median(times[1:])
 
 
 def main() -> None:
@@ -98,6 +105,7 @@ def main() -> None:
     parser.add_argument("--ours", nargs="+", default=ALL, help="diffcli's settings (default: all 8)")
     parser.add_argument("--theirs", nargs="+", default=["fp32", "bf16", "fp32+compile+cl"],
                         help="diffusers' settings; its best one is compared")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per setting (the median is shown)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     keep_freed_memory()
@@ -105,7 +113,8 @@ def main() -> None:
     torch.manual_seed(0)
     net_cfg = OmegaConf.load(ROOT / "configs" / "net" / f"{args.net}.yaml")
     path = build_path(OmegaConf.load(ROOT / "configs" / "model" / "ddpm.yaml").path)
-    print(f"# {args.net}, {device_label(device)}, torch {torch.__version__}, n = {args.n} per run", flush=True)
+    print(f"# {args.net}, {device_label(device)}, torch {torch.__version__}, n = {args.n} per run, median of "
+          f"{args.repeats}", flush=True)
     rows = []
     for shape_text in args.shapes:
         shape = tuple(int(s) for s in shape_text.split("x"))
@@ -117,13 +126,13 @@ def main() -> None:
             auto = inference_speed({}, device, True, COMPILE_WORK)
             for setting in args.ours:
                 speed = parse(setting)
-                rate, nfe = ours(net, path, shape, name, steps, speed, args.n, device)
+                rate, nfe = ours(net, path, shape, name, steps, speed, args.n, device, args.repeats)
                 rows.append({"shape": shape_text, "sampler": f"{name} {steps}", "nfe": nfe, "who": "diffcli",
                              "setting": setting, "auto": speed == auto, "images_per_s": rate})
                 print(f"{shape_text} {name:9s} NFE {nfe:3d} diffcli   {setting:18s} {rate:8.1f} img/s"
                       + ("  (auto)" if speed == auto else ""), flush=True)
             for setting in args.theirs:
-                rate = theirs(unet, shape, nfe, parse(setting), args.n, device)
+                rate = theirs(unet, shape, nfe, parse(setting), args.n, device, args.repeats)
                 rows.append({"shape": shape_text, "sampler": f"{name} {steps}", "nfe": nfe, "who": "diffusers",
                              "setting": setting, "auto": False, "images_per_s": rate})
                 print(f"{shape_text} {name:9s} NFE {nfe:3d} diffusers {setting:18s} {rate:8.1f} img/s", flush=True)
