@@ -79,7 +79,7 @@ GROUPS = {
 KEYS = {
     "ckpt": "a training run folder or an ema_<step>.safetensors file (null: the newest run under ./outputs/)",
     "n": "number of samples (sample's null: 2000 points for 2D data, 64 images)",
-    "batch_size": "samples per batch",
+    "batch_size": "samples per batch (eval's null: 1000 for 2D points, 256 for images)",
     "steps": "sampling steps (null: the sampler's default)",
     "eta": "DDIM's stochasticity (0: deterministic, 1: ancestral-like)",
     "seed": "random seed",

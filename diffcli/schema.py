@@ -147,7 +147,7 @@ class SamplingOptions:
     net_class: Optional[str] = None   # your own network class, named on this command line (never from a file)
     steps: Optional[int] = None
     eta: float = 0.0
-    batch_size: int = MISSING
+    batch_size: Optional[int] = MISSING  # null: sampling.DEFAULT_BATCH for the data's kind
     seed: int = 0
     device: str = "auto"
     label: Optional[int] = None       # conditional models: every sample of this class
@@ -377,7 +377,7 @@ RANGES = {
     "steps": (lambda v: v is None or v > 0, "a positive integer (or null for the sampler's default)"),
     "eta": (lambda v: v >= 0, "a number >= 0 (0: deterministic DDIM, 1: DDPM-like)"),
     "n": (lambda v: v is None or v > 0, "a positive integer"),
-    "batch_size": (lambda v: v > 0, "a positive integer"),
+    "batch_size": (lambda v: v is None or v > 0, "a positive integer (or null for the data's default)"),
     "metric.batch_size": (lambda v: v > 0, "a positive integer"),
     "metric.kid_subsets": (lambda v: v > 0, "a positive integer"),
     "metric.kid_subset_size": (lambda v: v > 1, "an integer > 1"),
