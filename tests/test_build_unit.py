@@ -337,8 +337,6 @@ def test_build_grid_refuses_unknown_arguments_and_wrong_types(node, fragment):
     assert refusal(build.build_grid, node, path, 10).startswith(fragment)
 
 
-@pytest.mark.xfail(reason="diffcli/samplers/grids.py (ddim_timesteps) names 'sampler.spacing' (no such key) and "
-                          "leaves out 'auto', the shipped default", strict=True)
 def test_a_bad_ddim_spacing_names_its_key_and_every_choice():
     path = build.build_path(root().model.path)
     message = refusal(build.build_grid, {"name": "ddim", "spacing": "sideways"}, path, 10)

@@ -26,7 +26,7 @@ def ddim_timesteps(T: int, steps: int, spacing: str = "leading", steps_offset: i
         return (np.round(np.arange(T, 0, -T / steps)) - 1).astype(np.int64)
     if spacing == "linspace":
         return np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
-    raise DiffcliError(f"sampler.spacing={spacing} is unknown; choose one of {', '.join(SPACINGS)}")
+    raise DiffcliError(f"sampler.grid.spacing={spacing} is unknown; choose one of auto, {', '.join(SPACINGS)}")
 
 
 def ddim_grid(path: ProbabilityPath, steps: int, spacing: str = "leading", t_min: float = 1e-3, steps_offset: int = 0,
