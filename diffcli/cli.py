@@ -217,15 +217,22 @@ def main(argv: list[str] | None = None) -> None:
 
 def _summary(args: list[str]) -> int:
     """`diffcli summary DIR`: no Hydra, just the metrics.json files under DIR."""
-    if len(args) != 1 or args[0].startswith("-"):
-        print("usage: diffcli summary DIR   (an eval run or sweep folder, e.g. outputs/multirun/eval/<date>_<time>)")
-        return 0 if args and args[0] in ("-h", "--help") else 2
+    usage = ("usage: diffcli summary DIR (an eval or training run or sweep folder, "
+             "e.g. outputs/multirun/eval/<date>_<time>)")
+    if "-h" in args or "--help" in args:
+        print(usage)
+        return 0
+    if len(args) != 1 or args[0].startswith("-"):  # a mistake: one line on stderr, like every other one
+        got = "no folder" if not args else f"'{args[0]}'" if len(args) == 1 else f"{len(args)} arguments"
+        return _fail(f"diffcli summary takes one folder, got {got}; {usage}")
     from .summary import summarize
 
     try:
         out = summarize(args[0])
     except DiffcliError as e:
         return _fail(str(e))
+    except OSError as e:  # a folder that went away or became unreadable while it was read
+        return _fail(f"cannot read {e.filename or args[0]} ({e.strerror or e}); check the folder's permissions")
     print(f"wrote {out['csv']}" + (f" and {out['plot']}" if "plot" in out else ""))
     return 0
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .runs import read_jsonl
+from .runs import atomic_file, read_jsonl
 
 if TYPE_CHECKING:  # torch is imported where a picture needs it: diffcli summary reads files only
     import torch
@@ -25,6 +25,16 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, file, dpi: int = 120) -> Path:
+    """Save and close a figure; written to a temporary renamed over `file` (runs.atomic_file)."""
+    try:
+        with atomic_file(file) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        pyplot().close(fig)
+    return Path(file)
+
+
 def save_trajectory_picture(frames: torch.Tensor, file: Path) -> Path:
     """2D: sample paths from the prior (grey) to the samples (blue); images: rows of samples over time."""
     import torch
@@ -36,7 +46,8 @@ def save_trajectory_picture(frames: torch.Tensor, file: Path) -> Path:
 
         cols = torch.linspace(0, len(frames) - 1, min(10, len(frames))).round().long()
         strip = frames[cols][:, :8].transpose(0, 1).flatten(0, 1)  # row = one sample's path
-        save_image((strip.clamp(-1, 1) + 1) / 2, file, nrow=len(cols))
+        with atomic_file(file) as tmp:
+            save_image((strip.clamp(-1, 1) + 1) / 2, tmp, nrow=len(cols))
         return Path(file)
     plt = pyplot()
     paths = frames[:, :300]
@@ -48,9 +59,7 @@ def save_trajectory_picture(frames: torch.Tensor, file: Path) -> Path:
     ax.legend(loc="upper right", markerscale=3)
     ax.set_title("sampling trajectories")
     fig.tight_layout()
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
-    return Path(file)
+    return save_figure(fig, file)
 
 
 def save_field_picture(denoiser, reference: torch.Tensor, file: Path,
@@ -74,9 +83,7 @@ def save_field_picture(denoiser, reference: torch.Tensor, file: Path,
         ax.quiver(grid[:, 0], grid[:, 1], field[:, 0], field[:, 1], color="tab:blue")
         ax.set(title=f"learned {kind}, t = {t_val}", aspect="equal")
     fig.tight_layout()
-    fig.savefig(file, dpi=110)
-    plt.close(fig)
-    return Path(file)
+    return save_figure(fig, file, dpi=110)
 
 
 PICTURE_IMAGES = 256  # the images a sample grid shows at most (class_rows: 10 of each of up to 20 classes)
@@ -103,11 +110,12 @@ def save_picture(samples: torch.Tensor, file: Path, reference: torch.Tensor | No
     if shape_kind(samples.shape[1:]) == "images":
         from torchvision.utils import save_image
 
-        if labels is not None:
-            save_image((class_rows(samples, labels.cpu()) + 1) / 2, file, nrow=10)
-        else:
-            save_image((samples[:PICTURE_IMAGES] + 1) / 2, file,
-                       nrow=int(math.ceil(math.sqrt(min(len(samples), PICTURE_IMAGES)))))
+        with atomic_file(file) as tmp:
+            if labels is not None:
+                save_image((class_rows(samples, labels.cpu()) + 1) / 2, tmp, nrow=10)
+            else:
+                save_image((samples[:PICTURE_IMAGES] + 1) / 2, tmp,
+                           nrow=int(math.ceil(math.sqrt(min(len(samples), PICTURE_IMAGES)))))
         return file
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -124,9 +132,7 @@ def save_picture(samples: torch.Tensor, file: Path, reference: torch.Tensor | No
     if title:
         ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
-    return file
+    return save_figure(fig, file)
 
 
 def plot_loss(out_dir: Path, title: str) -> Path:
@@ -145,27 +151,22 @@ def plot_loss(out_dir: Path, title: str) -> Path:
         axes[0][1].set(xlabel="step", ylabel=key, title=f"{key} of EMA samples (train.eval_every)")
         axes[0][1].grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_dir / "loss.png", dpi=120)
-    plt.close(fig)
-    return out_dir / "loss.png"
+    return save_figure(fig, out_dir / "loss.png")
 
 
-def contact_sheet(rows, root: Path, file: Path) -> Path:
-    """The jobs' last sample pictures side by side in one PNG, each titled with its job and (swept) overrides."""
+def contact_sheet(panels, file: Path) -> Path:
+    """Pictures side by side in one PNG: `panels` are (title, image array) pairs, the jobs' last samples."""
     plt = pyplot()
-    shown = [r for r in rows if r["picture"]]
-    cols = min(4, len(shown))
-    n_rows = math.ceil(len(shown) / cols)
+    cols = min(4, len(panels))
+    n_rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(n_rows, cols, figsize=(4.5 * cols, 4.8 * n_rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, r in zip(axes.flat, shown):
-        ax.imshow(plt.imread(root / r["run"] / r["picture"]))
-        ax.set_title(f"{r['run']}: {r['overrides'] or r['model']}\n{r['picture']}", fontsize=9)
+    for ax, (title, image) in zip(axes.flat, panels):
+        ax.imshow(image)
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
-    return file
+    return save_figure(fig, file)
 
 
 _AXES = {"nfe": ("NFE per sample", "log", "NFE"), "guidance": ("guidance weight w", "linear", "w"),
@@ -174,10 +175,7 @@ _AXES = {"nfe": ("NFE per sample", "log", "NFE"), "guidance": ("guidance weight 
 
 def plot_against(rows, metrics, key: str, file: Path) -> Path:
     """quality_figure, saved to `file`."""
-    fig = quality_figure(rows, metrics, key)
-    fig.savefig(file, dpi=120)
-    pyplot().close(fig)
-    return file
+    return save_figure(quality_figure(rows, metrics, key), file)
 
 
 def quality_figure(rows, metrics, key: str):
@@ -195,7 +193,8 @@ def quality_figure(rows, metrics, key: str):
     xs = sorted({r[key] for r in rows if r.get(key) is not None})
     for ax, metric in zip(axes[0], metrics):
         for label, group in groups.items():
-            pts = sorted((r[key], r[metric]) for r in group if isinstance(r.get(metric), (int, float)))
+            pts = sorted((r[key], r[metric]) for r in group  # inf or nan from a diverged run: no point to draw
+                         if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric]))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
         ax.set(xscale=scale, xlabel=label_x, ylabel=metric, title=f"{metric} vs {short}")

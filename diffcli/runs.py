@@ -267,3 +267,36 @@ def progress(total: int, what: str):
     with Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task(what, total=total)
         yield lambda k: bar.advance(task, k)
+
+
+def _umask() -> int:
+    """The process's umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once, at import: setting it later, even for an instant, would race other threads' files
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """A fresh temporary beside `path` (same extension, so writers that pick the format from it still do) to write;
+    renamed over `path` when the block ends, removed if it raises.
+
+    os.replace replaces whatever has the name, a symlink included, never a symlink's target: a `summary.csv` link
+    in a received folder cannot make diffcli overwrite the file it points to. mkstemp's random name (created
+    O_EXCL) cannot be a planted link either.
+    """
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make the result private, unlike a plain open()
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
