@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import inspect
 import math
+import re
 import zipfile
 import zlib
 from functools import partial
@@ -166,7 +167,30 @@ def is_image(data) -> bool:
 
 def config_kind(data_cfg) -> str:
     """shape_kind of a data config before its data is built: the 2D toys are points, every other kind images."""
-    return "points" if data_cfg.kind == "toy" else "images"
+    return "points" if data_cfg.get("kind") == "toy" else "images"
+
+
+# where a data config's files are: the keys `located` takes from the command, never from a stored config
+LOCATION_KEYS = ("root", "path", "download")
+
+
+def located(stored, given, kind: str):
+    """A checkpoint's stored data config with its location keys (root, path, download) replaced by the command's
+    `given` ones: a stored config never chooses which files are read, nor whether anything is downloaded. `kind`
+    is the model's shape_kind; a 2D toy needs no files and is returned as it is."""
+    stored_kind = stored.get("kind")
+    if config_kind(stored) != kind:  # e.g. a 2D model whose stored data claims an image folder: read nothing
+        raise DiffcliError(f"the checkpoint's model draws {kind} but its stored data.kind={_short(stored_kind, 24)} "
+                           f"holds {config_kind(stored)}; the checkpoint is damaged or was edited: train it again")
+    if stored_kind == "toy":
+        return stored
+    plain = OmegaConf.to_container(stored, resolve=False) if OmegaConf.is_config(stored) else dict(stored)
+    plain |= {key: given.get(key) for key in LOCATION_KEYS}
+    if stored_kind in ("npz", "folder") and plain["path"] is None:
+        what = "the .npz file" if stored_kind == "npz" else "the image folder"
+        raise DiffcliError(f"this model was trained on data.kind={stored_kind} at {_short(stored.get('path'))}; "
+                           f"real images are read only from this command: give data.path=<{what}>")
+    return OmegaConf.create(plain)
 
 
 def no_labels(name: str) -> DiffcliError:
@@ -337,8 +361,19 @@ def _find_idx(raw_dir, stem):
 
 
 def _one_line(err):
-    """An exception as a single line, for messages that embed it."""
-    return " ".join(str(err).split())
+    """An exception as a single line, for messages that embed it (at most 200 characters)."""
+    return _short(" ".join(str(err).split()), 200)
+
+
+def file_label(text) -> str:
+    """A name safe inside a cache file's name: a stored data.name must not steer where a file is written."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(text))[:64]
+
+
+def _short(value, limit: int = 80) -> str:
+    """str(value), cut to `limit` characters: an error line never echoes a long value whole."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _load_idx_dataset(root, split, download, *, folder, title, tv_class):
@@ -472,6 +507,34 @@ def _check_npz_images(images, path):
         )
 
 
+# deflate expands at most ~1032-fold: a member claiming more than this per stored byte lies about its size
+MAX_DEFLATE_RATIO = 1100
+
+
+def _check_npz_members(path, names=("images", "labels")):
+    """Refuse a member whose .npy header claims more bytes than the zip member holds, before numpy allocates them
+    (numpy sizes its array from the header alone)."""
+    disk = Path(path).stat().st_size
+    with zipfile.ZipFile(path) as zf:
+        for name in names:
+            # numpy reads a key from `<key>` or `<key>.npy`: check whichever it would open
+            info = next((zf.getinfo(m) for m in (name, f"{name}.npy") if m in zf.namelist()), None)
+            if info is None:
+                continue
+            ratio = 1 if info.compress_type == zipfile.ZIP_STORED else MAX_DEFLATE_RATIO
+            if info.compress_size > disk or info.file_size > info.compress_size * ratio:
+                raise ValueError(f"member {name} claims {info.file_size} bytes from {info.compress_size} stored")
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+            claimed = math.prod(shape) * dtype.itemsize
+            if claimed > info.file_size:
+                raise ValueError(f"'{name}' claims shape {_short(shape)} of {dtype} ({claimed} bytes) but holds "
+                                 f"{info.file_size} bytes")
+
+
 def _read_npz(path):
     """The images and labels (or None) arrays of an .npz file."""
     try:
@@ -479,13 +542,14 @@ def _read_npz(path):
         if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array
             raise ValueError("it holds a single array, not named arrays")
         with z:
+            _check_npz_members(path)
             arrays = {k: z[k] for k in z.files if k in ("images", "labels")}
             found = z.files
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # not a zip, pickles, damaged
         msg = f"cannot read {path} as .npz ({_one_line(e)}); save it with np.savez(path, images=uint8 array)"
         raise DiffcliError(msg) from None
     if "images" not in arrays:
-        found = ", ".join(found) or "none"
+        found = _short(", ".join(found) or "none")
         raise DiffcliError(f"{path} has no 'images' array (found: {found}); save it with np.savez(path, images=...)")
     return arrays["images"], arrays.get("labels")
 
@@ -499,10 +563,24 @@ def _build_npz(cfg, device, seed):
     _check_npz_images(images, path)
     if labels is not None and (labels.ndim != 1 or len(labels) != len(images) or labels.dtype.kind not in "iu"):
         raise DiffcliError(
-            f"{path}: 'labels' is {labels.dtype} with shape {labels.shape}; "
+            f"{path}: 'labels' is {labels.dtype} with shape {_short(labels.shape)}; "
             f"expected integers of shape ({len(images)},) or no 'labels' key"
         )
+    if labels is not None:
+        _check_label_range(labels, len(images), path)
     return _image_data(cfg, images, labels, device, seed, str(path))
+
+
+MAX_CLASSES = 10_000  # a label value sizes the class embedding: bound it before anything is built
+
+
+def _check_label_range(labels, n_images, path):
+    """Refuse labels outside 0..K-1 with K at most MAX_CLASSES and the number of images (K = max + 1)."""
+    bound = min(MAX_CLASSES, n_images)
+    low, high = int(labels.min()), int(labels.max())  # Python ints: a uint64 label does not wrap
+    if low < 0 or high >= bound:
+        raise DiffcliError(f"{path}: 'labels' run from {_short(low, 24)} to {_short(high, 24)}; labels are classes "
+                           f"0..K-1 with K at most {bound} (no more classes than images, at most 10,000); renumber them")
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -548,6 +626,11 @@ def _folder_classes(folder, files):
     if any(len(p) < 2 for p in parts):
         return None, None
     names = sorted({p[0] for p in parts})
+    # an empty class folder would vanish and shift every later class's label by one
+    empty = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in set(names))
+    if empty:
+        raise DiffcliError(f"class folder {_short(folder / empty[0])} holds no images; an empty class would shift "
+                           "every later label: add its images or remove the folder")
     index = {name: i for i, name in enumerate(names)}
     return np.array([index[p[0]] for p in parts], dtype=np.int64), names
 

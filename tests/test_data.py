@@ -323,6 +323,73 @@ def test_folder_errors(tmp_path):
         load(tmp_path)
 
 
+def test_folder_refuses_an_empty_class_folder(tmp_path):
+    """One subfolder per class: an empty one would vanish and shift every later label, so it is refused by name."""
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.new("L", (8, 8)).save(tmp_path / name / "x.png")
+    data = build_data(cfg(name="folder", kind="folder", path=str(tmp_path), image_size=8, channels=1), "cpu")
+    assert data.class_names == ["cat", "dog"] and data.labels.tolist() == [0, 1]
+    (tmp_path / "bird").mkdir()  # sorts first: without the check, cat and dog would silently become 0 and 1 of 3
+    with pytest.raises(DiffcliError, match=r"class folder .*bird holds no images") as e:
+        build_data(cfg(name="folder", kind="folder", path=str(tmp_path), image_size=8, channels=1), "cpu")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("labels, bound", [([0, 1, -1, 2], 4), ([0, 1, 2, 4], 4), ([0, 2**40, 1, 1], 4),
+                                           ([0, 1, 2, 2**64 - 1], 4)])
+def test_npz_labels_are_bounded_before_any_allocation(tmp_path, labels, bound):
+    """A label value sizes the class embedding (n_classes = max + 1): at most the number of images (and 10,000)."""
+    dtype = np.uint64 if max(labels) >= 2**63 else np.int64
+    np.savez(tmp_path / "x.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array(labels, dtype=dtype))
+    with pytest.raises(DiffcliError, match=rf"'labels' run from .*K at most {bound}"):
+        build_data(cfg(name="npz", kind="npz", path=str(tmp_path / "x.npz")), "cpu")
+
+
+def test_npz_labels_up_to_the_image_count_are_accepted(tmp_path):
+    np.savez(tmp_path / "x.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array([3, 0, 0, 0]))
+    assert build_data(cfg(name="npz", kind="npz", path=str(tmp_path / "x.npz")), "cpu").n_classes == 4
+
+
+def _lying_npz(file, shape, compress=False):
+    """An npz whose images.npy header claims `shape` but holds only 64 bytes of pixels."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as z:
+        z.writestr("images.npy", header.getvalue() + bytes(64))
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_npz_header_claiming_more_than_the_member_holds_is_refused_unread(tmp_path, monkeypatch, compress):
+    """A header of 10^12 pixels over 64 bytes: refused from the header and the member size, before numpy allocates."""
+    _lying_npz(tmp_path / "x.npz", (10**6, 1000, 1000), compress)
+    with monkeypatch.context() as m, \
+            pytest.raises(DiffcliError, match=r"cannot read .*x.npz as .npz \('images' claims shape"):
+        m.setattr(np.lib.format, "read_array", lambda *a, **k: pytest.fail("numpy was asked to allocate"))
+        build_data(cfg(name="npz", kind="npz", path=str(tmp_path / "x.npz")), "cpu")
+    _lying_npz(tmp_path / "ok.npz", (1, 8, 8), compress)  # the same layout, honest: read
+    assert build_data(cfg(name="npz", kind="npz", path=str(tmp_path / "ok.npz")), "cpu").shape == (1, 8, 8)
+
+
+def test_npz_member_claiming_an_impossible_expansion_is_refused(tmp_path):
+    """The zip's own size fields are checked too: 64 stored bytes cannot hold a 1 GB member."""
+    import zipfile
+
+    _lying_npz(tmp_path / "x.npz", (1, 8, 8))
+    raw = bytearray((tmp_path / "x.npz").read_bytes())
+    with zipfile.ZipFile(tmp_path / "x.npz") as z:
+        info = z.getinfo("images.npy")
+    central = raw.rindex(b"PK\x01\x02")  # the central directory entry's uncompressed size at offset 24
+    raw[central + 24:central + 28] = (2**30).to_bytes(4, "little")
+    (tmp_path / "x.npz").write_bytes(bytes(raw))
+    assert info.file_size < 2**30
+    with pytest.raises(DiffcliError, match="claims 1073741824 bytes"):
+        build_data(cfg(name="npz", kind="npz", path=str(tmp_path / "x.npz")), "cpu")
+
+
 def test_mixture_table_matches_the_closed_forms():
     """data.MIXTURES (the one description of the mixture toys) against hand-written closed forms: eight_gaussians'
     centres radius (cos, sin)(2 pi k / 8) and std; gmm's representative std, the largest 2x2 eigenvalue
