@@ -22,7 +22,7 @@ from torch import nn
 
 from . import DiffcliError
 from .checkpoint import save_atomic
-from .data import build_data, to_float
+from .data import build_data, file_label, to_float
 from .metrics import class_balance, frechet_distance
 
 # part of the cache fingerprint: bump it whenever SmallCNN or the training recipe changes
@@ -184,7 +184,8 @@ def classifier_for(data_cfg, *, cache_dir, device, seed=0, epochs=None, log=None
     if epochs < 1:
         raise DiffcliError(f"classifier epochs={epochs} must be at least 1")
     fingerprint = _fingerprint(train_x, train_y, epochs, seed)
-    path = Path(cache_dir).expanduser() / f"classifier-{cfg.get('name', 'images')}-{fingerprint}.safetensors"
+    name = file_label(cfg.get("name", "images"))  # a stored data.name must not steer where the file goes
+    path = Path(cache_dir).expanduser() / f"classifier-{name}-{fingerprint}.safetensors"
     info = {"trained_on": trained_on, "n_train": len(train_x), "n_test": len(test_x), "epochs": epochs,
             "fingerprint": fingerprint, "cache": str(path)}
     cached = _load(path, device) if path.is_file() else None

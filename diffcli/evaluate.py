@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
-from .data import build_data
+from .data import build_data, located
 from .loading import load_model, pick_device
 from .plots import PICTURE_IMAGES, save_picture
 from .runs import fmt, progress
@@ -43,10 +43,8 @@ def run_eval(cfg: DictConfig, out_dir) -> dict | None:
 def _eval(cfg: DictConfig, out_dir: Path, world) -> dict | None:
     mc, t0, device = cfg.metric, time.perf_counter(), world.device
     model = load_model(cfg.ckpt, device, cfg.get("net_class"))
-    train_cfg = model.config
-    data = build_data(train_cfg.data, torch.device("cpu"), seed=cfg.seed)
-    names = resolve_names(OmegaConf.to_object(mc.names) if OmegaConf.is_list(mc.names) else mc.names,
-                          data.is_image, data)
+    train_cfg, is_image = model.config, model.kind == "images"
+    data_cfg, data, names = _data_and_names(cfg, model)
     sampling = bool(set(names) - LIKELIHOODS)
     run = plan(cfg, model, device) if sampling else None
     if not world.main:  # the other ranks draw their batches and hand them to rank 0
@@ -54,19 +52,19 @@ def _eval(cfg: DictConfig, out_dir: Path, world) -> dict | None:
             pass
         return None
     # images: the feature nets load (and a missing weights file fails) before any sampling
-    scores = ImageScores(names, train_cfg, mc, cfg.seed, device) if data.is_image else None
+    scores = ImageScores(names, data_cfg, mc, cfg.seed, device) if is_image else None
     record = {"ckpt": str(model.file), "step": model.step, "data": train_cfg.data.name, "model": train_cfg.model.name,
               "sampler": None, "steps": None, "nfe": None, "n": None, "seed": cfg.seed}
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics, shown = {}, None
     if run is not None:
-        shown = _sample_and_score(run, world, scores, keep=PICTURE_IMAGES if data.is_image else run.n)
+        shown = _sample_and_score(run, world, scores, keep=PICTURE_IMAGES if is_image else run.n)
         record |= {"sampler": shown.sampler, "steps": shown.steps, "nfe": shown.nfe, "n": run.n,
                    "speed": str(run.speed)}
         if run.labels is not None:
             record |= {"guidance": shown.guidance, "classifier_scale": shown.classifier_scale,
                        "labels": sorted(set(run.labels.tolist()))}
-    if data.is_image:
+    if is_image:
         metrics = scores.scores(model.denoiser)
         if shown is not None:
             save_picture(shown.samples, out_dir / "samples.png", labels=shown.labels)
@@ -86,6 +84,20 @@ def _eval(cfg: DictConfig, out_dir: Path, world) -> dict | None:
     print_table(record)
     log.info("wrote %s", out_dir / "metrics.json")
     return record
+
+
+def _data_and_names(cfg: DictConfig, model):
+    """(the real data's config: the checkpoint's with this command's root/path/download, the data set or None, the
+    metric names). Images are read only where a metric needs them (ImageScores), here only when `auto` asks whether
+    they have labels; a 2D toy is generated, never read."""
+    is_image, names = model.kind == "images", cfg.metric.names
+    requested = OmegaConf.to_object(names) if OmegaConf.is_list(names) else names
+    auto = requested in ("auto", ["auto"])
+    if not auto:  # a metric of the wrong kind is refused before any data is located or read
+        resolve_names(requested, is_image, None)
+    data_cfg = located(model.config.data, cfg.data, model.kind)
+    data = build_data(data_cfg, torch.device("cpu"), seed=cfg.seed) if auto or not is_image else None
+    return data_cfg, data, resolve_names(requested, is_image, data)
 
 
 def _sample_and_score(run: Plan, world, scores: ImageScores | None, keep: int) -> SampleResult:

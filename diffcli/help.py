@@ -97,6 +97,9 @@ KEYS = {
     "classifier_scale": "classifier guidance scale s (1: Bayes' conditional score)",
     "sample.save_trajectory": "keep the visited states (samples.npz trajectory) and draw trajectories.png",
     "sample.plot_field": "2D: draw the learned score or velocity as arrows (field.png)",
+    "data.root": "eval: where torchvision datasets live ($DIFFCLI_DATA, else ~/.cache/diffcli); never the checkpoint's",
+    "data.path": "eval of a data=npz/folder model: the .npz file or image folder to score against (required there)",
+    "data.download": "eval: fetch missing torchvision files (false: a missing file is an error)",
 }
 
 

@@ -22,7 +22,10 @@ log = logging.getLogger("diffcli")
 
 
 def reference_data(train_cfg: DictConfig, n: int, seed: int) -> torch.Tensor | None:
-    """Fresh samples of a 2D toy the model was trained on (None for images)."""
+    """Fresh points of the 2D toy the model was trained on; None for any other data: sample reads no data files,
+    and a stored data config never chooses files to read."""
+    if train_cfg.data.get("kind") != "toy":
+        return None
     data = build_data(train_cfg.data, torch.device("cpu"), seed=seed)
     return None if data.is_image else data.sample(n, torch.Generator().manual_seed(seed + 1))
 
@@ -48,6 +51,9 @@ def _sample(cfg: DictConfig, out_dir: Path, world, trajectory: bool, field: bool
     model = load_model(cfg.ckpt, world.device, cfg.get("net_class"))
     if field and model.kind != "points":
         raise DiffcliError("sample.plot_field=true draws 2D fields; this model was trained on images")
+    if field and model.config.data.get("kind") != "toy":  # the field is drawn over the toy's own points
+        raise DiffcliError(f"sample.plot_field=true draws over the 2D toy a model was trained on; this checkpoint's "
+                           f"stored data.kind={str(model.config.data.get('kind'))[:24]} is not a toy (damaged or edited)")
     run = plan(cfg, model, world.device)
     if not world.main:  # the other ranks draw their batches and hand them to rank 0
         for _ in run.batches(world, trajectory):

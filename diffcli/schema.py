@@ -170,8 +170,17 @@ class SampleApp(SamplingOptions):
 
 @dataclass
 class EvalApp(SamplingOptions):
+    @dataclass
+    class Data:
+        """Where eval reads real data: the command's own, never a checkpoint's (data.located)."""
+
+        root: str = MISSING            # torchvision sets
+        path: Optional[str] = None     # the .npz file or image folder a data=npz/folder model was trained on
+        download: bool = False         # fetch missing torchvision files
+
     n: int = MISSING
     metric: MetricConfig = field(default_factory=MetricConfig)
+    data: Data = field(default_factory=Data)
 
 
 SCHEMAS = {"train_schema": TrainApp, "sample_schema": SampleApp, "eval_schema": EvalApp}

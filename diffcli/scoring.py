@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import DiffcliError
-from .data import build_data, mixture_distribution, to_float
+from .data import build_data, file_label, mixture_distribution, to_float
 from .metrics import energy_distance, mmd_rbf, sliced_wasserstein
 
 log = logging.getLogger("diffcli")
@@ -83,7 +83,8 @@ def resolve_names(names, is_image: bool, data) -> list[str]:
 
 
 def reference_images(data_cfg: DictConfig, mc: DictConfig, seed: int, split: str | None = None):
-    """Real images to compare with: the training data, or its `split` (metric.reference_split), capped at n_reference."""
+    """Real images to compare with: the training data, or its `split` (metric.reference_split), capped at n_reference.
+    `data_cfg` is data.located's: the command's own root and path, never a checkpoint's."""
     split = split or mc.get("reference_split")
     if split and data_cfg.get("kind") == "torchvision":
         data_cfg = OmegaConf.merge(data_cfg, {"split": split})
@@ -92,8 +93,7 @@ def reference_images(data_cfg: DictConfig, mc: DictConfig, seed: int, split: str
     if n and n < len(images):  # a seeded random subset, the same on every call
         images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
     where = data_cfg.split if data_cfg.get("kind") == "torchvision" else Path(str(data_cfg.get("path", ""))).stem
-    name = f"{data_cfg.name}-{where}"
-    return data, images, name
+    return data, images, file_label(f"{data_cfg.name}-{where}")
 
 
 class ImageScores:
@@ -102,8 +102,9 @@ class ImageScores:
     n = 50,000 samples need no more memory than their features. The feature nets load first: a missing weights file
     fails before any sampling."""
 
-    def __init__(self, names, train_cfg: DictConfig, mc: DictConfig, seed: int, device):
-        self.names, self.train_cfg, self.mc, self.seed = list(names), train_cfg, mc, seed
+    def __init__(self, names, data_cfg: DictConfig, mc: DictConfig, seed: int, device):
+        # data_cfg: data.located's, so every real image comes from where this command says
+        self.names, self.data_cfg, self.mc, self.seed = list(names), data_cfg, mc, seed
         self.inception = self.classifier = None
         if {"fid", "kid"} & set(names):
             from .inception import inception_weights, load_inception
@@ -113,7 +114,7 @@ class ImageScores:
         if "cfid" in names:
             from .cfid import classifier_for
 
-            self.classifier, self.info = classifier_for(train_cfg.data, cache_dir=Path(mc.cache_dir).expanduser(),
+            self.classifier, self.info = classifier_for(data_cfg, cache_dir=Path(mc.cache_dir).expanduser(),
                                                         device=device, seed=seed, epochs=mc.classifier_epochs, log=log)
         self.features, self.cfid_features, self.probabilities, self.labels = [], [], [], []
 
@@ -140,20 +141,20 @@ class ImageScores:
         if self.classifier is not None:
             from .cfid import classifier_outputs, classifier_scores
 
-            _, images, _ = reference_images(self.train_cfg.data, self.mc, self.seed)
+            _, images, _ = reference_images(self.data_cfg, self.mc, self.seed)
             f_reference = classifier_outputs(self.classifier, to_float(images), self.mc.batch_size)[0]
             out |= classifier_scores(torch.cat(self.cfid_features).double(), torch.cat(self.probabilities).double(),
                                      f_reference, torch.cat(self.labels) if self.labels else None)
             out |= {"classifier_accuracy": self.info["accuracy"], "classifier_trained_on": self.info["trained_on"]}
         if "bpd" in self.names:
-            out |= _bits_per_dim(denoiser, self.train_cfg, self.mc, self.seed)
+            out |= _bits_per_dim(denoiser, self.data_cfg, self.mc, self.seed)
         return out
 
     def _inception_scores(self) -> dict:
         """FID and KID against cached Inception features of the real data."""
         from .inception import fid_kid, reference_features
 
-        _, images, name = reference_images(self.train_cfg.data, self.mc, self.seed)
+        _, images, name = reference_images(self.data_cfg, self.mc, self.seed)
         reference = reference_features(self.inception, self.weights, images, name, self.mc.cache_dir,
                                        self.mc.batch_size)
         scores = fid_kid(torch.cat(self.features), reference, names=self.names, subsets=self.mc.kid_subsets,
@@ -162,11 +163,11 @@ class ImageScores:
         return {k: v for k, v in scores.items() if k.split("_")[0] in self.names or k == "fid_reference"}
 
 
-def _bits_per_dim(denoiser, train_cfg, mc, seed) -> dict:
+def _bits_per_dim(denoiser, data_cfg, mc, seed) -> dict:
     """Bits/dim of real held-out images (the test split when there is one) through the PF-ODE."""
     from .likelihood import bits_per_dim
 
-    _, images, name = reference_images(train_cfg.data, OmegaConf.merge(mc, {"n_reference": None}), seed,
+    _, images, name = reference_images(data_cfg, OmegaConf.merge(mc, {"n_reference": None}), seed,
                                        split="test")
     images = images[: mc.nll_n]
     g = torch.Generator().manual_seed(seed)

@@ -84,7 +84,8 @@ def test_eval_fid_kid_end_to_end_with_local_inception_weights(image_oracle, tmp_
     """The whole FID/KID path (torch-fidelity's TF-exact Inception, reference cache, KID) with random weights."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     weights = _inception_random_weights(tmp_path / "inception.pth")
-    args = [f"ckpt={image_oracle / 'run'}", "metric=fid", f"metric.inception_weights={weights}",
+    args = [f"ckpt={image_oracle / 'run'}", f"data.path={image_oracle / 'x.npz'}", "metric=fid",
+            f"metric.inception_weights={weights}",
             f"metric.cache_dir={tmp_path / 'cache'}", "metric.kid_subset_size=20", "metric.kid_subsets=5",
             "sampler=euler", "steps=8", "n=24", "device=cpu"]
     record = run_eval(compose_config("eval", args), tmp_path / "e1")
@@ -108,10 +109,12 @@ def test_eval_fid_kid_end_to_end_with_local_inception_weights(image_oracle, tmp_
 
 def test_eval_without_inception_weights_says_which_file_to_place_where(image_oracle, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    data = f"data.path={image_oracle / 'x.npz'}"
     with pytest.raises(DiffcliError, match=r"weights-inception-2015-12-05-6726825d\.pth.*hub/checkpoints"):
-        run_eval(compose_config("eval", [f"ckpt={image_oracle / 'run'}", "metric=fid", "device=cpu"]), tmp_path / "e")
+        run_eval(compose_config("eval", [f"ckpt={image_oracle / 'run'}", data, "metric=fid", "device=cpu"]),
+                 tmp_path / "e")
     with pytest.raises(DiffcliError, match="no such file"):
-        run_eval(compose_config("eval", [f"ckpt={image_oracle / 'run'}", "metric=kid", "device=cpu",
+        run_eval(compose_config("eval", [f"ckpt={image_oracle / 'run'}", data, "metric=kid", "device=cpu",
                                          f"metric.inception_weights={tmp_path / 'missing.pth'}"]), tmp_path / "e")
 
 
@@ -174,7 +177,8 @@ def test_eval_bpd_of_an_image_model(image_oracle, tmp_path):
     from diffcli.likelihood import bits_per_dim
     from diffcli.loading import load_model
 
-    record = run_eval(compose_config("eval", [f"ckpt={image_oracle / 'run'}", "metric=bpd", "metric.nll_n=4",
+    record = run_eval(compose_config("eval", [f"ckpt={image_oracle / 'run'}", f"data.path={image_oracle / 'x.npz'}",
+                                              "metric=bpd", "metric.nll_n=4",
                                               "metric.rtol=1e-3", "metric.atol=1e-3", "device=cpu"]), tmp_path / "e")
     m = record["metrics"]
     assert m["bpd"] > 8 and m["bpd_images"] == "npz-x (4)" and m["bpd_nfe"] > 0
