@@ -160,12 +160,36 @@ def _net_node(node, user_class: str | None, where: str) -> tuple[str, dict, tupl
     return target, plain(kwargs, where), path
 
 
+# a sampler option -> (test, what it must be): checked on text when the sampler is named (before torch, before any
+# training step), not when the first sample is drawn
+SAMPLER_OPTIONS = {
+    "order": (lambda v: v in (1, 2, 3), "1, 2 or 3"),
+    "s_churn": (lambda v: v >= 0, "a number >= 0 (0: no churn; EDM uses up to 80)"),
+    "s_noise": (lambda v: v >= 0, "a number >= 0 (1: the noise the SDE asks for)"),
+    "s_tmin": (lambda v: v >= 0, "a noise level sigma/alpha >= 0"),
+    "s_tmax": (lambda v: v >= 0, "a noise level sigma/alpha >= 0 (.inf: no upper bound)"),
+    "eta": (lambda v: v >= 0, "a number >= 0"),
+    "snr": (lambda v: v > 0, "a positive number (score_sde's 0.16 for images)"),
+    "n_corrector": (lambda v: 0 <= v <= 1000, "an integer in [0, 1000]"),
+    "n_steps": (lambda v: 0 < v <= 100_000, "an integer in [1, 100000]"),
+    "step_size": (lambda v: v > 0, "a positive number"),
+    "rtol": (lambda v: v > 0, "a positive number"),
+    "atol": (lambda v: v > 0, "a positive number"),
+}
+
+
 def _sampler_node(node, where: str) -> tuple[str, dict]:
     target, kwargs = _split(node, where)
     if target not in SAMPLER_FNS:
         raise DiffcliError(f"{where}._target_={target} is not a diffcli sampler; choose one of "
                            f"{', '.join(SAMPLER_NAMES)}")
-    return target, plain(kwargs, where)
+    kwargs = plain(kwargs, where)
+    for key, (ok, what) in SAMPLER_OPTIONS.items():
+        value = kwargs.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
+                (math.isfinite(value) or key == "s_tmax") and ok(value)):
+            raise DiffcliError(f"{where}.{key}={value} must be {what}")
+    return target, kwargs
 
 
 def check_names(cfg, user_class: str | None = None) -> None:
@@ -193,14 +217,46 @@ def build_path(node, where: str = "model.path"):
     return call(_diffcli_object(target), kwargs, where)
 
 
-def build_net(node, shape, user_class: str | None = None, where: str = "net", n_classes: int = 0):
+def build_net(node, shape, user_class: str | None = None, where: str = "net", n_classes: int = 0, fits=None):
     """A network: a diffcli class, or the user's own class when it was named on this command line; with
-    n_classes > 0 it also takes class labels (the oracle knows its mixture's classes itself)."""
+    n_classes > 0 it also takes class labels (the oracle knows its mixture's classes itself). With `fits` (the
+    tensors of a checkpoint) its parameter shapes are first compared with them on the meta device, so that sizes
+    read from a file (widths, class counts) never allocate more than the file itself holds."""
+    if fits is not None:
+        import torch
+
+        try:
+            with torch.device("meta"):
+                net = _build_net(node, shape, user_class, where, n_classes, fits)
+        except DiffcliError:
+            raise
+        except Exception:  # a class of the user's own that cannot be built without data: checked when loaded
+            net = None
+        if net is not None:
+            _same_shapes(net, fits)
+    return _build_net(node, shape, user_class, where, n_classes, fits)
+
+
+def _build_net(node, shape, user_class, where: str, n_classes: int, fits):
     target, kwargs, path = _net_node(node, user_class, where)
     cls = _diffcli_object(target) if target in NETS else _locate(target, where)
-    if path is not None:  # the oracle is handed its data (plain) and its path (built)
-        return call(cls, kwargs, where, shape=shape, path=call(_diffcli_object(path[0]), path[1], f"{where}.path"))
+    if path is not None:  # the oracle is handed its data (plain) and its path (built); loaded from a checkpoint,
+        # the points it holds come from the file's tensors, never from the data file its stored config names
+        return call(cls, kwargs, where, shape=shape, path=call(_diffcli_object(path[0]), path[1], f"{where}.path"),
+                    points=None if fits is None else fits.get("points"))
     return call(cls, {**kwargs, "n_classes": n_classes} if n_classes else kwargs, where, shape=shape)
+
+
+def _same_shapes(net, tensors: dict) -> None:
+    """The network's state_dict and a checkpoint's tensors have the same names and shapes (one line otherwise)."""
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != found:
+        name = next((k for k in expected if expected[k] != found.get(k)), None) or next(k for k in found
+                                                                                         if k not in expected)
+        raise DiffcliError(f"its weights do not fit the network its config describes ({name[:80]}: "
+                           f"{found.get(name, 'absent')} in the file, {expected.get(name, 'absent')} in the "
+                           f"network); the file is damaged or was edited")
 
 
 def build_sampler_fn(node, is_image: bool, where: str = "sampler.fn"):

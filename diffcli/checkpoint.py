@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,12 @@ from . import DiffcliError
 # checked (cli.preflight) before torch's import, so a refused file costs a second, not four.
 
 FORMAT, VERSION = "diffcli", "1"
+# Bounds on what a file may ask for, checked before anything is parsed deeply or built: a diffcli config is a few
+# kB and a few levels deep; the largest shape is one sample's (a 2048 x 2048 RGB image is 12.6 M numbers).
+MAX_ENTRY = 1 << 20      # characters of one metadata entry (config, optimizer, ...)
+MAX_DEPTH = 32           # nesting of a JSON entry
+MAX_CLASSES = 100_000
+MAX_SAMPLE_NUMEL = 1 << 24
 TMP = ".tmp"  # save_atomic's temporary files: .<name>.tmp<pid>
 STEP_FILE = re.compile(r"^(ema|state)_(\d+)\.safetensors$")
 
@@ -69,6 +76,10 @@ def read_metadata(path: Path) -> dict:
         raise DiffcliError(f"{path} is not a readable checkpoint (truncated or not safetensors: {e})") from None
     if meta.get("format") != FORMAT:
         raise DiffcliError(f"{path} is a safetensors file but not a diffcli checkpoint (no diffcli metadata)")
+    big = next((k for k, v in meta.items() if len(v) > MAX_ENTRY), None)
+    if big is not None:
+        raise DiffcliError(f"{path}: its metadata '{big[:40]}' holds {len(meta[big]) / 1e6:.1f} M characters, more than "
+                           f"a diffcli checkpoint writes ({MAX_ENTRY // 1024} k at most); the file is damaged or hostile")
     return meta
 
 
@@ -89,19 +100,35 @@ def save_ema(path: Path, net_state: dict, cfg: DictConfig, step: int, shape) -> 
 
 
 def _field(meta: dict, key: str, path: Path, parse=json.loads):
-    """One metadata entry, parsed; a missing or unreadable one is a one-line error."""
+    """One metadata entry, parsed; a missing, unreadable or too deeply nested one is a one-line error."""
     try:
-        return parse(meta[key])
-    except (KeyError, TypeError, ValueError):
+        value = parse(meta[key])
+    except (KeyError, TypeError, ValueError, RecursionError):
+        value = ...
+    if value is ... or depth(value) > MAX_DEPTH:
         raise DiffcliError(f"{path}: its metadata has no valid '{key}' entry; the file is damaged or was not "
                            "written by diffcli (train again or take another checkpoint)") from None
+    return value
+
+
+def depth(value) -> int:
+    """How deeply lists and mappings nest in parsed JSON (0 for a number or text), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        node, level = todo.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, level)
+            if level <= MAX_DEPTH:  # deeper is refused anyway: no need to walk it all
+                todo.extend((v, level + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def _step_and_shape(meta: dict, path: Path) -> tuple[int, tuple]:
     step, shape = _field(meta, "step", path, int), _field(meta, "shape", path)
-    if step < 0 or not isinstance(shape, list) or not shape or not all(type(s) is int and s > 0 for s in shape):
-        raise DiffcliError(f"{path}: its metadata has an invalid step ({step}) or data shape ({shape}); the file "
-                           "is damaged or was not written by diffcli")
+    if (step < 0 or not isinstance(shape, list) or not 0 < len(shape) <= 4
+            or not all(type(s) is int and s > 0 for s in shape) or math.prod(shape) > MAX_SAMPLE_NUMEL):
+        raise DiffcliError(f"{path}: its metadata has an invalid step ({str(step)[:20]}) or data shape "
+                           f"({str(shape)[:60]}); the file is damaged or was not written by diffcli")
     return step, tuple(shape)
 
 
@@ -121,6 +148,19 @@ def _targets_only_at(node, allowed, where: str = "") -> None:
             _targets_only_at(value, allowed, f"{where}[{i}]")
 
 
+def _check_classes(model, path: Path) -> None:
+    """A stored class count and class-name list are bounded, and agree, before the schema reads them (a list of a
+    million names takes minutes to validate)."""
+    model = model if isinstance(model, dict) else {}
+    k, names = model.get("n_classes"), model.get("class_names")
+    if k is not None and (type(k) is not int or not 0 <= k <= MAX_CLASSES):
+        raise DiffcliError(f"{path}: the stored model.n_classes={str(k)[:20]} must be an integer in [0, {MAX_CLASSES}]; "
+                           "the file is damaged or was edited")
+    if names is not None and (not isinstance(names, list) or len(names) != (k or 0)):
+        raise DiffcliError(f"{path}: the stored model.class_names has {len(names) if isinstance(names, list) else 'no'} "
+                           f"entries for n_classes={k}; the file is damaged or was edited")
+
+
 def stored_config(meta: dict, path: Path) -> DictConfig:
     """The training config a checkpoint carries, as data: typed by the schema, never resolved or run.
 
@@ -129,17 +169,22 @@ def stored_config(meta: dict, path: Path) -> DictConfig:
     picks a config file.
     """
     from .build import SAMPLER_NAMES, plain
-    from .schema import TrainApp, validate
+    from .schema import TrainApp, check_ranges, validate
 
     config = _field(meta, "config", path)
     if not isinstance(config, dict):
         raise DiffcliError(f"{path}: its metadata 'config' is not a mapping; the file is damaged")
+    _check_classes(config.get("model"), path)
     try:
         plain(config, "config", targets=True)  # classes are checked where they are built (diffcli/build.py)
         _targets_only_at(config, CLASS_KEYS)
     except DiffcliError as e:
         raise DiffcliError(f"{path}: the stored {e}; refusing to load it") from None
     cfg = validate(config, TrainApp, f"{path}: the stored config")
+    try:
+        check_ranges(cfg)
+    except DiffcliError as e:
+        raise DiffcliError(f"{path}: the stored {e}; the file is damaged or was edited") from None
     if cfg.model.sampler not in SAMPLER_NAMES:
         raise DiffcliError(f"{path}: the stored model.sampler={cfg.model.sampler!r} is not a diffcli sampler "
                            f"({', '.join(SAMPLER_NAMES)}); refusing to load it")

@@ -60,14 +60,15 @@ class Oracle(nn.Module):
 
     raw_input = True  # E[x0 | x_t] needs the path's own x_t and t (prediction.net_inputs)
 
-    def __init__(self, shape, data, path: ProbabilityPath, prediction: str, sigma_data: float = SIGMA_DATA):
+    def __init__(self, shape, data, path: ProbabilityPath, prediction: str, sigma_data: float = SIGMA_DATA,
+                 points: torch.Tensor | None = None):
         super().__init__()
         self.shape, self.path, self.prediction = tuple(shape), path, check_prediction(prediction, path)
         self.sigma_data = sigma_data
         data = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
         name, kind = data.get("name"), data.get("kind")
-        if kind == "npz":
-            self.register_buffer("points", _points(data))
+        if kind == "npz":  # `points`: a checkpoint's own (loading reads no data file)
+            self.register_buffer("points", _points(data) if points is None else points.double())
         elif kind == "toy" and name in MIXTURES:
             means, covs, weights = MIXTURES[name](**(data.get("params") or {}))
             off_diagonal = covs - torch.diag_embed(covs.diagonal(dim1=-2, dim2=-1))

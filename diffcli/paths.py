@@ -61,6 +61,9 @@ def get_prior(name: str) -> Prior:
     return PRIORS[name]
 
 
+MAX_LEVELS = 10**6  # discrete steps or noise levels of a path: its tables are this long (a stored T is bounded)
+
+
 class ProbabilityPath:
     """Base class: subclasses define alpha, sigma, d_alpha, d_sigma as functions of t, and t_from_s.
 
@@ -205,8 +208,9 @@ class NCSNPath(VEPath):
     discrete = True
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 1.0, L: int = 10):
-        if int(L) != L or L < 2:
-            raise DiffcliError(f"model.path.L={L} must be an integer >= 2 (the number of noise levels)")
+        if int(L) != L or not 2 <= L <= MAX_LEVELS:
+            raise DiffcliError(f"model.path.L={str(L)[:20]} must be an integer in [2, {MAX_LEVELS}] (the number of "
+                               "noise levels)")
         super().__init__(sigma_min, sigma_max)
         self.L = int(L)
         self.levels = torch.linspace(0, 1, self.L, dtype=torch.float64)  # ascending t: sigma_L ... sigma_1
@@ -338,8 +342,8 @@ class DDPMPath(ProbabilityPath):
     def __init__(self, T: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02, zero_terminal_snr: bool = False):
         super().__init__()
-        if int(T) != T or T < 2:
-            raise DiffcliError(f"model.path.T must be an integer >= 2, got {T}")
+        if int(T) != T or not 2 <= T <= MAX_LEVELS:
+            raise DiffcliError(f"model.path.T must be an integer in [2, {MAX_LEVELS}], got {str(T)[:20]}")
         if schedule not in BETA_SCHEDULES:
             raise DiffcliError(f"model.path.schedule={schedule} is unknown; choose one of {sorted(BETA_SCHEDULES)}")
         if not 0 < beta_start < beta_end < 1:

@@ -314,16 +314,22 @@ def resume_overrides(cfg: DictConfig, stored: DictConfig, overrides, run_dir) ->
     from omegaconf import OmegaConf
 
     resumed, user_class = OmegaConf.create(OmegaConf.to_container(stored)), None
-    for o in OverridesParser.create().parse_overrides(list(overrides)):
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    for o in parsed:  # first what a resumed run may change: its schedule and where it runs
+        if (o.key_or_group.startswith("train.") and o.key_or_group != "train.resume") or o.key_or_group == "device":
+            OmegaConf.update(resumed, o.key_or_group, o.value(), merge=True)
+    for o in parsed:
         key = o.key_or_group
-        if key.startswith("train.") and key != "train.resume":
-            OmegaConf.update(resumed, key, o.value(), merge=True)
-        elif not key.startswith(RESUMABLE):
+        if not key.startswith(RESUMABLE) or key == "train":  # train=<preset>: as long as it is the stored one
             here, there = _plain_at(cfg, key), _plain_at(resumed, key)
+            if key == "train":
+                here, there = ({k: v for k, v in d.items() if k != "resume"} for d in (here, there))
             if here != there:
                 where, there, here = _first_difference(key, there, here)
+                culprit = max((p for p in parsed if f"{where}.".startswith(f"{p.key_or_group.lstrip('+~')}.")),
+                              key=lambda p: len(p.key_or_group), default=o)  # the most specific override there
                 raise DiffcliError(f"train.resume continues {run_dir} as it was trained: {where} there is {there!r}, "
-                                   f"here {here!r}; drop {o.input_line} or start a new run")
+                                   f"here {here!r}; drop {culprit.input_line} or start a new run")
             user_class = o.value() if key == "net._target_" else user_class
     return validate(resumed, TrainApp, f"train.resume={run_dir}"), user_class
 
@@ -345,10 +351,12 @@ def _plain_at(cfg: DictConfig, key: str):
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-# key -> (test, what it must be); checked on the composed config before any work
+# Upper bounds keep a size typed (or read from a stored config) from asking for more memory than any machine has.
+MAX_STEPS, MAX_N, MAX_BATCH = 10**6, 10**7, 2**20
+# key -> (test, what it must be); checked on the composed config (and on a checkpoint's stored one) before any work
 RANGES = {
     "train.steps": (lambda v: v > 0, "a positive integer"),
-    "train.batch_size": (lambda v: v > 0, "a positive integer"),
+    "train.batch_size": (lambda v: 0 < v <= MAX_BATCH, f"a positive integer <= {MAX_BATCH}"),
     "train.lr": (lambda v: v > 0, "a positive number"),
     "train.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. [0.9,0.999]"),
     "train.weight_decay": (lambda v: v >= 0, "a number >= 0"),
@@ -367,8 +375,8 @@ RANGES = {
     "train.ckpt_every": (lambda v: v > 0, "a positive integer"),
     "train.sample_every": (lambda v: v >= 0, "an integer >= 0 (0: never)"),
     "train.eval_every": (lambda v: v >= 0, "an integer >= 0 (0: never)"),
-    "train.n_samples": (lambda v: v > 0, "a positive integer"),
-    "train.eval_n": (lambda v: v > 0, "a positive integer"),
+    "train.n_samples": (lambda v: 0 < v <= 10_000, "a positive integer <= 10000 (the samples of one picture)"),
+    "train.eval_n": (lambda v: 0 < v <= MAX_N, f"a positive integer <= {MAX_N}"),
     "train.keep_last": (lambda v: v >= 0, "an integer >= 0 (0: keep all)"),
     "data.sigma_max": (lambda v: v is None or v > 0, "a positive number (the data's largest pairwise distance)"),
     "model.sigma_data": (lambda v: v > 0, "a positive number (the data's standard deviation)"),
@@ -383,10 +391,16 @@ RANGES = {
                           "[lo, hi] with 0 <= lo < hi, noise levels sigma/alpha (e.g. [0.28,5.42])"),
     "classifier_scale": (lambda v: v >= 0, "a number >= 0 (0: no classifier guidance, 1: Bayes' conditional)"),
     "guidance": (lambda v: v >= 0, "a number >= 0 (0: unconditional, 1: conditional, > 1: guided)"),
-    "steps": (lambda v: v is None or v > 0, "a positive integer (or null for the sampler's default)"),
+    "steps": (lambda v: v is None or 0 < v <= MAX_STEPS, f"a positive integer <= {MAX_STEPS} (or null for the "
+              "sampler's default)"),
+    "sampler.steps": (lambda v: v is None or 0 < v <= MAX_STEPS, f"a positive integer <= {MAX_STEPS} or null"),
+    "sampler.default_steps": (lambda v: v is None or 0 < v <= MAX_STEPS, f"a positive integer <= {MAX_STEPS} or null"),
+    "sampler.continuous_steps": (lambda v: v is None or 0 < v <= MAX_STEPS,
+                                 f"a positive integer <= {MAX_STEPS} or null"),
     "eta": (lambda v: v >= 0, "a number >= 0 (0: deterministic DDIM, 1: DDPM-like)"),
-    "n": (lambda v: v is None or v > 0, "a positive integer"),
-    "batch_size": (lambda v: v is None or v > 0, "a positive integer (or null for the data's default)"),
+    "n": (lambda v: v is None or 0 < v <= MAX_N, f"a positive integer <= {MAX_N}"),
+    "batch_size": (lambda v: v is None or 0 < v <= MAX_BATCH, f"a positive integer <= {MAX_BATCH} (or null for the "
+                   "data's default)"),
     "metric.batch_size": (lambda v: v > 0, "a positive integer"),
     "metric.kid_subsets": (lambda v: v > 0, "a positive integer"),
     "metric.kid_subset_size": (lambda v: v > 1, "an integer > 1"),

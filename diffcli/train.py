@@ -65,7 +65,7 @@ def _train(cfg: DictConfig, out_dir: Path, saved: dict | None, path, world, user
         claim_run_dir(out_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         remove_temporaries(ckpt_dir)
-    data, net = build_model(cfg, world.device, user_class)
+    data, net = build_model(cfg, world.device, user_class, fits=saved["net"] if saved else None)
     if tc.get("eval_every") and data.is_image and data.labels is None:
         raise DiffcliError(f"train.eval_every={tc.eval_every} scores samples by classifier-FID, which needs labelled "
                            f"images; {cfg.data.name} has none: set train.eval_every=0 and run diffcli eval on checkpoints")

@@ -81,7 +81,7 @@ def schedule_warnings(tc: DictConfig) -> list[str]:
     return out
 
 
-def build_model(cfg: DictConfig, device: torch.device, user_class: str | None = None):
+def build_model(cfg: DictConfig, device: torch.device, user_class: str | None = None, fits: dict | None = None):
     """Data and network of a run (the network from diffcli's classes, or `user_class` named on the command line);
     model.cond=class, or a classifier net, gives the network the data's classes and records them in cfg.model (so
     in checkpoints)."""
@@ -96,7 +96,11 @@ def build_model(cfg: DictConfig, device: torch.device, user_class: str | None = 
             raise no_labels(cfg.data.name)
         n_classes = data.n_classes
         cfg.model.n_classes, cfg.model.class_names = n_classes, data.class_names
-    return data, build_net(cfg.net, data.shape, user_class=user_class, n_classes=n_classes).to(device)
+    try:  # a resumed run's network must fit its saved weights (`fits`) before it is built for real
+        net = build_net(cfg.net, data.shape, user_class=user_class, n_classes=n_classes, fits=fits)
+    except DiffcliError as e:
+        raise DiffcliError(f"train.resume: {e}" if fits is not None else str(e)) from None
+    return data, net.to(device)
 
 
 def is_classifier(cfg: DictConfig) -> bool:

@@ -146,3 +146,20 @@ def test_errors_are_one_line(tmp_path):
     with pytest.raises(DiffcliError, match="5001 images") as e:
         Oracle((1, 1, 1), {"kind": "npz", "name": "big", "path": str(tmp_path / "big.npz")}, VPPath(), "eps")
     assert "\n" not in str(e.value)
+
+
+def test_a_point_set_oracle_loaded_from_a_checkpoint_reads_no_data_file(tmp_path, points):
+    """Its points are the checkpoint's own tensors: the npz its stored config names (here deleted, as a file sent
+    to you may name any path) is never opened, and the loaded oracle equals the one trained."""
+    from diffcli.loading import load_model
+    from diffcli.train import run_train
+
+    from diffcli.oracle import _points
+
+    data, _ = points
+    trained = _points(data)
+    run_train(compose_config("train", ["data=npz", f"data.path={data['path']}", "net=oracle", "model=flow",
+                                       "device=cpu", "train.sample_every=0"]), tmp_path / "run")
+    (tmp_path / "pts.npz").unlink()
+    model = load_model(str(tmp_path / "run"), torch.device("cpu"))
+    assert torch.equal(model.denoiser.net.points, trained)

@@ -90,9 +90,6 @@ def test_hydra_keys_and_device_pass():
         "device": resumed.device}
 
 
-@pytest.mark.xfail(reason="resume_overrides lets device= through (RESUMABLE) but keeps the stored device: "
-                          "train.resume=r device=cpu still runs on the stored device (run_train reads "
-                          "the resumed cfg.device)", strict=True)
 def test_a_device_override_is_where_the_resumed_run_goes():
     resumed, _ = resume(*PASSING)
     assert resumed.device == "cpu"
@@ -120,16 +117,11 @@ def test_an_override_equal_to_the_stored_run_passes():
     assert OmegaConf.to_container(resumed) == OmegaConf.to_container(stored()) and user_class is None
 
 
-@pytest.mark.xfail(reason="naming the train preset the run was trained with (train=toy) is refused: the "
-                          "comparison of the train group includes train.resume, which always differs", strict=True)
 def test_naming_the_stored_train_preset_again_passes():
     resumed, _ = resume("train=toy")
     assert resumed.train.batch_size == 512
 
 
-@pytest.mark.xfail(reason="a group override equal to the stored one (data=moons) is compared with the other overrides "
-                          "already applied, so the message says to drop data=moons instead of data.params.noise=0.2",
-                   strict=True)
 def test_the_override_to_drop_is_the_one_that_changes_the_run():
     assert refusal("data=moons", "data.params.noise=0.2").endswith("drop data.params.noise=0.2 or start a new run")
 
@@ -222,9 +214,6 @@ def test_a_folder_name_hydra_must_quote_reaches_hydra_unchanged(folder, given):
     assert _parsed(out)[0] == ("hydra.run.dir", folder)
 
 
-@pytest.mark.xfail(reason="_run_folder_overrides doubles every backslash, but Hydra unescapes only those before a "
-                          "quote or at the end: train.resume='a\\b' gives hydra.run.dir='a\\\\b', another folder",
-                   strict=True)
 def test_a_backslash_inside_a_folder_name_reaches_hydra_unchanged():
     trained_run("a\\b")
     out = _run_folder_overrides("train", ["train.resume='a\\b'"])

@@ -154,6 +154,7 @@ RANGE_CASES = {
     "model.snr_gamma": (-5.0, 5.0), "model.times.mean": (math.inf, -1.2), "model.times.std": (0.0, None),
     "model.cond": ("label", "class"), "train.p_uncond": (1.5, 0.0), "label": (-1, 0), "labels": ([], [0, 3]),
     "guidance_interval": ([5.0, 1.0], [0.28, 5.42]), "classifier_scale": (-1.0, 0.0), "guidance": (-0.5, 0.0),
+    "sampler.steps": (0, None), "sampler.default_steps": (10**6 + 1, 50), "sampler.continuous_steps": (0, 1000),
     "steps": (0, None), "eta": (-0.1, 1.0), "n": (0, 8), "batch_size": (0, 1), "metric.batch_size": (0, 100),
     "metric.kid_subsets": (0, 1), "metric.kid_subset_size": (1, 2), "metric.nll_n": (0, 1), "metric.probes": (0, 1),
     "metric.rtol": (0.0, 1e-5), "metric.atol": (-1e-5, 1e-5), "metric.n_reference": (0, None),
@@ -186,6 +187,18 @@ def test_a_value_out_of_range_nan_or_infinite_is_one_line_naming_the_key_and_the
         assert refusal(check_ranges, _only(key, value)) == f"{key}={value} must be {RANGES[key][1]}"
 
 
+UPPER = {"steps": 10**6 + 1, "n": 10**7 + 1, "batch_size": 2**20 + 1, "train.batch_size": 2**20 + 1,
+         "train.n_samples": 10_001, "train.eval_n": 10**7 + 1, "sampler.continuous_steps": 10**6 + 1}
+
+
+@pytest.mark.parametrize("key", list(UPPER))
+def test_a_size_beyond_any_machine_is_refused(key):
+    """Sizes are bounded above too (a stored config is checked with the same table): one past the bound is refused,
+    the bound itself passes."""
+    check_ranges(_only(key, UPPER[key] - 1))
+    assert refusal(check_ranges, _only(key, UPPER[key])) == f"{key}={UPPER[key]} must be {RANGES[key][1]}"
+
+
 def test_check_ranges_reports_the_first_bad_key_of_a_composed_config():
     """On a whole composed config, the first key out of range in RANGES' order is the one named."""
     cfg = composed("train", "data=moons")
@@ -198,7 +211,7 @@ def test_check_ranges_reports_the_first_bad_key_of_a_composed_config():
 
 
 def test_command_groups_are_the_groups_of_each_primary_config():
-    assert command_groups("train") == ["net", "train", "data", "model", "sampler"]
+    assert command_groups("train") == ["net", "model", "train", "data", "sampler"]
     assert command_groups("sample") == ["sampler"]
     assert command_groups("eval") == ["sampler", "metric"]
 
@@ -236,7 +249,7 @@ UNREAD = [
     ("train", "train.stepz=5", "train.stepz is not a key of diffcli train (did you mean train.steps?)"),
     ("train", "train.ema.decy=0.9", "train.ema.decy is not a key of diffcli train (did you mean train.ema.decay?)"),
     ("train", "seeed=3", "seeed is not a key of diffcli train (did you mean seed?)"),
-    ("train", "metric=fid", "diffcli train has no metric= group; its groups: net, train, data, model, sampler"),
+    ("train", "metric=fid", "diffcli train has no metric= group; its groups: net, model, train, data, sampler"),
     ("sample", "model=flow", "diffcli sample has no model= group: a checkpoint's data, model, net and train settings "
                              "are fixed when it is trained (diffcli train makes a new one); its groups: sampler"),
     ("sample", "data=moons", "diffcli sample has no data= group: a checkpoint's data"),
