@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import distributed
+from . import DiffcliError, distributed
 from .data import build_data, located
 from .loading import load_model, pick_device
 from .plots import PICTURE_IMAGES, save_picture
 from .runs import fmt, progress
-from .sampling import Plan, SampleResult, collect, plan
+from .sampling import Plan, SampleResult, collect, given_conditions, plan
 from .schema import check_ranges
 from .scoring import LIKELIHOODS, ImageScores, nll_2d, resolve_names, toy_agreement, toy_metrics
 
@@ -46,6 +46,9 @@ def _eval(cfg: DictConfig, out_dir: Path, world) -> dict | None:
     train_cfg, is_image = model.config, model.kind == "images"
     data_cfg, data, names = _data_and_names(cfg, model)
     sampling = bool(set(names) - LIKELIHOODS)
+    if not sampling and given_conditions(cfg):  # a likelihood of real data under the bare model: nothing to steer
+        raise DiffcliError(f"metric={'/'.join(names)} scores real data under the unconditional model, so "
+                           f"{' '.join(given_conditions(cfg))} would be ignored: drop it, or add a sample metric")
     run = plan(cfg, model, device) if sampling else None
     if not world.main:  # the other ranks draw their batches and hand them to rank 0
         for _ in run.batches(world) if run else ():
@@ -61,9 +64,9 @@ def _eval(cfg: DictConfig, out_dir: Path, world) -> dict | None:
         shown = _sample_and_score(run, world, scores, keep=PICTURE_IMAGES if is_image else run.n)
         record |= {"sampler": shown.sampler, "steps": shown.steps, "nfe": shown.nfe, "n": run.n,
                    "speed": str(run.speed)}
-        if run.labels is not None:
+        if run.labels is not None or given_conditions(cfg):  # autoguidance of an unconditional model too
             record |= {"guidance": shown.guidance, "classifier_scale": shown.classifier_scale,
-                       "labels": sorted(set(run.labels.tolist()))}
+                       "labels": None if run.labels is None else sorted(set(run.labels.tolist()))}
     if is_image:
         metrics = scores.scores(model.denoiser)
         if shown is not None:

@@ -50,8 +50,7 @@ class Labelled(Wrapped):
 def _need_labels(labels) -> None:
     """Classifier-free and classifier guidance steer towards a class: refuse a call without one."""
     if labels is None:
-        raise DiffcliError("guidance needs the classes to generate: set label= or labels= (or leave "
-                           "both unset for an even spread over the classes)")
+        raise DiffcliError("guidance steers towards a class, and none was given: set label= or labels=")
 
 
 def _extrapolate(base, target, w):
@@ -175,6 +174,9 @@ def condition(denoiser: Denoiser, labels: torch.Tensor | None = None, guidance: 
                            "labels (train it with model.cond=class)")
     elif denoiser.n_classes and (guidance != 1 or guidance_interval is not None):
         out = ClassifierFree(out, guidance, guidance_interval)
+    elif guidance_interval is not None:  # nothing it could apply to: refuse rather than ignore it
+        raise DiffcliError("guidance_interval limits classifier-free guidance or autoguidance, and this model has "
+                           "neither (trained without labels, no guide=): drop guidance_interval, or give guide=<ckpt>")
     if classifier is not None and classifier_scale:
         out = ClassifierGuided(out, classifier, classifier_scale)
     return out if labels is None else Labelled(out, labels)

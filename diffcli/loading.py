@@ -91,7 +91,7 @@ def _net_and_path(file, state: dict, cfg: DictConfig, shape, n_classes: int, net
     """The network (its weights loaded) and the path that a checkpoint's stored config describes; errors name the
     file."""
     try:
-        net = build_net(cfg.net, shape, user_class=net_class, n_classes=n_classes)
+        net = build_net(cfg.net, shape, user_class=net_class, n_classes=n_classes, fits=state)
         load_weights(net, state, "its weights")
         return net, build_path(cfg.model.path)
     except DiffcliError as e:
@@ -99,11 +99,26 @@ def _net_and_path(file, state: dict, cfg: DictConfig, shape, n_classes: int, net
 
 
 def _check_companion(role: str, file, cfg: DictConfig, shape, model: LoadedModel, fix: str) -> None:
-    """A guide or a classifier must share the model's data shape and path, so that its t means the model's t."""
-    if tuple(shape) != tuple(model.shape) or path_arguments(cfg.model.path) != path_arguments(model.config.model.path):
+    """A guide or a classifier must share the model's data (not only its shape: MNIST and Fashion-MNIST share one)
+    and path, so that its t means the model's t and its classes the model's."""
+    if (tuple(shape) != tuple(model.shape) or _data_of(cfg) != _data_of(model.config)
+            or path_arguments(cfg.model.path) != path_arguments(model.config.model.path)):
         name = lambda c: c.model.path._target_.rsplit(".", 1)[-1]  # noqa: E731
-        raise DiffcliError(f"{role}={file} was trained on {cfg.data.name} {tuple(shape)} with path {name(cfg)}, the "
-                           f"model on {model.config.data.name} {tuple(model.shape)} with {name(model.config)}: {fix}")
+        raise DiffcliError(f"{role}={file} was trained on {_data_text(cfg)} {tuple(shape)} with path {name(cfg)}, "
+                           f"the model on {_data_text(model.config)} {tuple(model.shape)} with {name(model.config)}: "
+                           f"{fix}")
+
+
+def _data_of(cfg: DictConfig) -> tuple:
+    """What names a training set in a stored config: its name and, for a file or folder, that file's name (the
+    folder it was read from may differ between two runs on the same data)."""
+    path = cfg.data.get("path")
+    return cfg.data.name, None if path is None else Path(str(path)).name
+
+
+def _data_text(cfg: DictConfig) -> str:
+    name, file = _data_of(cfg)
+    return name if file is None else f"{name} ({file[:60]})"
 
 
 def load_classifier(ckpt: str, device: torch.device, model: LoadedModel) -> NoisyClassifier:
@@ -116,11 +131,14 @@ def load_classifier(ckpt: str, device: torch.device, model: LoadedModel) -> Nois
                            "unet_classifier (images) or net=mlp_classifier (2D) on the model's path and data")
     _check_companion("classifier", file, cls_cfg, cls_shape, model, "train the classifier with the model's model= "
                      "and data= settings")
-    k = model.n_classes
-    if k and k != cls_cfg.model.n_classes:
-        raise DiffcliError(f"classifier={file} knows {cls_cfg.model.n_classes} classes, the model {k}: train both on "
-                           "the same labelled data")
-    net, path = _net_and_path(file, state, cls_cfg, cls_shape, int(cls_cfg.model.n_classes))
+    k, k_cls = model.n_classes, cls_cfg.model.get("n_classes")
+    if not isinstance(k_cls, int) or k_cls < 2:
+        raise DiffcliError(f"classifier={file} records no class count (model.n_classes={k_cls}); the file is damaged "
+                           "or was edited: train the classifier again")
+    if k and k != k_cls:
+        raise DiffcliError(f"classifier={file} knows {k_cls} classes, the model {k}: train both on the same labelled "
+                           "data")
+    net, path = _net_and_path(file, state, cls_cfg, cls_shape, k_cls)
     return NoisyClassifier(net.to(device).eval(), path, cls_cfg.model.precond, cls_cfg.model.sigma_data)
 
 
@@ -128,5 +146,8 @@ def load_guide(ckpt: str, device, net_class, model: LoadedModel) -> Denoiser:
     """Autoguidance's weaker model: a checkpoint of the same data shape and path (an earlier or smaller run)."""
     guide = load_model(ckpt, device, net_class)
     _check_companion("guide", guide.file, guide.config, guide.shape, model, "autoguidance needs the model's own "
-                     "data shape and path: pick an earlier checkpoint or a smaller model of the same formulation")
+                     "data and path: pick an earlier checkpoint or a smaller model of the same formulation")
+    if guide.n_classes and guide.n_classes != model.n_classes:  # an unconditional guide ignores the labels
+        raise DiffcliError(f"guide={guide.file} knows {guide.n_classes} classes, the model {model.n_classes}: "
+                           "autoguidance needs a guide trained on the model's labels, or one trained without labels")
     return guide.denoiser

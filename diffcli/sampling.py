@@ -120,11 +120,22 @@ def requested_labels(cfg: DictConfig, model: LoadedModel, n: int, classifier=Non
             raise DiffcliError(f"{what} needs a class-conditional model; this one was trained without labels "
                                "(train one with model.cond=class, or guide it with classifier=<ckpt>)")
         return None
+    if asked is None and not conditional and not cfg.get("guide") and (cfg.get("guidance", 1.0) != 1.0
+                                                                       or cfg.get("guidance_interval")):
+        raise DiffcliError(f"guidance={cfg.get('guidance')} steers towards a class, and this model (trained without "
+                           "labels, net=oracle) samples its whole mixture unless asked for one: set label= or labels=")
     if asked is None:
         return even_labels(n, k if conditional else 0)
     if max(asked) >= k:
         raise DiffcliError(f"class {max(asked)} does not exist: this model knows classes 0 to {k - 1}")
     return torch.tensor(asked).repeat(math.ceil(n / len(asked)))[:n]
+
+
+def given_conditions(cfg: DictConfig) -> list[str]:
+    """The conditions a command line sets (label, guidance, a guide or classifier ...), as `key=value` texts."""
+    defaults = {"label": None, "labels": None, "guidance": 1.0, "guidance_interval": None, "guide": None,
+                "classifier": None, "classifier_scale": 1.0}
+    return [f"{k}={cfg.get(k)}" for k, default in defaults.items() if cfg.get(k, default) != default]
 
 
 def requested_conditions(cfg: DictConfig, model: LoadedModel, device) -> dict:
