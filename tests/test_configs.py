@@ -49,6 +49,13 @@ def test_cifar10_default_is_the_ddpm_network_and_toys_the_toy_preset():
     assert compose_config("train", ["data=moons", "train=default"]).train.batch_size == 128
 
 
+def test_the_quick_preset_brings_the_formulation_it_was_tuned_with():
+    """train=quick was tuned with model=flow (docs/benchmarks.md); model= on the command line still wins."""
+    assert compose_config("train", ["data=mnist", "train=quick"]).model.name == "flow"
+    assert compose_config("train", ["data=mnist", "train=quick", "model=ddpm"]).model.name == "ddpm"
+    assert compose_config("train", ["data=mnist"]).model.name == "ddpm"
+
+
 def test_top_level_sampling_keys_reach_the_sampler():
     cfg = compose_config("sample", ["sampler=ddim", "steps=7", "eta=0.5"])
     fn, grid = sampler_from_config(cfg.sampler, instantiate(compose_config("train").model.path))
