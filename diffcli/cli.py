@@ -6,10 +6,11 @@ with code 2; set HYDRA_FULL_ERROR=1 to see the full traceback instead.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import errno
+import os
+import re
+import signal
+import sys
 
 from . import DiffcliError, __version__
 
@@ -39,21 +40,61 @@ def _user_errors_exit(task):
     """
 
     def job(cfg) -> None:
-        from .runs import remove_if_unused
+        from .runs import CREATED
 
+        if _multirun():  # a sweep's job folder is made for this job alone (the sweep's folder is new): a failed
+            CREATED.setdefault(os.path.abspath(_run_dir()), [])  # job leaves none behind either
         try:
             task(cfg)
-        except KeyboardInterrupt:
-            remove_if_unused(_run_dir())
-            sys.exit(_fail("interrupted (Ctrl-C)", code=130))
+        except KeyboardInterrupt as e:
+            _remove_unused()
+            sys.exit(_fail(*(("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else
+                             ("interrupted (Ctrl-C)", 130))))
         except Exception as e:
-            remove_if_unused(_run_dir())
+            _remove_unused()
             message = _user_error(e)
             if message is None or os.environ.get("DIFFCLI_TRACEBACK") == "1":
                 raise
             sys.exit(_fail(message))
 
     return job
+
+
+def _remove_unused() -> None:
+    """The folder of a job that failed before doing any work, and its sweep's if no job did any."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .runs import remove_if_unused
+
+    remove_if_unused(_run_dir())
+    if _multirun():
+        remove_if_unused(HydraConfig.get().sweep.dir)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training's loop (which stops between steps itself): unwinds like Ctrl-C, so that a command
+    cleans up (no partial samples.npz, no folder of a run that did nothing) and says why it stopped."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _check_given_folder(key: str, folder: str) -> None:
+    """A folder named on the command line for a new run must not hold anything yet: writing into a finished run
+    would replace its checkpoints, logs or .hydra/config.yaml (train.resume is how a run continues)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DiffcliError(f"{key}={folder} is a file; give a folder that does not exist yet")
+    if os.path.isdir(folder) and any(os.scandir(folder)):
+        raise DiffcliError(f"{key}={folder} already holds files (a run?) and a new run never writes into another's "
+                           "folder: give a new one, or continue a training run with train.resume=<its folder>")
 
 
 def _run_folder_overrides(command: str, rest: list[str]) -> list[str]:
@@ -66,18 +107,25 @@ def _run_folder_overrides(command: str, rest: list[str]) -> list[str]:
     from .runs import CREATED, missing_folders
     from .schema import parse_overrides
 
-    given = next((a.split("=", 1)[1] for a in rest if a.startswith("hydra.run.dir=")), None)
-    if given is not None and not os.path.exists(given):
-        CREATED[os.path.abspath(given)] = missing_folders(given)[1:]
+    given = next((o.value() for o in parse_overrides(rest) if o.key_or_group == "hydra.run.dir"), None)
+    sweep = next((o.value() for o in parse_overrides(rest) if o.key_or_group == "hydra.sweep.dir"), None)
+    multirun = bool({"-m", "--multirun"} & set(rest))
+    for key, folder in (("hydra.sweep.dir", sweep if multirun else None), ("hydra.run.dir", None if multirun else given)):
+        if isinstance(folder, str):
+            _check_given_folder(key, folder)
+    for folder in (given, sweep):
+        if isinstance(folder, str) and not os.path.exists(folder):
+            CREATED[os.path.abspath(folder)] = missing_folders(folder)[1:]
     resume = next((o.value() for o in parse_overrides(rest) if o.key_or_group == "train.resume"), None)
-    if command != "train" or not isinstance(resume, str) or {"-m", "--multirun"} & set(rest):
+    if command != "train" or not isinstance(resume, str) or multirun:
         return []
     if given is not None:
         raise DiffcliError(f"train.resume={resume} continues that run in its own folder; drop hydra.run.dir={given}")
     from .checkpoint import newest_state
 
     run_dir, _ = newest_state(resume)
-    quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
+    # Hydra's quoted strings unescape only backslashes before a quote or at the end: double those, escape quotes
+    quoted = re.sub(r"\\+(?='|$)", lambda m: m.group(0) * 2, str(run_dir)).replace("'", "\\'")
     return [f"hydra.run.dir='{quoted}'", "hydra.output_subdir=null"]
 
 
@@ -204,15 +252,19 @@ def main(argv: list[str] | None = None) -> None:
     from .allocator import keep_freed_memory
 
     keep_freed_memory()  # CPU steps no longer fault their activations in from the kernel each time
+    _quiet_warnings()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         _hydra_app(command)()
-    except KeyboardInterrupt:
-        sys.exit(_fail("interrupted (Ctrl-C)", code=130))
+    except KeyboardInterrupt as e:
+        sys.exit(_fail(*(("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted (Ctrl-C)", 130))))
     except Exception as e:
         cause = _user_error(e)
         if user_wants_trace or cause is None:
             raise
         sys.exit(_fail(cause))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _summary(args: list[str]) -> int:
@@ -274,6 +326,22 @@ def _raised_by_hydra(e: BaseException) -> bool:
     return isinstance(e, ValueError) and bool(frames) and "/hydra/" in frames[-1].filename
 
 
+MAX_MESSAGE = 1000  # characters of an error line: a value from a file is never echoed whole
+
+
 def _fail(message: str, code: int = 2) -> int:
-    print(f"diffcli: error: {' '.join(message.split())}", file=sys.stderr)
+    message = " ".join(message.split())
+    if len(message) > MAX_MESSAGE:  # keep the head (what is wrong) and the tail (how to fix it)
+        message = f"{message[:MAX_MESSAGE * 2 // 3]} [...] {message[-MAX_MESSAGE // 3:]}"
+    print(f"diffcli: error: {message}", file=sys.stderr)
     return code
+
+
+def _quiet_warnings() -> None:
+    """Python warnings of the libraries go to the run's log (Hydra's console is stdout), never as extra stderr lines
+    around diffcli's one-line errors."""
+    import logging
+
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").addHandler(logging.NullHandler())  # before Hydra's logging: dropped, not
+    # printed by logging's last-resort stderr handler

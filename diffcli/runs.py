@@ -55,14 +55,16 @@ def new_dir(path: str) -> str:
 
 def remove_if_unused(run_dir: str) -> None:
     """A run that failed before doing any work leaves no folder behind: its folder (and the parents made for it)
-    is removed when this process created it and it holds only Hydra's .hydra/, the run's log and its lock."""
+    is removed when this process created it and it holds only Hydra's .hydra/ (or a sweep's multirun.yaml), the
+    run's log and its lock."""
     run = os.path.abspath(run_dir)
     if run not in CREATED or not os.path.isdir(run):
         return
     for folder, _, names in os.walk(run):
         where = os.path.relpath(folder, run)
         if where.split(os.sep)[0] != ".hydra" and any(
-                where != "." or not (name.endswith(".log") or name == ".diffcli.lock") for name in names):
+                where != "." or not (name.endswith(".log") or name in (".diffcli.lock", "multirun.yaml"))
+                for name in names):
             return  # the run wrote something of its own
     shutil.rmtree(run, ignore_errors=True)
     for parent in CREATED.pop(run):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 MODELS = ["edm", "flow", "vpsde", "ddpm"]
 DATA = ["data=mnist", "data.root=../shared/data", "data.split=test", "data.download=false"]
+EVAL_DATA = ["data.root=../shared/data"]  # eval reads real images only from where its own command line says
 TRAIN = ["train.batch_size=64", "train.lr=5e-4", "train.warmup=50", "train.ema.decay=0.99",
          "train.sample_every=0", "train.eval_every=0"]
 DEFAULT_NFE = {"edm": 35, "flow": 100, "vpsde": 1000, "ddpm": 1000}  # configs/model/*.yaml `sampler:`
@@ -50,7 +51,7 @@ def score(ckpt: Path, tag: str, n: int, sampler: list[str]) -> dict:
     """Classifier-FID (and confidence, class balance) of n samples; cached in <ckpt>/eval_<tag>_<n>/metrics.json."""
     out = ckpt / f"eval_{tag}_{n}"
     if not (out / "metrics.json").exists():
-        diffcli("eval", f"ckpt={ckpt}", *sampler, f"n={n}", "metric=cfid", f"hydra.run.dir={out}")
+        diffcli("eval", f"ckpt={ckpt}", *sampler, f"n={n}", "metric=cfid", *EVAL_DATA, f"hydra.run.dir={out}")
     return json.loads((out / "metrics.json").read_text())
 
 

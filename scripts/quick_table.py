@@ -23,6 +23,9 @@ DATASETS = {
     "fashion_mnist": ["data=npz", f"data.path={SHARED}/fashion_mnist_subset.npz"],
     "cifar10": ["data=npz", f"data.path={SHARED}/cifar10_train_subset.npz", "data.hflip=true"],
 }
+# where eval reads each set's real images (never from the checkpoint: docs/guides/evaluation.md)
+EVAL_DATA = {"mnist": [f"data.root={SHARED}"], "fashion_mnist": [DATASETS["fashion_mnist"][1]],
+             "cifar10": [DATASETS["cifar10"][1]]}
 QUICK = ["model=flow", "net=unet_small", "train=quick"]
 HEUN = ["sampler=heun", "steps=18"]
 
@@ -38,11 +41,11 @@ def minutes_at(run: Path) -> dict[int, float]:
     return out
 
 
-def score(ckpt: Path, n: int) -> dict:
+def score(ckpt: Path, n: int, located: list[str]) -> dict:
     """Classifier-FID, confidence and class balance of n heun-18 samples of one EMA checkpoint (cached)."""
     out = ckpt.parent.parent / f"eval_heun18_{ckpt.stem}_{n}"
     if not (out / "metrics.json").exists():
-        diffcli("eval", f"ckpt={ckpt}", *HEUN, f"n={n}", "metric=cfid", f"hydra.run.dir={out}")
+        diffcli("eval", f"ckpt={ckpt}", *HEUN, f"n={n}", "metric=cfid", *located, f"hydra.run.dir={out}")
     return json.loads((out / "metrics.json").read_text())["metrics"]
 
 
@@ -64,7 +67,7 @@ def main() -> None:
         minutes = minutes_at(run)
         for ckpt in checkpoints:
             step = int(ckpt.stem.split("_")[1])
-            m = score(ckpt, a.n)
+            m = score(ckpt, a.n, EVAL_DATA[name])
             rows.append(f"| {name} | {a.tag} | {step} | {minutes.get(step, float('nan')):.1f} | {m['cfid']:,.1f} | "
                         f"{m['confidence']:.2f} | {m['class_entropy']:.2f} |")
     print("| data | run | step | minutes | classifier-FID | confidence | class balance |")

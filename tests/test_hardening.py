@@ -235,11 +235,163 @@ DAMAGED = [
 ]
 
 
+def _both(*edits):
+    return lambda config: [edit(config) for edit in edits]
+
+
+# sizes a file asks for (an allocation of 80-745 GB each, before they were bounded) and files that would take minutes
+# or overflow the stack to parse: (what, edit of the EMA file, fragment); each is refused before anything is built
+HOSTILE_SIZES = [
+    ("a class count beyond any data", dict(edit_config=_both(_set("model.cond", "class"),
+                                                             _set("model.n_classes", 10**10))), "model.n_classes"),
+    ("classes the weights do not have", dict(edit_config=_both(_set("model.cond", "class"),
+                                                               _set("model.n_classes", 50_000))), "do not fit"),
+    ("a network width the weights do not have", dict(edit_config=_set("net.hidden", 10**6)), "do not fit"),
+    ("a path of 10^9 steps", dict(edit_config=_set("model.path.T", 10**9)), "model.path.T"),
+    ("a sampler of 10^9 steps", dict(edit_config=_set("steps", 10**9)), "steps=1000000000"),
+    ("a sample shape of 10^10 numbers", dict(edit_meta=lambda m: m.update(shape="[1, 100000, 100000]")), "shape"),
+    ("1.6 M characters of class names", dict(edit_config=_set("model.class_names", ["class name"] * 150_000)),
+     "M characters"),
+    ("JSON nested 100,000 deep", dict(edit_meta=lambda m: m.update(config="[" * 100_000 + "]" * 100_000)), "'config'"),
+    ("JSON nested 40 deep", dict(edit_config=_set("data.params.noise", json.loads("[" * 40 + "]" * 40))), "'config'"),
+]
+
+
+@pytest.mark.parametrize("what, edit, fragment", HOSTILE_SIZES, ids=[h[0] for h in HOSTILE_SIZES])
+def test_a_size_read_from_a_file_is_bounded_before_anything_is_built(run, tmp_path, what, edit, fragment):
+    """In-process through loading.load_model (what sample, eval and the companions open a checkpoint with), with the
+    address space capped at 8 GB: a refusal that came after the allocation would fail with MemoryError instead."""
+    from diffcli import DiffcliError
+    from diffcli.loading import load_model
+
+    _copy_run(run, tmp_path / "bad")
+    _rewrite(tmp_path / "bad" / "checkpoints" / "ema_4.safetensors", **edit)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, hard))
+    try:
+        with pytest.raises(DiffcliError) as info:
+            load_model(str(tmp_path / "bad"), torch.device("cpu"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert fragment in str(info.value) and len(str(info.value)) < 400
+
+
+def test_hostile_sizes_are_one_line_through_the_command(run, tmp_path):
+    for name, (what, edit, fragment) in {"wide": HOSTILE_SIZES[2], "deep": HOSTILE_SIZES[7]}.items():
+        _copy_run(run, tmp_path / name)
+        _rewrite(tmp_path / name / "checkpoints" / "ema_4.safetensors", **edit)
+        assert_one_line_error(run_cli("sample", f"ckpt={name}", "n=8", cwd=tmp_path, timeout=60), fragment)
+
+
+def test_a_long_value_is_not_echoed_whole(run, tmp_path):
+    """A 200,000-character value from a file: the error line keeps its head and its fix, 1,000 characters at most."""
+    _copy_run(run, tmp_path / "bad")
+    _rewrite(tmp_path / "bad" / "checkpoints" / "ema_4.safetensors",
+             edit_config=_set("model.sampler", "x" * 200_000))
+    r = run_cli("sample", "ckpt=bad", "n=8", cwd=tmp_path)
+    assert_one_line_error(r, "model.sampler", "refusing to load it")
+    assert len(r.stderr.strip()) < 1100
+
+
+@pytest.mark.parametrize("what, file_edit, fragment", [
+    ("optimizer JSON nested 100,000 deep", dict(edit_meta=lambda m: m.update(optimizer="[" * 10**5 + "]" * 10**5)),
+     "'optimizer'"),
+    ("a network width the weights do not have", dict(edit_config=_set("net.hidden", 10**6)),
+     "train.resume: its weights do not fit")])
+def test_a_hostile_training_state_is_refused_before_anything_is_built(run, tmp_path, what, file_edit, fragment):
+    _copy_run(run, tmp_path / "r")
+    _rewrite(tmp_path / "r" / "checkpoints" / "state_4.safetensors", **file_edit)
+    assert_one_line_error(run_cli("train", "train.resume=r", "train.steps=6", cwd=tmp_path, timeout=60), fragment)
+
+
 @pytest.mark.parametrize("what, edit, fragment", DAMAGED, ids=[d[0] for d in DAMAGED])
 def test_damaged_checkpoint_is_one_line(run, tmp_path, what, edit, fragment):
     _copy_run(run, tmp_path / "bad")
     _rewrite(tmp_path / "bad" / "checkpoints" / "ema_4.safetensors", **edit)
     assert_one_line_error(run_cli("sample", "ckpt=bad", "n=8", cwd=tmp_path), fragment)
+
+
+# values that were accepted and then ignored, refused only after work, or refused naming the wrong fix: (command and
+# arguments with {run} for the trained run's folder, fragment); each leaves no folder behind
+REFUSED_EARLY = [
+    (["train", "data=moons", "sampler=unipc", "sampler.fn.order=5"], "sampler.fn.order=5 must be 1, 2 or 3"),
+    (["sample", "ckpt={run}", "sampler=euler", "sampler.fn.s_churn=-1"], "sampler.fn.s_churn=-1"),
+    (["sample", "ckpt={run}", "guidance_interval=[0.1,1.0]"], "guidance_interval limits"),
+    (["sample", "ckpt={run}", "label=2"], "needs a class-conditional model"),
+    (["eval", "ckpt={run}", "metric=nll", "guidance=2", "label=1"], "label=1 guidance=2.0 would be ignored"),
+]
+
+
+def test_guidance_of_an_oracle_asks_for_the_label_it_lacks():
+    """net=oracle knows its mixture's classes but samples the whole mixture: guidance=w without label= was refused
+    with 'set label=... (or leave both unset ...)' although both were unset; now the message fits the case."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from diffcli import DiffcliError
+    from diffcli.sampling import requested_labels
+
+    oracle = SimpleNamespace(denoiser=SimpleNamespace(n_classes=8), n_classes=0)
+    with pytest.raises(DiffcliError, match="samples its whole mixture unless asked for one: set label= or labels="):
+        requested_labels(OmegaConf.create({"guidance": 2.0}), oracle, 10)
+    assert requested_labels(OmegaConf.create({"guidance": 2.0, "label": 3}), oracle, 4).tolist() == [3, 3, 3, 3]
+    assert requested_labels(OmegaConf.create({}), oracle, 4) is None  # no guidance: the whole mixture
+
+
+@pytest.mark.parametrize("args, fragment", REFUSED_EARLY, ids=[" ".join(a[1:]) for a, _ in REFUSED_EARLY])
+def test_a_value_that_would_be_ignored_or_fail_late_is_refused_at_once(run, tmp_path, args, fragment):
+    r = run_cli(*(a.format(run=run) for a in args), cwd=tmp_path)
+    assert_one_line_error(r, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_run_never_writes_into_an_existing_one(run, tmp_path):
+    """hydra.run.dir onto a finished run (train would replace its checkpoints, sample its .hydra/config.yaml) or
+    onto a file: one line, and the run is byte-for-byte as it was."""
+    _copy_run(run, tmp_path / "done")
+    before = {p: p.read_bytes() for p in (tmp_path / "done").rglob("*") if p.is_file()}
+    (tmp_path / "afile").write_text("mine")
+    for args in (["train", *TINY, "hydra.run.dir=done"], ["sample", "ckpt=done", "n=8", "hydra.run.dir=done"],
+                 ["eval", "ckpt=done", "n=8", "-m", "seed=1,2", "hydra.sweep.dir=done"]):
+        assert_one_line_error(run_cli(*args, cwd=tmp_path), "already holds files")
+    assert_one_line_error(run_cli("sample", "ckpt=done", "hydra.run.dir=afile", cwd=tmp_path), "afile is a file")
+    assert {p: p.read_bytes() for p in (tmp_path / "done").rglob("*") if p.is_file()} == before
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_companion_from_other_data_or_without_classes_is_one_line(run, tmp_path):
+    """Classifier guidance with a classifier of other 2D data (eight_gaussians for a moons model) was accepted; a
+    classifier whose class count is missing, or a guide whose classes differ from its weights, were tracebacks."""
+    r = run_cli("train", "data=eight_gaussians", "net=mlp_classifier", *TINY[1:], "hydra.run.dir=clf", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert_one_line_error(run_cli("sample", f"ckpt={run}", "classifier=clf", "n=8", cwd=tmp_path),
+                          "was trained on eight_gaussians", "the model on moons")
+    _rewrite(tmp_path / "clf" / "checkpoints" / "ema_4.safetensors",
+             edit_config=_both(_set("data.name", "moons"), _set("model.n_classes", None)))
+    assert_one_line_error(run_cli("sample", f"ckpt={run}", "classifier=clf", "n=8", cwd=tmp_path),
+                          "records no class count")
+    _copy_run(run, tmp_path / "guide")
+    _rewrite(tmp_path / "guide" / "checkpoints" / "ema_4.safetensors",
+             edit_config=_both(_set("model.cond", "class"), _set("model.n_classes", 3)))
+    assert_one_line_error(run_cli("sample", f"ckpt={run}", "guide=guide", "guidance=2", "n=8", cwd=tmp_path),
+                          "guide/checkpoints/ema_4.safetensors", "do not fit")
+
+
+def test_sigterm_stops_sample_cleanly(run, tmp_path):
+    """SIGTERM (a scheduler's stop) is one line and exit 143, and the run's folder and partial samples go, as with
+    Ctrl-C (it was exit 143 with no word and a folder left behind)."""
+    proc = subprocess.Popen([str(DIFFCLI), "sample", f"ckpt={run}", "n=1000000", "batch_size=1000000", "steps=1000",
+                             "hydra.run.dir=out"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "out" / ".hydra").is_dir() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(3)  # into the sampling loop
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and stderr.strip() == "diffcli: error: terminated (SIGTERM)", stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_refuses_a_changed_model(run, tmp_path):
@@ -301,13 +453,32 @@ FAILS_BEFORE_WORK = [("train", ["train.ckpt_every=0"]),  # refused inside Hydra'
                      ("train", ["train.ckpt_every=0", "hydra.run.dir=new/run"]),  # a folder named on the command line
                      ("train", ["data=npz", "data.path=missing.npz"]),
                      ("sample", ["ckpt=missing/run"]),
-                     ("eval", ["n=0"])]
+                     ("eval", ["n=0"]),
+                     ("train", ["-m", "train.ckpt_every=0"]),  # a sweep's job folder and the sweep's own
+                     ("train", ["-m", "train.resume=missing/run"])]
 
 
 @pytest.mark.parametrize("command, args", FAILS_BEFORE_WORK, ids=[" ".join(a) for _, a in FAILS_BEFORE_WORK])
 def test_a_command_that_fails_before_any_work_leaves_no_folder(tmp_path, command, args):
     assert_one_line_error(run_cli(command, *args, cwd=tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.filterwarnings("always")
+def test_a_library_warning_is_logged_not_a_second_stderr_line(capsys, caplog):
+    """Under diffcli, Python warnings go to logging (Hydra's console is stdout, and the run's log file)."""
+    import logging
+    import warnings
+
+    from diffcli.cli import _quiet_warnings
+
+    _quiet_warnings()
+    try:
+        with caplog.at_level(logging.WARNING, logger="py.warnings"):
+            warnings.warn("a library's deprecation", UserWarning)
+    finally:
+        logging.captureWarnings(False)
+    assert capsys.readouterr().err == "" and "a library's deprecation" in caplog.text
 
 
 def test_a_failed_run_keeps_a_folder_that_was_there(tmp_path):

@@ -52,7 +52,7 @@ def test_help_lists_exactly_the_groups_and_keys_the_command_reads(tmp_path, comm
         assert (group in groups) == _composes(command, group, options[0]), group
         if group in groups:
             assert groups[group] == options
-    composed = _leaves(compose_config(command), set(OPTIONS))
+    composed = _leaves(compose_config(command), set(command_groups(command)))
     assert set(keys) == set(composed)
     assert not (tmp_path / "outputs").exists()
 

@@ -26,7 +26,8 @@ def test_conditional_unet_on_real_mnist_draws_the_asked_digits(tmp_path):
     assert (tmp_path / "run" / "loss.png").is_file()
     # an even spread of the ten digits, 10-step euler (the README's table uses 18-step heun), w = 2
     record = run_eval(compose_config("eval", [f"ckpt={tmp_path / 'run'}", "guidance=2", "n=100", "sampler=euler",
-                                              "steps=10", "metric=cfid", "device=cpu"]), tmp_path / "eval")
+                                              "steps=10", "metric=cfid", "device=cpu",
+                                              f"data.root={SHARED_DATA}"]), tmp_path / "eval")
     assert record["labels"] == list(range(10))
     # the classifier-FID network (98% accurate on held-out digits) reads the requested digit; 0.98 measured
     assert record["metrics"]["agreement"] >= 0.95, record["metrics"]
