@@ -27,7 +27,6 @@ FORMAT, VERSION = "diffcli", "1"
 # kB and a few levels deep; the largest shape is one sample's (a 2048 x 2048 RGB image is 12.6 M numbers).
 MAX_ENTRY = 1 << 20      # characters of one metadata entry (config, optimizer, ...)
 MAX_DEPTH = 32           # nesting of a JSON entry
-MAX_CLASSES = 100_000
 MAX_SAMPLE_NUMEL = 1 << 24
 TMP = ".tmp"  # save_atomic's temporary files: .<name>.tmp<pid>
 STEP_FILE = re.compile(r"^(ema|state)_(\d+)\.safetensors$")
@@ -151,6 +150,8 @@ def _targets_only_at(node, allowed, where: str = "") -> None:
 def _check_classes(model, path: Path) -> None:
     """A stored class count and class-name list are bounded, and agree, before the schema reads them (a list of a
     million names takes minutes to validate)."""
+    from .schema import MAX_CLASSES
+
     model = model if isinstance(model, dict) else {}
     k, names = model.get("n_classes"), model.get("class_names")
     if k is not None and (type(k) is not int or not 0 <= k <= MAX_CLASSES):

@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diffcli import DiffcliError
+from diffcli.schema import MAX_CLASSES
 
 # ---------------------------------------------------------------------------- 2D toys
 # Draws come from the generator's own device and are then moved, so a CPU generator works
@@ -569,9 +570,6 @@ def _build_npz(cfg, device, seed):
     if labels is not None:
         _check_label_range(labels, len(images), path)
     return _image_data(cfg, images, labels, device, seed, str(path))
-
-
-MAX_CLASSES = 10_000  # a label value sizes the class embedding: bound it before anything is built
 
 
 def _check_label_range(labels, n_images, path):

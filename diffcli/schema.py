@@ -353,6 +353,7 @@ def _plain_at(cfg: DictConfig, key: str):
 
 # Upper bounds keep a size typed (or read from a stored config) from asking for more memory than any machine has.
 MAX_STEPS, MAX_N, MAX_BATCH = 10**6, 10**7, 2**20
+MAX_CLASSES = 10_000  # a class count sizes the label embedding, and 10,000 names take 2 s to validate
 # key -> (test, what it must be); checked on the composed config (and on a checkpoint's stored one) before any work
 RANGES = {
     "train.steps": (lambda v: v > 0, "a positive integer"),

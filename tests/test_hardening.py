@@ -245,7 +245,7 @@ HOSTILE_SIZES = [
     ("a class count beyond any data", dict(edit_config=_both(_set("model.cond", "class"),
                                                              _set("model.n_classes", 10**10))), "model.n_classes"),
     ("classes the weights do not have", dict(edit_config=_both(_set("model.cond", "class"),
-                                                               _set("model.n_classes", 50_000))), "do not fit"),
+                                                               _set("model.n_classes", 5_000))), "do not fit"),
     ("a network width the weights do not have", dict(edit_config=_set("net.hidden", 10**6)), "do not fit"),
     ("a path of 10^9 steps", dict(edit_config=_set("model.path.T", 10**9)), "model.path.T"),
     ("a sampler of 10^9 steps", dict(edit_config=_set("steps", 10**9)), "steps=1000000000"),
