@@ -18,7 +18,7 @@ from . import DiffcliError, distributed
 from .data import build_data, located
 from .loading import load_model, pick_device
 from .plots import PICTURE_IMAGES, save_picture
-from .runs import fmt, progress
+from .runs import fmt, progress, write_text
 from .sampling import Plan, SampleResult, collect, given_conditions, plan
 from .schema import check_ranges
 from .scoring import LIKELIHOODS, ImageScores, nll_2d, resolve_names, toy_agreement, toy_metrics
@@ -83,7 +83,7 @@ def _eval(cfg: DictConfig, out_dir: Path, world) -> dict | None:
             metrics |= nll_2d(model.denoiser, data, train_cfg.data, mc, cfg.seed)
     record |= {"metrics": metrics, "metric_settings": OmegaConf.to_container(mc, resolve=True),
                "seconds": round(time.perf_counter() - t0, 2)}
-    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+    write_text(out_dir / "metrics.json", json.dumps(record, indent=2))  # a killed eval leaves none, not half of one
     print_table(record)
     log.info("wrote %s", out_dir / "metrics.json")
     return record

@@ -169,7 +169,14 @@ class Logger:
 def truncate(file: Path, step: int) -> None:
     """Keep the rows of a .jsonl log up to `step` (and drop a half-written last line)."""
     if file.exists():
-        file.write_text("".join(json.dumps(row) + "\n" for row in read_jsonl(file) if row["step"] <= step))
+        write_text(file, "".join(json.dumps(row) + "\n" for row in read_jsonl(file) if row["step"] <= step))
+
+
+def write_text(file: Path, text: str) -> None:
+    """`file.write_text(text)` through a temporary renamed into place: a crash or a full disk never leaves half a
+    file, and a symlink under that name is replaced, never its target."""
+    with atomic_file(file) as tmp:
+        tmp.write_text(text)
 
 
 class Silent:
@@ -184,10 +191,11 @@ class Silent:
 def read_jsonl(file: Path) -> list[dict]:
     """The rows of a .jsonl log; a line cut short by a crash (or any unreadable line) is skipped."""
     rows = []
-    for line in file.read_text().splitlines() if file.exists() else []:
+    text = file.read_bytes().decode("utf-8", errors="replace") if file.exists() else ""
+    for line in text.splitlines():
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # cut short, not JSON, or nested past the parser's stack
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append(row)

@@ -19,7 +19,7 @@ from .checkpoint import prune, remove_temporaries, save_ema, save_state
 from .data import config_kind
 from .loading import model_denoiser, pick_device
 from .plots import plot_loss, save_picture
-from .runs import Logger, Silent, StopFlag, claim_run_dir, release_run_dir
+from .runs import Logger, Silent, StopFlag, claim_run_dir, release_run_dir, write_text
 from .sampling import (at_speed, even_labels, generate, inference_speed, sampler_config, sampler_description,
                        sampler_from_config)
 from .schema import TrainApp, validate
@@ -204,7 +204,7 @@ def _classifier_done(s: TrainState, skipped: int) -> dict:
     """The end of a classifier's run: its accuracy against the noise level (accuracy.json, logged) and its loss."""
     cfg, out_dir = s.cfg, s.out_dir
     accuracy = noisy_accuracy(s.ema.net.eval(), s.path, cfg.model, s.data, s.world.device)
-    (out_dir / "accuracy.json").write_text(json.dumps(accuracy, indent=2))
+    write_text(out_dir / "accuracy.json", json.dumps(accuracy, indent=2))
     picture = plot_loss(out_dir, f"classifier p_t(y | x_t) on {cfg.model.name}'s path, {cfg.data.name}")
     log.info("done: %s; accuracy of the EMA classifier on noised data: %s; use it with classifier=%s",
              picture, ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()), out_dir)

@@ -472,6 +472,7 @@ def test_a_library_warning_is_logged_not_a_second_stderr_line(capsys, caplog):
 
     from diffcli.cli import _quiet_warnings
 
+    logging.captureWarnings(False)  # an earlier in-process main() may have left it on, under another test's catcher
     _quiet_warnings()
     try:
         with caplog.at_level(logging.WARNING, logger="py.warnings"):

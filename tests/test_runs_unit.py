@@ -295,6 +295,25 @@ def test_read_jsonl_skips_what_is_not_a_row(tmp_path):
     assert runs.read_jsonl(tmp_path / "missing.jsonl") == []
 
 
+def test_read_jsonl_skips_bytes_that_are_not_text_and_lines_nested_past_the_parser(tmp_path):
+    """A log that is not UTF-8 (a disk error, a received file) or holds a line nested 100,000 deep was a
+    UnicodeDecodeError / RecursionError traceback on resume; those lines are skipped like a torn one."""
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(json.dumps(ROWS[0]).encode() + b"\n\xff\xfe\x00garbage\n" + b"[" * 100_000 + b"]" * 100_000
+                    + b"\n" + json.dumps(ROWS[1]).encode() + b"\n")
+    assert runs.read_jsonl(log) == ROWS[:2]
+    runs.truncate(log, 10)  # rewritten through a temporary: the bad lines are gone, nothing else left behind
+    assert runs.read_jsonl(log) == ROWS[:2] and [p.name for p in tmp_path.iterdir()] == ["log.jsonl"]
+
+
+def test_a_log_rewritten_on_resume_replaces_a_symlink_not_its_target(tmp_path):
+    target, log = tmp_path / "elsewhere.txt", tmp_path / "log.jsonl"
+    target.write_text(json.dumps(ROWS[0]) + "\n")
+    log.symlink_to(target)
+    runs.truncate(log, 10)
+    assert not log.is_symlink() and target.read_text() == json.dumps(ROWS[0]) + "\n"
+
+
 def test_logger_drops_rows_after_the_resumed_step_and_appends(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # no terminal: plain log lines instead of a progress bar
     _write(tmp_path / "log.jsonl", ROWS, tail='{"step": 8')
