@@ -159,11 +159,12 @@ def _log(file: Path) -> list[dict]:
     if file.stat().st_size > LOG_LIMIT:
         raise Damaged(f"larger than {LOG_LIMIT / 2**20:g} MB, not read")
     try:
-        return read_jsonl(file)
-    except RecursionError:
-        raise Damaged("nested too deeply") from None
-    except (OSError, ValueError) as e:  # unreadable, or not UTF-8 text
-        raise Damaged(f"cannot be read ({getattr(e, 'strerror', None) or 'not text'})") from None
+        rows = read_jsonl(file)  # skips lines that are cut short, not text or nested past the parser
+    except OSError as e:
+        raise Damaged(f"cannot be read ({e.strerror or e})") from None
+    if not rows and file.stat().st_size:
+        raise Damaged("holds no readable row (not text, or damaged)")
+    return rows
 
 
 def _config_name(cfg, group: str):

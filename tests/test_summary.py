@@ -222,7 +222,7 @@ def test_a_damaged_picture_or_log_is_left_out_of_the_contact_sheet(tmp_path, cap
     assert code == 0 and err == [], err
     assert "note: left 1/samples_0000010.png out of samples_sheet.png: not a readable PNG" in out
     assert "note: left 2/samples_0000010.png out of samples_sheet.png: 100x100 pixels, too large to draw" in out
-    assert "note: skipped 3: 3/log.jsonl cannot be read (not text)" in out
+    assert "note: skipped 3: 3/log.jsonl holds no readable row (not text, or damaged)" in out
     assert [r["run"] for r in csv.DictReader(open(tmp_path / "summary.csv"))] == ["0", "1", "2"]
     assert (tmp_path / "samples_sheet.png").stat().st_size > 1000
 
