@@ -1,0 +1,127 @@
+"""Editing (diffcli/editing.py) against exact answers: the Gaussian-mixture posterior against importance weighting,
+inpainting by replacement and SDEdit on the exact oracle, whose posteriors are known in closed form."""
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from diffcli import DiffcliError
+from diffcli.data import gmm_mixture
+from diffcli.editing import from_time, gmm_posterior, inpaint, sdedit
+from diffcli.oracle import Oracle
+from diffcli.paths import VPPath
+from diffcli.prediction import Denoiser
+from diffcli.samplers import ddim, euler_maruyama, uniform_grid
+
+GMM = {"means": [[-1.0, 0.5], [1.5, -0.5], [0.0, -1.5]],
+       "covs": [[[0.3, 0.15], [0.15, 0.2]], [[0.1, -0.06], [-0.06, 0.25]], [[0.4, 0.1], [0.1, 0.08]]],
+       "weights": [0.5, 0.3, 0.2]}
+ONE_DIAGONAL = {"means": [[0.7, -0.4]], "covs": [[[0.3, 0.0], [0.0, 0.05]]], "weights": [1.0]}
+
+
+def oracle(params, path=None):
+    """The exact denoiser of a gmm toy on a VP path (eps prediction), float64."""
+    path = path or VPPath()
+    net = Oracle((2,), {"kind": "toy", "name": "gmm", "params": params}, path, "eps")
+    return Denoiser(net, path, "eps", "none", 0.5)
+
+
+def draw_gmm(params, n, seed=0):
+    """n draws of the mixture and their components."""
+    means, covs, w = gmm_mixture(**params)
+    g = torch.Generator().manual_seed(seed)
+    k = torch.multinomial(w, n, replacement=True, generator=g)
+    chol = torch.linalg.cholesky(covs)
+    return means[k] + (chol[k] @ torch.randn(n, 2, 1, dtype=torch.float64, generator=g))[..., 0], k
+
+
+@pytest.mark.parametrize("A, y, sigma_y", [([[1.0, 0.0]], [0.3], 0.4), ([[1.0, 1.0]], [-0.8], 0.2),
+                                           ([[1.0, 0.0], [0.0, 1.0]], [0.9, -0.2], 0.5)],
+                         ids=["first coordinate", "sum of both", "both, noisy"])
+def test_gmm_posterior_equals_importance_weighting(A, y, sigma_y):
+    """Weights, mean and second moments of the closed form against 10^6 prior draws weighted by N(y; A x, sigma_y^2),
+    each within 3 standard errors of the self-normalised estimate."""
+    means, covs, w = gmm_mixture(**GMM)
+    A, y = torch.tensor(A, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    log_w, m, S = gmm_posterior(means, covs, w.log(), A, y, sigma_y)
+    x, k = draw_gmm(GMM, 10**6)
+    weights = torch.softmax(-((y - x @ A.T) ** 2).sum(1) / (2 * sigma_y**2), 0)
+
+    def estimate(f):  # self-normalised importance estimate of E[f] and its standard error
+        mean = weights @ f
+        return mean, (weights**2 @ (f - mean) ** 2).sqrt()
+
+    pi = log_w.exp()
+    exact = {"P(k=0)": pi[0], "P(k=1)": pi[1], "E[x0]": pi @ m[:, 0], "E[x1]": pi @ m[:, 1],
+             "E[x0^2]": pi @ (S[:, 0, 0] + m[:, 0] ** 2), "E[x0 x1]": pi @ (S[:, 0, 1] + m[:, 0] * m[:, 1])}
+    f = {"P(k=0)": (k == 0).double(), "P(k=1)": (k == 1).double(), "E[x0]": x[:, 0], "E[x1]": x[:, 1],
+         "E[x0^2]": x[:, 0] ** 2, "E[x0 x1]": x[:, 0] * x[:, 1]}
+    for name, value in exact.items():
+        mean, se = estimate(f[name])
+        assert abs(mean - value) < 3 * se, (name, mean.item(), value.item(), se.item())
+
+
+def test_gmm_posterior_without_noise_fixes_the_observed_coordinate():
+    """sigma_y = 0 and A picking coordinate 0: every component's mean has x0 = y and no variance left there."""
+    means, covs, w = gmm_mixture(**GMM)
+    _, m, S = gmm_posterior(means, covs, w.log(), torch.tensor([[1.0, 0.0]]), torch.tensor([0.25]), 0.0)
+    assert torch.allclose(m[:, 0], torch.full((3,), 0.25, dtype=torch.float64), atol=1e-12)
+    assert S[:, 0, :].abs().max() < 1e-12 and (S[:, 1, 1] > 0).all()
+
+
+def test_inpainting_by_replacement_samples_the_exact_posterior_of_independent_coordinates():
+    """One Gaussian with a diagonal covariance: given x[0], x[1] keeps its prior N(-0.4, 0.05). Replacement with
+    DDIM (100 steps) on the exact oracle passes a KS test against it, and the known coordinate is kept exactly."""
+    denoiser = oracle(ONE_DIAGONAL)
+    n = 4000
+    x_known = torch.zeros(n, 2, dtype=torch.float64)
+    x_known[:, 0] = 1.1
+    mask = torch.tensor([True, False])
+    g = torch.Generator().manual_seed(0)
+    out = inpaint(ddim, denoiser, x_known, mask, uniform_grid(denoiser.path, 100), g)
+    assert torch.equal(out[:, 0], x_known[:, 0])
+    p = stats.kstest(out[:, 1].numpy(), stats.norm(-0.4, math.sqrt(0.05)).cdf).pvalue
+    assert p > 0.01, p
+
+
+def test_inpainting_with_nothing_or_everything_known():
+    """An all-true mask returns the input; an all-false mask is an ordinary sample of the same seed."""
+    denoiser, grid = oracle(GMM), uniform_grid(VPPath(), 20)
+    x, _ = draw_gmm(GMM, 64, seed=3)
+    out = inpaint(ddim, denoiser, x, torch.ones(2, dtype=torch.bool), grid, torch.Generator().manual_seed(1))
+    assert torch.equal(out, x)
+    out = inpaint(ddim, denoiser, x, torch.zeros(2, dtype=torch.bool), grid, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    plain = ddim(denoiser, denoiser.path, denoiser.path.sample_prior(x.shape, g, "cpu").double(), grid, generator=g)
+    assert torch.equal(out, plain)
+
+
+def test_a_mask_of_another_shape_is_one_line():
+    with pytest.raises(DiffcliError, match=r"the mask has shape \(3,\), the input \(2,\)"):
+        inpaint(ddim, oracle(GMM), torch.zeros(4, 2, dtype=torch.float64), torch.ones(3, dtype=torch.bool),
+                uniform_grid(VPPath(), 5))
+
+
+def test_sdedit_from_a_fixed_point_lands_on_the_posterior_mean():
+    """Chains of the reverse SDE (Euler-Maruyama, 200 steps) from one x_t0 at t0 = 0.5: their mean equals the exact
+    E[x0 | x_t0] of the mixture within 3 standard errors (the SDE's chains sample p(x0 | x_t0))."""
+    denoiser = oracle(GMM)
+    n, t0 = 10_000, 0.5
+    x_t0 = torch.tensor([[0.4, -0.3]], dtype=torch.float64).expand(n, 2).contiguous()
+    g = torch.Generator().manual_seed(0)
+    grid = from_time(uniform_grid(denoiser.path, 400), t0)
+    out = euler_maruyama(denoiser, denoiser.path, x_t0, grid, generator=g)
+    exact = denoiser.net.x0_hat(x_t0[:1], torch.tensor([t0], dtype=torch.float64))[0]
+    se = out.std(0) / math.sqrt(n)
+    assert ((out.mean(0) - exact).abs() < 3 * se).all(), (out.mean(0), exact, se)
+
+
+def test_sdedit_strength_zero_returns_the_input_and_one_starts_from_noise():
+    denoiser, grid = oracle(GMM), uniform_grid(VPPath(), 20)
+    x, _ = draw_gmm(GMM, 16)
+    assert torch.equal(sdedit(ddim, denoiser, x, 0.0, grid), x)
+    assert from_time(grid, 1.0).tolist() == [1.0, *grid[1:].tolist()]
+    with pytest.raises(DiffcliError, match=r"strength=1.5 must lie in \[0, 1\]"):
+        sdedit(ddim, denoiser, x, 1.5, grid)
