@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import DiffcliError
-from .data import MIXTURES, build_data, to_float
+from .data import build_data, to_float
+from .toys import MIXTURES
 from .paths import ProbabilityPath
 from .prediction import SIGMA_DATA, check_prediction, target
 

@@ -15,7 +15,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import DiffcliError
-from .data import build_data, file_label, mixture_distribution, to_float
+from .data import build_data, file_label, to_float
+from .toys import mixture_distribution
 from .metrics import energy_distance, mmd_rbf, sliced_wasserstein
 
 log = logging.getLogger("diffcli")

@@ -13,7 +13,7 @@ import time
 import torch
 from hydra import compose, initialize_config_module
 
-from diffcli.data import eight_gaussians_modes
+from diffcli.toys import eight_gaussians_modes
 from diffcli.loading import load_model
 from diffcli.metrics import sliced_wasserstein
 from diffcli.sampling import draw

@@ -10,7 +10,7 @@ CFG does not sample the tilted density p(x | y)^w p(x)^(1-w); the table shows wh
 
 import torch
 
-from diffcli.data import gmm
+from diffcli.toys import gmm
 from diffcli.oracle import Oracle
 from diffcli.paths import FlowPath, VPPath
 from diffcli.guidance import condition

@@ -10,7 +10,8 @@ import torch
 from conftest import compose_config
 from diffcli import DiffcliError
 from diffcli.checkpoint import find_ema, load_ema
-from diffcli.data import ImageData, build_data, eight_gaussians_modes
+from diffcli.data import ImageData, build_data
+from diffcli.toys import eight_gaussians_modes
 from diffcli.evaluate import run_eval
 from diffcli.summary import summarize
 from diffcli.sample import run_sample

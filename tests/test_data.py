@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from diffcli import DiffcliError
-from diffcli.data import TOYS, ImageData, build_data, read_idx
+from diffcli.data import ImageData, build_data, read_idx
+from diffcli.toys import TOYS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -400,7 +401,7 @@ def test_mixture_table_matches_the_closed_forms():
     from omegaconf import OmegaConf
     from scipy.stats import multivariate_normal
 
-    from diffcli.data import GMM_COVS, GMM_MEANS, mixture_distribution, mixture_modes
+    from diffcli.toys import GMM_COVS, GMM_MEANS, mixture_distribution, mixture_modes
 
     modes, std = mixture_modes("eight_gaussians", {"radius": 3.0, "std": 0.25})
     angle = [2 * math.pi * k / 8 for k in range(8)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from diffcli.data import eight_gaussians_modes
+from diffcli.toys import eight_gaussians_modes
 from diffcli.scoring import mode_coverage
 
 

@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 
 from diffcli import DiffcliError
-from diffcli.data import gmm_mixture
+from diffcli.toys import gmm_mixture
 from diffcli.editing import from_time, gmm_posterior, inpaint, sdedit
 from diffcli.oracle import Oracle
 from diffcli.paths import VPPath

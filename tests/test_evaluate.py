@@ -8,7 +8,7 @@ import torch
 
 from conftest import compose_config
 from diffcli import DiffcliError
-from diffcli.data import eight_gaussians, eight_gaussians_modes
+from diffcli.toys import eight_gaussians, eight_gaussians_modes
 from diffcli.evaluate import run_eval
 from diffcli.metrics import sliced_wasserstein
 from diffcli.scoring import mode_coverage

@@ -6,7 +6,7 @@ import torch
 
 from conftest import compose_config, run_cli, sample_checkpoint
 from diffcli import DiffcliError
-from diffcli.data import eight_gaussians_modes
+from diffcli.toys import eight_gaussians_modes
 from diffcli.scoring import mode_coverage
 from diffcli.train import run_train
 

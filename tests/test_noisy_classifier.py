@@ -14,7 +14,7 @@ import torch
 from conftest import compose_config
 from diffcli import DiffcliError
 from diffcli.build import build_path
-from diffcli.data import eight_gaussians_modes
+from diffcli.toys import eight_gaussians_modes
 from diffcli.evaluate import run_eval
 from diffcli.summary import summarize
 from diffcli.nets import MLPClassifier, UNetClassifier

@@ -8,7 +8,7 @@ from torch.distributions import MultivariateNormal
 
 from conftest import compose_config
 from diffcli import DiffcliError
-from diffcli.data import TOYS
+from diffcli.toys import TOYS
 from diffcli.oracle import Oracle
 from diffcli.paths import DDPMPath, FlowPath, VEPath, VPPath
 

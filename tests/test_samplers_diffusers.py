@@ -346,7 +346,7 @@ def test_zero_terminal_snr_refuses_eps_and_sde_samplers():
 def test_zero_terminal_snr_samplers_reach_the_data_from_pure_noise(name):
     """The exact v-predicting oracle of eight_gaussians on the zero-terminal-SNR path: every sampler that allows
     alpha(1) = 0 starts from pure noise at t = 1 and lands on the modes."""
-    from diffcli.data import eight_gaussians_modes
+    from diffcli.toys import eight_gaussians_modes
     from diffcli.scoring import mode_coverage
     from diffcli.oracle import Oracle
     from diffcli.samplers import SAMPLERS, karras_grid
