@@ -4,6 +4,7 @@
 - `Replaced`: inpainting by replacement (score_sde): the known coordinates of x_t are the known data noised to t
   before every prediction, so any sampler completes the rest.
 - `sdedit`: the data noised to t = strength along the model's path, then any sampler from there (Meng et al. 2022).
+- `encode` / `decode` (`pf_ode`): the probability-flow ODE from data to noise and back (DDIM's inversion).
 
 Each edit has the Denoiser's signature or calls a sampler with it, so no sampler changes for an edit.
 """
@@ -90,3 +91,31 @@ def sdedit(sampler, denoiser, x0: torch.Tensor, strength: float, t_grid: torch.T
     x = path.marginal(x0, path.sample_prior(x0.shape, generator, x0.device).to(x0.dtype), s)
     return sampler(denoiser, path, x, from_time(t_grid, strength), generator=generator)
 
+
+
+def pf_ode(denoiser, x: torch.Tensor, t_from: float, t_to: float, rtol: float = 1e-7, atol: float = 1e-7):
+    """x carried from t_from to t_to along the probability-flow ODE dx/dt = alpha' x0_hat + sigma' x1_hat (Song et al.
+    2021, eq. 13) by adaptive dopri5 (torchdiffeq), in either direction: 0 -> 1 encodes data to noise, 1 -> 0 decodes
+    (the DDIM paper's inversion, section 5)."""
+    from torchdiffeq import odeint
+
+    from .samplers.core import velocity_at
+
+    path = denoiser.path
+    times = torch.tensor([t_from, t_to], dtype=torch.float64, device=x.device)
+    # an explicit first step skips torchdiffeq's step-size probe, which may evaluate outside [0, 1]; step_t keeps
+    # steps from passing the end (torchdiffeq underflows with step_t = 0 when integrating backwards, so not there)
+    options = {"first_step": abs(t_to - t_from) / 100} | ({"step_t": times[-1:].to(x.dtype)} if t_to else {})
+    out = odeint(lambda t, y: velocity_at(denoiser, path, y, t.double()), x, times.to(x.dtype), rtol=rtol, atol=atol,
+                 method="dopri5", options=options)
+    return out[-1]
+
+
+def encode(denoiser, x0: torch.Tensor, t: float = 1.0, **tolerances) -> torch.Tensor:
+    """The noise x_t (t = 1: the prior) that the probability-flow ODE maps to x0."""
+    return pf_ode(denoiser, x0, 0.0, t, **tolerances)
+
+
+def decode(denoiser, x_t: torch.Tensor, t: float = 1.0, **tolerances) -> torch.Tensor:
+    """The data x0 that the probability-flow ODE maps x_t to."""
+    return pf_ode(denoiser, x_t, t, 0.0, **tolerances)
