@@ -4,7 +4,8 @@
 - `Replaced`: inpainting by replacement (score_sde): the known coordinates of x_t are the known data noised to t
   before every prediction, so any sampler completes the rest.
 - `sdedit`: the data noised to t = strength along the model's path, then any sampler from there (Meng et al. 2022).
-- `encode` / `decode` (`pf_ode`): the probability-flow ODE from data to noise and back (DDIM's inversion).
+- `encode` / `decode` (`pf_ode`): the probability-flow ODE from data to noise and back (DDIM's inversion), and
+  `interpolate` between two inputs by `slerp` of their encodings.
 
 Each edit has the Denoiser's signature or calls a sampler with it, so no sampler changes for an edit.
 """
@@ -119,3 +120,24 @@ def encode(denoiser, x0: torch.Tensor, t: float = 1.0, **tolerances) -> torch.Te
 def decode(denoiser, x_t: torch.Tensor, t: float = 1.0, **tolerances) -> torch.Tensor:
     """The data x0 that the probability-flow ODE maps x_t to."""
     return pf_ode(denoiser, x_t, t, 0.0, **tolerances)
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, w: float) -> torch.Tensor:
+    """Spherical interpolation per sample (Shoemake 1985), as the DDIM paper interpolates encodings (section 5.3):
+    sin((1 - w) theta) / sin(theta) z0 + sin(w theta) / sin(theta) z1, theta the angle between z0 and z1; the straight
+    line where they are (nearly) parallel."""
+    a, b = z0.flatten(1), z1.flatten(1)
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    theta = torch.arccos(cos.clamp(-1, 1))[:, None]
+    sin = torch.sin(theta)
+    parallel = sin.abs() < 1e-7
+    c0 = torch.where(parallel, 1 - w, torch.sin((1 - w) * theta) / torch.where(parallel, 1, sin))
+    c1 = torch.where(parallel, w, torch.sin(w * theta) / torch.where(parallel, 1, sin))
+    return (c0 * a + c1 * b).reshape(z0.shape)
+
+
+def interpolate(denoiser, x_a: torch.Tensor, x_b: torch.Tensor, weights, t: float = 1.0, **tolerances) -> torch.Tensor:
+    """Data between x_a and x_b: both encoded to t along the probability-flow ODE, their encodings slerped at each
+    weight, each decoded; (len(weights), *x_a.shape)."""
+    z_a, z_b = encode(denoiser, x_a, t, **tolerances), encode(denoiser, x_b, t, **tolerances)
+    return torch.stack([decode(denoiser, slerp(z_a, z_b, float(w)), t, **tolerances) for w in weights])

@@ -165,3 +165,39 @@ def test_an_encode_decode_round_trip_of_a_mixture_returns_the_data():
     noise = pf_ode(denoiser, x, 1e-3, 1.0, rtol=1e-9, atol=1e-9)
     back = pf_ode(denoiser, noise, 1.0, 1e-3, rtol=1e-9, atol=1e-9)
     assert (back - x).abs().max() < 1e-5, (back - x).abs().max().item()
+
+
+def test_slerp_equals_the_ddim_papers_formula_and_keeps_the_norm():
+    """ermongroup/ddim, runners/diffusion.py, Diffusion.sample_interpolation's slerp:
+    sin((1 - a) theta) / sin(theta) z1 + sin(a theta) / sin(theta) z2, theta = acos(<z1, z2> / (|z1| |z2|)), per sample
+    here; the ends are the inputs; between orthogonal vectors of equal norm the norm stays; parallel inputs fall back
+    to the straight line."""
+    from diffcli.editing import slerp
+
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = (torch.randn(5, 3, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    for w in (0.0, 0.3, 1.0):
+        out = slerp(z0, z1, w)
+        for i in range(5):
+            a, b = z0[i], z1[i]
+            theta = torch.acos(torch.sum(a * b) / (torch.norm(a) * torch.norm(b)))
+            ref = torch.sin((1 - w) * theta) / torch.sin(theta) * a + torch.sin(w * theta) / torch.sin(theta) * b
+            assert torch.allclose(out[i], ref, atol=1e-12, rtol=0)
+    e0, e1 = torch.tensor([[2.0, 0.0]], dtype=torch.float64), torch.tensor([[0.0, 2.0]], dtype=torch.float64)
+    assert torch.allclose(slerp(e0, e1, 0.5), torch.tensor([[math.sqrt(2), math.sqrt(2)]], dtype=torch.float64))
+    assert torch.allclose(slerp(e0, 3 * e0, 0.5), 2 * e0)
+
+
+def test_interpolation_ends_at_its_inputs():
+    """interpolate at weights 0 and 1 returns the two inputs (a round trip of the PF-ODE, to 1e-5); between them
+    the points are other points of the mixture's support (finite, inside the data's range)."""
+    from diffcli.editing import interpolate
+    from diffcli.paths import FlowPath
+
+    path = FlowPath()
+    denoiser = Denoiser(Oracle((2,), {"kind": "toy", "name": "gmm", "params": GMM}, path, "velocity"), path,
+                        "velocity", "none", 0.5)
+    (x_a, _), (x_b, _) = draw_gmm(GMM, 16, seed=1), draw_gmm(GMM, 16, seed=2)
+    out = interpolate(denoiser, x_a, x_b, [0.0, 0.5, 1.0], t=0.999, rtol=1e-9, atol=1e-9)
+    assert (out[0] - x_a).abs().max() < 1e-5 and (out[2] - x_b).abs().max() < 1e-5
+    assert torch.isfinite(out[1]).all() and out[1].abs().max() < 6
