@@ -2,7 +2,7 @@
 
 - `gmm_posterior`: p(x0 | y) of a Gaussian mixture under a linear observation y = A x0 + sigma_y n, in closed form.
 - `Replaced`: inpainting by replacement (score_sde): the known coordinates of x_t are the known data noised to t
-  before every prediction, so any sampler completes the rest.
+  before every prediction, so any sampler completes the rest; `colorize` is the same in a luminance/colour basis.
 - `sdedit`: the data noised to t = strength along the model's path, then any sampler from there (Meng et al. 2022).
 - `encode` / `decode` (`pf_ode`): the probability-flow ODE from data to noise and back (DDIM's inversion), and
   `interpolate` between two inputs by `slerp` of their encodings.
@@ -43,14 +43,28 @@ def gmm_posterior(means: torch.Tensor, covs: torch.Tensor, log_weights: torch.Te
 class Replaced(Wrapped):
     """Inpainting by replacement (Song et al. 2021, score_sde's controllable_generation.py, get_pc_inpainter): before
     every prediction the known coordinates (`mask` true) of x_t become the known data noised to t with fresh prior
-    noise, and x0_hat there is the known data itself; the other coordinates are the sampler's own."""
+    noise, and x0_hat there is the known data itself; the other coordinates are the sampler's own. With `basis` (an
+    orthonormal C x C matrix over channels) the known coordinates are those of the data in that basis, as score_sde's
+    get_pc_colorizer decouples an image's luminance from its colour."""
 
-    def __init__(self, inner, x_known: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None):
+    def __init__(self, inner, x_known: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None,
+                 basis: torch.Tensor | None = None):
         super().__init__(inner)
         if mask.shape != x_known.shape[-mask.dim():]:
             raise DiffcliError(f"the mask has shape {tuple(mask.shape)}, the input {tuple(x_known.shape[1:])}: give a "
                                "mask of the input's shape")
-        self.x_known, self.mask, self.generator = x_known, mask.bool(), generator
+        self.x_known, self.mask, self.generator, self.basis = x_known, mask.bool(), generator, basis
+
+    def _in_basis(self, x):
+        return x if self.basis is None else torch.einsum("bi...,ij->bj...", x, self.basis.to(x))
+
+    def _from_basis(self, x):
+        return x if self.basis is None else torch.einsum("bj...,ij->bi...", x, self.basis.to(x))
+
+    def project(self, x: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+        """x with its known coordinates (in the basis) taken from `known` (the known data itself by default)."""
+        known = self.x_known if known is None else known
+        return self._from_basis(torch.where(self.mask, self._in_basis(known.to(x.dtype)), self._in_basis(x)))
 
     def predict(self, x_t, t, labels=None):
         if not self.mask.any():  # nothing known: the model's own prediction, no noise drawn
@@ -58,18 +72,37 @@ class Replaced(Wrapped):
         x1 = self.path.sample_prior(x_t.shape, self.generator, x_t.device).to(x_t.dtype)
         t_b = t if torch.is_tensor(t) and t.dim() else torch.full((len(x_t),), float(t), device=x_t.device)
         noised = self.path.marginal(self.x_known.to(x_t.dtype), x1, t_b.to(x_t.dtype))
-        x_in = torch.where(self.mask, noised, x_t)
-        x0, x1_hat = self.inner.predict(x_in, t, labels)
-        return torch.where(self.mask, self.x_known.to(x0.dtype), x0), x1_hat
+        x0, x1_hat = self.inner.predict(self.project(x_t, noised), t, labels)
+        return self.project(x0), x1_hat
 
 
 def inpaint(sampler, denoiser, x_known: torch.Tensor, mask: torch.Tensor, t_grid: torch.Tensor,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """x with x[mask] = x_known[mask] and the rest drawn by `sampler` over the Replaced denoiser from the prior."""
+            generator: torch.Generator | None = None, basis: torch.Tensor | None = None) -> torch.Tensor:
+    """x with its known coordinates (`mask`, in `basis`) those of x_known and the rest drawn by `sampler` over the
+    Replaced denoiser from the prior."""
     path = denoiser.path
     x = path.sample_prior(x_known.shape, generator, x_known.device).to(x_known.dtype)
-    out = sampler(Replaced(denoiser, x_known, mask, generator), path, x, t_grid, generator=generator)
-    return torch.where(mask.bool(), x_known, out)
+    replaced = Replaced(denoiser, x_known, mask, generator, basis)
+    return replaced.project(sampler(replaced, path, x, t_grid, generator=generator))
+
+
+# score_sde's colour basis (controllable_generation.py, get_pc_colorizer's M, there rounded to float32): column 0 is
+# the luminance (the mean of R, G, B times sqrt 3), columns 1 and 2 two orthogonal colour differences
+LUMA_BASIS = torch.tensor([[1 / math.sqrt(3), -2 / math.sqrt(6), 0.0],
+                           [1 / math.sqrt(3), 1 / math.sqrt(6), 1 / math.sqrt(2)],
+                           [1 / math.sqrt(3), 1 / math.sqrt(6), -1 / math.sqrt(2)]], dtype=torch.float64)
+
+
+def colorize(sampler, denoiser, gray: torch.Tensor, t_grid: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Colour images whose luminance is that of `gray` ((B, 1, H, W) or (B, 3, H, W) of equal channels): inpainting
+    of the two colour coordinates of LUMA_BASIS (Song et al. 2021; score_sde's get_pc_colorizer)."""
+    if gray.shape[1] not in (1, 3):
+        raise DiffcliError(f"colorize takes gray images of 1 or 3 channels, got {gray.shape[1]}")
+    x_known = gray.expand(-1, 3, *gray.shape[2:]) if gray.shape[1] == 1 else gray
+    mask = torch.zeros(x_known.shape[1:], dtype=torch.bool, device=gray.device)
+    mask[0] = True
+    return inpaint(sampler, denoiser, x_known.contiguous(), mask, t_grid, generator, LUMA_BASIS)
 
 
 def from_time(t_grid: torch.Tensor, t0: float) -> torch.Tensor:

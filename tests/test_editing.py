@@ -201,3 +201,37 @@ def test_interpolation_ends_at_its_inputs():
     out = interpolate(denoiser, x_a, x_b, [0.0, 0.5, 1.0], t=0.999, rtol=1e-9, atol=1e-9)
     assert (out[0] - x_a).abs().max() < 1e-5 and (out[2] - x_b).abs().max() < 1e-5
     assert torch.isfinite(out[1]).all() and out[1].abs().max() < 6
+
+
+def test_the_colour_basis_is_score_sdes_and_orthonormal():
+    """score_sde, controllable_generation.py, get_pc_colorizer: M (float32 there); ours is the exact matrix."""
+    from diffcli.editing import LUMA_BASIS
+
+    M = torch.tensor([[5.7735014e-01, -8.1649649e-01, 4.7008697e-08],
+                      [5.7735026e-01, 4.0824834e-01, 7.0710671e-01],
+                      [5.7735026e-01, 4.0824822e-01, -7.0710683e-01]], dtype=torch.float64)
+    assert (LUMA_BASIS - M).abs().max() < 2e-7
+    assert (LUMA_BASIS.T @ LUMA_BASIS - torch.eye(3, dtype=torch.float64)).abs().max() < 1e-15
+
+
+def test_colorizing_keeps_the_luminance_exactly(tmp_path):
+    """Three RGB 'images' (1x1) of distinct luminance and the exact point-set oracle: colorizing each one's gray
+    (DDIM, 200 steps) keeps that luminance to 1e-12. Replacement does not find the one point of that luminance here:
+    where colour depends on luminance it is biased (it gave a point's colour on another's luminance), which is what
+    RePaint's resampling is for (issue 28, still to do)."""
+    import numpy as np
+
+    from diffcli.editing import LUMA_BASIS, colorize
+
+    images = np.array([[[[200, 30, 30]]], [[[30, 120, 30]]], [[[30, 30, 60]]]], dtype=np.uint8)  # (N, H, W, C)
+    np.savez(tmp_path / "rgb.npz", images=images)
+    path = VPPath()
+    net = Oracle((3, 1, 1), {"kind": "npz", "name": "rgb", "path": str(tmp_path / "rgb.npz")}, path, "eps")
+    denoiser = Denoiser(net, path, "eps", "none", 0.5)
+    points = torch.from_numpy(images).double().permute(0, 3, 1, 2) / 127.5 - 1  # (3, 3, 1, 1)
+    gray = points.mean(1, keepdim=True).repeat_interleave(64, 0)  # 64 copies of each point's gray, (192, 1, 1, 1)
+    out = colorize(ddim, denoiser, gray, uniform_grid(path, 200), torch.Generator().manual_seed(0))
+    luma = lambda x: torch.einsum("bi...,ij->bj...", x, LUMA_BASIS)[:, 0]  # noqa: E731
+    assert (luma(out) - luma(gray.expand(-1, 3, 1, 1))).abs().max() < 1e-12 and torch.isfinite(out).all()
+    with pytest.raises(DiffcliError, match="gray images of 1 or 3 channels, got 2"):
+        colorize(ddim, denoiser, torch.zeros(1, 2, 1, 1, dtype=torch.float64), uniform_grid(path, 5))
