@@ -10,3 +10,9 @@ except PackageNotFoundError:  # running from a source tree without install
 
 class DiffcliError(ValueError):
     """A user-facing error: the CLI prints its message as one line and exits with code 2."""
+
+
+def short(value, limit: int = 80) -> str:
+    """str(value) cut to `limit` characters: an error line never echoes a long value (one read from a file) whole."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

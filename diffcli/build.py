@@ -19,7 +19,7 @@ import typing
 from collections.abc import Sequence
 from importlib.resources import files
 
-from . import DiffcliError
+from . import DiffcliError, short
 
 PLAIN = (type(None), bool, int, float, str)
 
@@ -254,7 +254,7 @@ def _same_shapes(net, tensors: dict) -> None:
     if expected != found:
         name = next((k for k in expected if expected[k] != found.get(k)), None) or next(k for k in found
                                                                                          if k not in expected)
-        raise DiffcliError(f"its weights do not fit the network its config describes ({name[:80]}: "
+        raise DiffcliError(f"its weights do not fit the network its config describes ({short(name)}: "
                            f"{found.get(name, 'absent')} in the file, {expected.get(name, 'absent')} in the "
                            f"network); the file is damaged or was edited")
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 
-from . import DiffcliError
+from . import DiffcliError, short
 
 # torch is imported inside the functions that move tensors: a checkpoint's metadata and config are
 # checked (cli.preflight) before torch's import, so a refused file costs a second, not four.
@@ -28,7 +27,7 @@ FORMAT, VERSION = "diffcli", "1"
 MAX_ENTRY = 1 << 20      # characters of one metadata entry (config, optimizer, ...)
 MAX_DEPTH = 32           # nesting of a JSON entry
 MAX_SAMPLE_NUMEL = 1 << 24
-TMP = ".tmp"  # save_atomic's temporary files: .<name>.tmp<pid>
+TMP = ".tmp"  # the temporary files of save_atomic before runs.atomic_file: .<name>.tmp<pid>
 STEP_FILE = re.compile(r"^(ema|state)_(\d+)\.safetensors$")
 
 
@@ -38,26 +37,28 @@ def strip_prefixes(state: dict) -> dict:
 
 
 def save_atomic(tensors: dict, metadata: dict[str, str], path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write through runs.atomic_file (a temporary in the same folder, then a rename): a crash never leaves half a
+    file."""
     from safetensors.torch import save_file
 
+    from .runs import atomic_file
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP}{os.getpid()}")
     # copies: tied or shared tensors (or the same module saved twice) must not alias on disk
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
     except (OSError, SafetensorError) as e:  # disk full, read-only or vanished folder, file-size limit
-        tmp.unlink(missing_ok=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split(": ")[-1][:120]
         raise DiffcliError(f"cannot write {path.name} in {path.parent} ({reason}); free space or give a writable "
                            "folder (hydra.run.dir=...); the files already there are intact") from None
 
 
 def remove_temporaries(folder: Path) -> list[Path]:
-    """Delete the half-written temporary files a killed save_atomic left in `folder`."""
-    found = [p for p in Path(folder).glob(f".*{TMP}*") if p.is_file()]
+    """Delete the half-written temporary files a killed save_atomic left in `folder` (runs.atomic_file's, and the
+    `.<name>.tmp<pid>` of versions before it)."""
+    found = [p for pattern in (f".*{TMP}*", ".*.partial*") for p in Path(folder).glob(pattern) if p.is_file()]
     for p in found:
         p.unlink(missing_ok=True)
     return found
@@ -77,7 +78,7 @@ def read_metadata(path: Path) -> dict:
         raise DiffcliError(f"{path} is a safetensors file but not a diffcli checkpoint (no diffcli metadata)")
     big = next((k for k, v in meta.items() if len(v) > MAX_ENTRY), None)
     if big is not None:
-        raise DiffcliError(f"{path}: its metadata '{big[:40]}' holds {len(meta[big]) / 1e6:.1f} M characters, more than "
+        raise DiffcliError(f"{path}: its metadata '{short(big, 40)}' holds {len(meta[big]) / 1e6:.1f} M characters, more than "
                            f"a diffcli checkpoint writes ({MAX_ENTRY // 1024} k at most); the file is damaged or hostile")
     return meta
 
@@ -126,8 +127,8 @@ def _step_and_shape(meta: dict, path: Path) -> tuple[int, tuple]:
     step, shape = _field(meta, "step", path, int), _field(meta, "shape", path)
     if (step < 0 or not isinstance(shape, list) or not 0 < len(shape) <= 4
             or not all(type(s) is int and s > 0 for s in shape) or math.prod(shape) > MAX_SAMPLE_NUMEL):
-        raise DiffcliError(f"{path}: its metadata has an invalid step ({str(step)[:20]}) or data shape "
-                           f"({str(shape)[:60]}); the file is damaged or was not written by diffcli")
+        raise DiffcliError(f"{path}: its metadata has an invalid step ({short(step, 20)}) or data shape "
+                           f"({short(shape, 60)}); the file is damaged or was not written by diffcli")
     return step, tuple(shape)
 
 
@@ -155,7 +156,7 @@ def _check_classes(model, path: Path) -> None:
     model = model if isinstance(model, dict) else {}
     k, names = model.get("n_classes"), model.get("class_names")
     if k is not None and (type(k) is not int or not 0 <= k <= MAX_CLASSES):
-        raise DiffcliError(f"{path}: the stored model.n_classes={str(k)[:20]} must be an integer in [0, {MAX_CLASSES}]; "
+        raise DiffcliError(f"{path}: the stored model.n_classes={short(k, 20)} must be an integer in [0, {MAX_CLASSES}]; "
                            "the file is damaged or was edited")
     if names is not None and (not isinstance(names, list) or len(names) != (k or 0)):
         raise DiffcliError(f"{path}: the stored model.class_names has {len(names) if isinstance(names, list) else 'no'} "

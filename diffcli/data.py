@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from diffcli import DiffcliError
+from diffcli import DiffcliError, short
 from diffcli.schema import MAX_CLASSES
 from diffcli.toys import MIXTURES, TOYS, draw_integers, draw_uniform, mixture_modes
 
@@ -44,7 +44,7 @@ def located(stored, given, kind: str):
     is the model's shape_kind; a 2D toy needs no files and is returned as it is."""
     stored_kind = stored.get("kind")
     if config_kind(stored) != kind:  # e.g. a 2D model whose stored data claims an image folder: read nothing
-        raise DiffcliError(f"the checkpoint's model draws {kind} but its stored data.kind={_short(stored_kind, 24)} "
+        raise DiffcliError(f"the checkpoint's model draws {kind} but its stored data.kind={short(stored_kind, 24)} "
                            f"holds {config_kind(stored)}; the checkpoint is damaged or was edited: train it again")
     if stored_kind == "toy":
         return stored
@@ -52,7 +52,7 @@ def located(stored, given, kind: str):
     plain |= {key: given.get(key) for key in LOCATION_KEYS}
     if stored_kind in ("npz", "folder") and plain["path"] is None:
         what = "the .npz file" if stored_kind == "npz" else "the image folder"
-        raise DiffcliError(f"this model was trained on data.kind={stored_kind} at {_short(stored.get('path'))}; "
+        raise DiffcliError(f"this model was trained on data.kind={stored_kind} at {short(stored.get('path'))}; "
                            f"real images are read only from this command: give data.path=<{what}>")
     return OmegaConf.create(plain)
 
@@ -226,18 +226,12 @@ def _find_idx(raw_dir, stem):
 
 def _one_line(err):
     """An exception as a single line, for messages that embed it (at most 200 characters)."""
-    return _short(" ".join(str(err).split()), 200)
+    return short(" ".join(str(err).split()), 200)
 
 
 def file_label(text) -> str:
     """A name safe inside a cache file's name: a stored data.name must not steer where a file is written."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", str(text))[:64]
-
-
-def _short(value, limit: int = 80) -> str:
-    """str(value), cut to `limit` characters: an error line never echoes a long value whole."""
-    text = str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _load_idx_dataset(root, split, download, *, folder, title, tv_class):
@@ -395,7 +389,7 @@ def _check_npz_members(path, names=("images", "labels")):
                 shape, _, dtype = read_header(f)
             claimed = math.prod(shape) * dtype.itemsize
             if claimed > info.file_size:
-                raise ValueError(f"'{name}' claims shape {_short(shape)} of {dtype} ({claimed} bytes) but holds "
+                raise ValueError(f"'{name}' claims shape {short(shape)} of {dtype} ({claimed} bytes) but holds "
                                  f"{info.file_size} bytes")
 
 
@@ -413,7 +407,7 @@ def _read_npz(path):
         msg = f"cannot read {path} as .npz ({_one_line(e)}); save it with np.savez(path, images=uint8 array)"
         raise DiffcliError(msg) from None
     if "images" not in arrays:
-        found = _short(", ".join(found) or "none")
+        found = short(", ".join(found) or "none")
         raise DiffcliError(f"{path} has no 'images' array (found: {found}); save it with np.savez(path, images=...)")
     return arrays["images"], arrays.get("labels")
 
@@ -427,7 +421,7 @@ def _build_npz(cfg, device, seed):
     _check_npz_images(images, path)
     if labels is not None and (labels.ndim != 1 or len(labels) != len(images) or labels.dtype.kind not in "iu"):
         raise DiffcliError(
-            f"{path}: 'labels' is {labels.dtype} with shape {_short(labels.shape)}; "
+            f"{path}: 'labels' is {labels.dtype} with shape {short(labels.shape)}; "
             f"expected integers of shape ({len(images)},) or no 'labels' key"
         )
     if labels is not None:
@@ -440,7 +434,7 @@ def _check_label_range(labels, n_images, path):
     bound = min(MAX_CLASSES, n_images)
     low, high = int(labels.min()), int(labels.max())  # Python ints: a uint64 label does not wrap
     if low < 0 or high >= bound:
-        raise DiffcliError(f"{path}: 'labels' run from {_short(low, 24)} to {_short(high, 24)}; labels are classes "
+        raise DiffcliError(f"{path}: 'labels' run from {short(low, 24)} to {short(high, 24)}; labels are classes "
                            f"0..K-1 with K at most {bound} (no more classes than images, at most 10,000); renumber them")
 
 
@@ -490,7 +484,7 @@ def _folder_classes(folder, files):
     # an empty class folder would vanish and shift every later class's label by one
     empty = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in set(names))
     if empty:
-        raise DiffcliError(f"class folder {_short(folder / empty[0])} holds no images; an empty class would shift "
+        raise DiffcliError(f"class folder {short(folder / empty[0])} holds no images; an empty class would shift "
                            "every later label: add its images or remove the folder")
     index = {name: i for i, name in enumerate(names)}
     return np.array([index[p[0]] for p in parts], dtype=np.int64), names

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from . import DiffcliError
+from . import DiffcliError, short
 from .build import CLASSIFIERS, build_net, build_path, path_arguments
 from .checkpoint import find_ema, load_ema, load_weights
 from .data import shape_kind
@@ -118,7 +118,7 @@ def _data_of(cfg: DictConfig) -> tuple:
 
 def _data_text(cfg: DictConfig) -> str:
     name, file = _data_of(cfg)
-    return name if file is None else f"{name} ({file[:60]})"
+    return name if file is None else f"{name} ({short(file, 60)})"
 
 
 def load_classifier(ckpt: str, device: torch.device, model: LoadedModel) -> NoisyClassifier:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import DiffcliError
+from . import DiffcliError, short
 
 
 def expand(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +209,7 @@ class NCSNPath(VEPath):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 1.0, L: int = 10):
         if int(L) != L or not 2 <= L <= MAX_LEVELS:
-            raise DiffcliError(f"model.path.L={str(L)[:20]} must be an integer in [2, {MAX_LEVELS}] (the number of "
+            raise DiffcliError(f"model.path.L={short(L, 20)} must be an integer in [2, {MAX_LEVELS}] (the number of "
                                "noise levels)")
         super().__init__(sigma_min, sigma_max)
         self.L = int(L)
@@ -343,7 +343,7 @@ class DDPMPath(ProbabilityPath):
                  beta_end: float = 0.02, zero_terminal_snr: bool = False):
         super().__init__()
         if int(T) != T or not 2 <= T <= MAX_LEVELS:
-            raise DiffcliError(f"model.path.T must be an integer in [2, {MAX_LEVELS}], got {str(T)[:20]}")
+            raise DiffcliError(f"model.path.T must be an integer in [2, {MAX_LEVELS}], got {short(T, 20)}")
         if schedule not in BETA_SCHEDULES:
             raise DiffcliError(f"model.path.schedule={schedule} is unknown; choose one of {sorted(BETA_SCHEDULES)}")
         if not 0 < beta_start < beta_end < 1:

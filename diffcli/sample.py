@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from . import DiffcliError, distributed
+from . import DiffcliError, distributed, short
 from .data import build_data
 from .loading import load_model, pick_device
 from .plots import PICTURE_IMAGES, save_field_picture, save_picture, save_trajectory_picture
@@ -53,7 +53,7 @@ def _sample(cfg: DictConfig, out_dir: Path, world, trajectory: bool, field: bool
         raise DiffcliError("sample.plot_field=true draws 2D fields; this model was trained on images")
     if field and model.config.data.get("kind") != "toy":  # the field is drawn over the toy's own points
         raise DiffcliError(f"sample.plot_field=true draws over the 2D toy a model was trained on; this checkpoint's "
-                           f"stored data.kind={str(model.config.data.get('kind'))[:24]} is not a toy (damaged or edited)")
+                           f"stored data.kind={short(model.config.data.get('kind'), 24)} is not a toy (damaged or edited)")
     run = plan(cfg, model, world.device)
     if not world.main:  # the other ranks draw their batches and hand them to rank 0
         for _ in run.batches(world, trajectory):

@@ -124,3 +124,16 @@ def test_ema_matches_closed_form():
         ema.update(net, k)
         prod *= min(0.99, (1 + k) / (10 + k))
     assert ema.net.weight.item() == pytest.approx(1 - prod, rel=1e-5)
+
+
+def test_remove_temporaries_takes_both_kinds_of_half_written_checkpoint(tmp_path):
+    """save_atomic writes through runs.atomic_file (.<stem>.<random>.partial<suffix>); older versions wrote
+    .<name>.tmp<pid>. A killed write of either kind is removed; finished checkpoints stay."""
+    from diffcli.checkpoint import remove_temporaries, save_atomic
+
+    save_atomic({"w": torch.zeros(2)}, {"format": "diffcli"}, tmp_path / "ema_4.safetensors")
+    killed = [tmp_path / ".ema_6.k3x9.partial.safetensors", tmp_path / ".ema_6.safetensors.tmp12345"]
+    for p in killed:
+        p.write_bytes(b"half a checkpoint")
+    assert sorted(remove_temporaries(tmp_path)) == sorted(killed)
+    assert [p.name for p in tmp_path.iterdir()] == ["ema_4.safetensors"]
