@@ -107,8 +107,8 @@ def _run_folder_overrides(command: str, rest: list[str]) -> list[str]:
     from .runs import CREATED, missing_folders
     from .schema import parse_overrides
 
-    given = next((o.value() for o in parse_overrides(rest) if o.key_or_group == "hydra.run.dir"), None)
-    sweep = next((o.value() for o in parse_overrides(rest) if o.key_or_group == "hydra.sweep.dir"), None)
+    values = {o.key_or_group: o.value() for o in parse_overrides(rest)}  # the last of a repeated key, as Hydra
+    given, sweep, resume = (values.get(k) for k in ("hydra.run.dir", "hydra.sweep.dir", "train.resume"))
     multirun = bool({"-m", "--multirun"} & set(rest))
     for key, folder in (("hydra.sweep.dir", sweep if multirun else None), ("hydra.run.dir", None if multirun else given)):
         if isinstance(folder, str):
@@ -116,7 +116,6 @@ def _run_folder_overrides(command: str, rest: list[str]) -> list[str]:
     for folder in (given, sweep):
         if isinstance(folder, str) and not os.path.exists(folder):
             CREATED[os.path.abspath(folder)] = missing_folders(folder)[1:]
-    resume = next((o.value() for o in parse_overrides(rest) if o.key_or_group == "train.resume"), None)
     if command != "train" or not isinstance(resume, str) or multirun:
         return []
     if given is not None:
