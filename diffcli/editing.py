@@ -3,6 +3,8 @@
 - `gmm_posterior`: p(x0 | y) of a Gaussian mixture under a linear observation y = A x0 + sigma_y n, in closed form.
 - `Replaced`: inpainting by replacement (score_sde): the known coordinates of x_t are the known data noised to t
   before every prediction, so any sampler completes the rest; `colorize` is the same in a luminance/colour basis.
+- `repaint`: replacement with RePaint's resampling (Lugmayr et al. 2022): down the grid one step, back up a few.
+- `dps`: Diffusion Posterior Sampling (Chung et al. 2023) for y = A x0 + sigma_y n, A one of the linear `OPERATORS`.
 - `sdedit`: the data noised to t = strength along the model's path, then any sampler from there (Meng et al. 2022).
 - `encode` / `decode` (`pf_ode`): the probability-flow ODE from data to noise and back (DDIM's inversion), and
   `interpolate` between two inputs by `slerp` of their encodings.
@@ -18,6 +20,7 @@ import torch
 
 from . import DiffcliError
 from .guidance import Wrapped
+from .samplers.core import draw_noise, transition
 
 
 def gmm_posterior(means: torch.Tensor, covs: torch.Tensor, log_weights: torch.Tensor, A: torch.Tensor,
@@ -125,6 +128,157 @@ def sdedit(sampler, denoiser, x0: torch.Tensor, strength: float, t_grid: torch.T
     x = path.marginal(x0, path.sample_prior(x0.shape, generator, x0.device).to(x0.dtype), s)
     return sampler(denoiser, path, x, from_time(t_grid, strength), generator=generator)
 
+
+
+def one_step(sampler, denoiser, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, generator=None) -> torch.Tensor:
+    """x carried from t to s by one step of `sampler` (a multistep sampler takes its first-order step: edits that act
+    between steps run a sampler one step at a time)."""
+    return sampler(denoiser, denoiser.path, x, torch.stack([t, s]), generator=generator)
+
+
+def need_gaussian(path, method: str) -> None:
+    """Refuse an edit that noises with, or differentiates through, a Gaussian transition on another prior."""
+    if not path.gaussian_prior:
+        raise DiffcliError(f"{method} needs a Gaussian prior (it adds Gaussian noise along the path); this model's "
+                           f"prior is {path.prior}: use method=replace, task=sdedit or task=encode")
+
+
+def renoise(path, x_s: torch.Tensor, s: torch.Tensor, t: torch.Tensor, generator=None) -> torch.Tensor:
+    """x_t ~ q(x_t | x_s), s < t: (alpha_t / alpha_s) x_s + sigma_{t|s} z, the forward process from s to t (RePaint's
+    undo step; for DDPM one step of it is sqrt(1 - beta_t) x + sqrt(beta_t) z)."""
+    a_t, _, a_s, _, s2_ts = transition(path, t, s)
+    return (a_t / a_s) * x_s + torch.sqrt(s2_ts.clamp(min=0)) * draw_noise(x_s, generator)
+
+
+def repaint_walk(steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> list[int]:
+    """The grid positions RePaint visits (Lugmayr et al. 2022, sec. 4.1, the jump schedule of diffusers'
+    RePaintScheduler.set_timesteps): 0 (the prior) to `steps` (the data), and from every jump_length-th position
+    jump_length back up, jump_n_sample - 1 times; 1 + steps + 2 jump_length (jump_n_sample - 1) (#jumps) entries."""
+    if jump_length < 1 or jump_n_sample < 1:
+        raise DiffcliError(f"jump_length={jump_length} and jump_n_sample={jump_n_sample} must be >= 1 "
+                           "(jump_n_sample=1: no resampling)")
+    jumps = {j: jump_n_sample - 1 for j in range(0, steps - jump_length, jump_length)}
+    walk, i = [0], steps  # i counts down as diffusers' inference index; after its move the state is at steps - i
+    while i >= 1:
+        i -= 1
+        walk.append(steps - i)
+        if jumps.get(i, 0) > 0:
+            jumps[i] -= 1
+            for _ in range(jump_length):
+                i += 1
+                walk.append(steps - i)
+    return walk
+
+
+def repaint(sampler, denoiser, x_known: torch.Tensor, mask: torch.Tensor, t_grid: torch.Tensor,
+            jump_length: int = 10, jump_n_sample: int = 10, generator: torch.Generator | None = None,
+            basis: torch.Tensor | None = None) -> torch.Tensor:
+    """RePaint (Lugmayr et al. 2022, Alg. 1): from the prior down the grid by one step of `sampler`, after which
+    the known coordinates become the known data noised to the new time; and along `repaint_walk` back up by the
+    forward process (`renoise`), so that the unknown part is resampled in harmony with the known."""
+    path = denoiser.path
+    need_gaussian(path, "method=repaint")
+    replaced = Replaced(denoiser, x_known, mask, generator, basis)
+    walk = repaint_walk(len(t_grid) - 1, jump_length, jump_n_sample)
+    x = draw_noise(x_known, generator)
+    for p, q in zip(walk[:-1], walk[1:]):
+        t, s = t_grid[p], t_grid[q]
+        if q < p:  # back up: t < s here
+            x = renoise(path, x, t, s, generator)
+            continue
+        x = one_step(sampler, denoiser, x, t, s, generator)
+        s_b = s.expand(len(x)).to(x.dtype)
+        x = replaced.project(x, path.marginal(x_known.to(x.dtype), draw_noise(x, generator), s_b))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear measurements A x0 of DPS: a mask, box down-sampling (super-resolution), a Gaussian blur
+
+
+class Masked:
+    """A x = x where `mask` is true, 0 elsewhere (DPS's inpainting operator, measurements.py InpaintingOperator)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask.bool()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask.to(x.device)
+
+
+class BoxDown:
+    """A x = the mean of each factor x factor block (super-resolution by box averaging; DPS's reference resizes
+    bicubically)."""
+
+    def __init__(self, factor: int):
+        self.factor = int(factor)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[-1] % self.factor or x.shape[-2] % self.factor:
+            raise DiffcliError(f"operator=down{self.factor} averages {self.factor}x{self.factor} blocks of images; "
+                               f"the input's shape {tuple(x.shape[1:])} does not divide")
+        return torch.nn.functional.avg_pool2d(x, self.factor)
+
+
+class Blur:
+    """A x = x convolved with a normalised Gaussian kernel of `size` pixels and width `width`, zero padding (DPS's
+    gaussian_blur operator, there 61 pixels wide with intensity 3.0 on 256x256 images)."""
+
+    def __init__(self, size: int = 9, width: float = 2.0):
+        if size < 1 or size % 2 == 0 or width <= 0:
+            raise DiffcliError(f"operator=blur needs an odd kernel size >= 1 and a width > 0, got {size} and {width}")
+        u = torch.arange(size, dtype=torch.float64) - size // 2
+        k = torch.exp(-(u**2) / (2 * width**2))
+        self.kernel = torch.outer(k, k) / k.sum() ** 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        weight = self.kernel.to(x)[None, None].expand(c, 1, *self.kernel.shape)
+        return torch.nn.functional.conv2d(x, weight, padding=self.kernel.shape[-1] // 2, groups=c)
+
+
+class Matrix:
+    """A x = x A^T for flat points, (B, d) -> (B, m)."""
+
+    def __init__(self, A: torch.Tensor):
+        self.A = A
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.A.to(x).T
+
+
+class _Evaluated(Wrapped):
+    """`inner` whose prediction at the tensor x (this very object) and time t is known already: a sampler's first
+    evaluation of a step costs nothing (DPS has just made it, with its gradient)."""
+
+    def __init__(self, inner, x: torch.Tensor, t: torch.Tensor, prediction):
+        super().__init__(inner)
+        self.x, self.t, self.prediction = x, float(t), prediction
+
+    def predict(self, x_t, t, labels=None):
+        if x_t is self.x and labels is None and not (torch.is_tensor(t) and t.dim()) and float(t) == self.t:
+            return self.prediction
+        return self.inner.predict(x_t, t, labels)
+
+
+def dps(sampler, denoiser, operator, y: torch.Tensor, shape, t_grid: torch.Tensor, scale: float = 1.0,
+        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Diffusion Posterior Sampling (Chung et al. 2023, Alg. 1) as its reference code steps (condition_methods.py,
+    PosteriorSampling; gaussian_diffusion.py, p_sample_loop): one step of `sampler` from x_t, then
+    x_s -= scale * grad_{x_t} ||y - A(x0_hat(x_t))||, the norm taken per sample (the reference takes it over the
+    whole batch, which couples the samples of a batch). `shape`: the samples', (B, *data shape)."""
+    need_gaussian(denoiser.path, "DPS")
+    x = draw_noise(y.new_empty(shape), generator)
+    for t, s in zip(t_grid[:-1], t_grid[1:]):
+        x_t = x.detach().requires_grad_()
+        with torch.enable_grad():
+            x0, x1 = denoiser.predict(x_t, t)
+            norm = (y - operator(x0)).flatten(1).norm(dim=1)
+            grad, = torch.autograd.grad(norm.sum(), x_t)
+        x_in = x_t.detach()
+        x = one_step(sampler, _Evaluated(denoiser, x_in, t, (x0.detach(), x1.detach())), x_in, t, s, generator)
+        x = x - scale * grad
+    return x.detach()
 
 
 def pf_ode(denoiser, x: torch.Tensor, t_from: float, t_to: float, rtol: float = 1e-7, atol: float = 1e-7):
