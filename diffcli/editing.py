@@ -79,12 +79,20 @@ class Replaced(Wrapped):
         return self.project(x0), x1_hat
 
 
+def prior_draw(path, shape, t_grid: torch.Tensor, generator, like: torch.Tensor) -> torch.Tensor:
+    """A start at the grid's first time, sigma(t_0) x1 with x1 from the prior (as `diffcli sample` starts: a VE
+    path's sigma(1) is its sigma_max)."""
+    x1 = path.sample_prior(shape, generator, like.device) if not path.gaussian_prior else \
+        draw_noise(like.new_empty(shape), generator)
+    return (path.sigma(t_grid[0]) * x1).to(like.dtype)
+
+
 def inpaint(sampler, denoiser, x_known: torch.Tensor, mask: torch.Tensor, t_grid: torch.Tensor,
             generator: torch.Generator | None = None, basis: torch.Tensor | None = None) -> torch.Tensor:
     """x with its known coordinates (`mask`, in `basis`) those of x_known and the rest drawn by `sampler` over the
     Replaced denoiser from the prior."""
     path = denoiser.path
-    x = path.sample_prior(x_known.shape, generator, x_known.device).to(x_known.dtype)
+    x = prior_draw(path, x_known.shape, t_grid, generator, x_known)
     replaced = Replaced(denoiser, x_known, mask, generator, basis)
     return replaced.project(sampler(replaced, path, x, t_grid, generator=generator))
 
@@ -180,7 +188,7 @@ def repaint(sampler, denoiser, x_known: torch.Tensor, mask: torch.Tensor, t_grid
     need_gaussian(path, "method=repaint")
     replaced = Replaced(denoiser, x_known, mask, generator, basis)
     walk = repaint_walk(len(t_grid) - 1, jump_length, jump_n_sample)
-    x = draw_noise(x_known, generator)
+    x = prior_draw(path, x_known.shape, t_grid, generator, x_known)
     for p, q in zip(walk[:-1], walk[1:]):
         t, s = t_grid[p], t_grid[q]
         if q < p:  # back up: t < s here
@@ -268,7 +276,7 @@ def dps(sampler, denoiser, operator, y: torch.Tensor, shape, t_grid: torch.Tenso
     x_s -= scale * grad_{x_t} ||y - A(x0_hat(x_t))||, the norm taken per sample (the reference takes it over the
     whole batch, which couples the samples of a batch). `shape`: the samples', (B, *data shape)."""
     need_gaussian(denoiser.path, "DPS")
-    x = draw_noise(y.new_empty(shape), generator)
+    x = prior_draw(denoiser.path, shape, t_grid, generator, y)
     for t, s in zip(t_grid[:-1], t_grid[1:]):
         x_t = x.detach().requires_grad_()
         with torch.enable_grad():
