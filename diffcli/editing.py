@@ -317,6 +317,18 @@ def decode(denoiser, x_t: torch.Tensor, t: float = 1.0, **tolerances) -> torch.T
     return pf_ode(denoiser, x_t, t, 0.0, **tolerances)
 
 
+def ode_encode(sampler, denoiser, x0: torch.Tensor, t_grid: torch.Tensor) -> torch.Tensor:
+    """x0, taken as the state at the grid's smallest time t > 0, carried up to t_0 by a deterministic `sampler` on the
+    grid reversed: DDIM inversion (Song et al. 2021a, sec. 5.4; Dhariwal & Nichol 2021, App. F) for any ODE sampler."""
+    return sampler(denoiser, denoiser.path, x0, t_grid[t_grid > 0].flip(0))
+
+
+def ode_decode(sampler, denoiser, x_t: torch.Tensor, t_grid: torch.Tensor) -> torch.Tensor:
+    """x_t at t_0 carried down the grid to its smallest time t > 0 by `sampler`: the inverse of ode_encode (the last
+    step to t = 0, which would replace x by x0_hat, is not taken, so that decode(encode(x)) -> x as steps grow)."""
+    return sampler(denoiser, denoiser.path, x_t, t_grid[t_grid > 0])
+
+
 def slerp(z0: torch.Tensor, z1: torch.Tensor, w: float) -> torch.Tensor:
     """Spherical interpolation per sample (Shoemake 1985), as the DDIM paper interpolates encodings (section 5.3):
     sin((1 - w) theta) / sin(theta) z0 + sin(w theta) / sin(theta) z1, theta the angle between z0 and z1; the straight
