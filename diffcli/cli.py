@@ -1,4 +1,4 @@
-"""`diffcli train|sample|eval [overrides] [-m]`: pops the subcommand, runs that command's Hydra app.
+"""`diffcli train|sample|eval|edit [overrides] [-m]`: pops the subcommand, runs that command's Hydra app.
 
 Errors a user can fix (bad overrides, bad paths, bad values) are printed as one line and exit
 with code 2; set HYDRA_FULL_ERROR=1 to see the full traceback instead.
@@ -26,6 +26,7 @@ commands:
   train    fit a model          e.g. diffcli train data=moons
   sample   sample a checkpoint  e.g. diffcli sample sampler=ddim steps=50 eta=0
   eval     score a checkpoint   e.g. diffcli eval ckpt=outputs/train/<run> metric=fid
+  edit     edit with a model    e.g. diffcli edit task=inpaint input=digits.npz mask=bottom
   summary  tabulate a sweep     e.g. diffcli summary outputs/multirun/eval/<date>_<time>
 
 'diffcli <command> --help' lists that command's config groups and options.
@@ -178,8 +179,16 @@ def _eval(cfg) -> None:
     run_eval(cfg, _run_dir())
 
 
+@_user_errors_exit
+def _edit(cfg) -> None:
+    preflight("edit", cfg)
+    from .edit import run_edit
+
+    run_edit(cfg, _run_dir())
+
+
 # subcommand -> (primary config, task function); Hydra is imported only once one is chosen
-COMMANDS = {"train": ("train", _train), "sample": ("sample", _sample), "eval": ("eval", _eval)}
+COMMANDS = {"train": ("train", _train), "sample": ("sample", _sample), "eval": ("eval", _eval), "edit": ("edit", _edit)}
 
 
 def _run_dir() -> str:
@@ -244,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     user_wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["DIFFCLI_TRACEBACK"] = "1" if user_wants_trace else "0"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
-    if command in ("train", "sample", "eval") and os.environ.get("RANK", "0") != "0":
+    if command in COMMANDS and os.environ.get("RANK", "0") != "0":
         # torchrun's other ranks: rank 0 owns the run folder and its logs, these write nothing of their own
         rest = [*rest, "hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=stdout"]
     sys.argv = [f"diffcli {command}", *rest]

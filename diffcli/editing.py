@@ -256,15 +256,16 @@ class Matrix:
 
 
 class _Evaluated(Wrapped):
-    """`inner` whose prediction at the tensor x (this very object) and time t is known already: a sampler's first
-    evaluation of a step costs nothing (DPS has just made it, with its gradient)."""
+    """`inner` whose prediction at x and time t is known already: a sampler's first evaluation of a step costs
+    nothing (DPS has just made it, with its gradient)."""
 
     def __init__(self, inner, x: torch.Tensor, t: torch.Tensor, prediction):
         super().__init__(inner)
         self.x, self.t, self.prediction = x, float(t), prediction
 
     def predict(self, x_t, t, labels=None):
-        if x_t is self.x and labels is None and not (torch.is_tensor(t) and t.dim()) and float(t) == self.t:
+        same_x = x_t is self.x or (x_t.shape == self.x.shape and torch.equal(x_t, self.x))  # EDM's x~ alpha: a copy
+        if same_x and labels is None and not (torch.is_tensor(t) and t.dim()) and float(t) == self.t:
             return self.prediction
         return self.inner.predict(x_t, t, labels)
 

@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "fit a formulation (model=) on a dataset (data=) with a network (net=)",
     "sample": "draw samples from a trained checkpoint; its data, model, net and train settings come from it",
     "eval": "sample a checkpoint and score the samples against fresh data (metrics.json)",
+    "edit": "inpaint, colorize, SDEdit, encode/decode/interpolate or solve y = A x0 + n with a checkpoint (edited.npz)",
 }
 
 # group -> (what it chooses, {key below it: one line}); a key ending in `.*` stands for a class's own arguments
@@ -78,7 +79,7 @@ GROUPS = {
 # top-level keys (and the `sample.` options) -> one line
 KEYS = {
     "ckpt": "a training run folder or an ema_<step>.safetensors file (null: the newest run under ./outputs/)",
-    "n": "number of samples (sample's null: 2000 points for 2D data, 64 images)",
+    "n": "number of samples (sample's null: 2000 points for 2D data, 64 images; edit: the first n inputs, null: all)",
     "batch_size": "samples per batch (eval's null: 1000 for 2D points, 256 for images)",
     "steps": "sampling steps (null: the sampler's default)",
     "eta": "DDIM's stochasticity (0: deterministic, 1: ancestral-like)",
@@ -100,6 +101,17 @@ KEYS = {
     "data.root": "eval: where torchvision datasets live ($DIFFCLI_DATA, else ~/.cache/diffcli); never the checkpoint's",
     "data.path": "eval of a data=npz/folder model: the .npz file or image folder to score against (required there)",
     "data.download": "eval: fetch missing torchvision files (false: a missing file is an error)",
+    "task": "edit: inpaint | colorize | sdedit | encode | decode | interpolate | dps",
+    "method": "edit task=inpaint: replace (score_sde) | repaint (RePaint's resampling) | dps",
+    "input": "edit: an image file or folder, an .npz (images, samples, results, noise) or .npy; 2D: NaN = unknown",
+    "mask": "edit: the pixels to fill: bottom | top | left | right, [x0,y0,x1,y1], all, none or a mask image (white)",
+    "strength": "edit task=sdedit: the time the inputs are noised to (0: unchanged, 1: a fresh sample)",
+    "jump_length": "edit method=repaint: steps of one jump back up",
+    "jump_n_sample": "edit method=repaint: times each jump is taken (1: no resampling)",
+    "operator": "edit task=dps: mask | blur | down<k> (k x k box averages)",
+    "sigma_y": "edit task=dps: the measurement noise",
+    "scale": "edit task=dps: the step size (the DPS reference: 0.3 to 1.0)",
+    "frames": "edit task=interpolate: points per pair, both ends included",
 }
 
 

@@ -154,6 +154,52 @@ def plot_loss(out_dir: Path, title: str) -> Path:
     return save_figure(fig, out_dir / "loss.png")
 
 
+EDIT_ROWS = 16  # the inputs edited.png shows at most
+
+
+def save_edit_picture(columns: list, file: Path, title: str) -> Path:
+    """An edit side by side: for images one row per (name, images) pair, one column per input (EDIT_ROWS at
+    most); for 2D points the results over the inputs' known coordinates (rug ticks where one coordinate is
+    unknown)."""
+    import torch
+
+    from .data import shape_kind
+
+    name, first = columns[0]
+    if shape_kind(first.shape[1:]) == "images":
+        from torchvision.utils import make_grid
+
+        cols = min(len(first), EDIT_ROWS)
+        grid = torch.cat([images[:cols] for _, images in columns])  # one row per kind, one column per input
+        picture = make_grid((grid.clamp(-1, 1) + 1) / 2, nrow=cols, padding=2, pad_value=1.0)
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(0.75 * cols + 1.2, 0.75 * len(columns) + 0.5))
+        ax.imshow(picture.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_yticks([(k + 0.5) * picture.shape[1] / len(columns) for k in range(len(columns))],
+                      [n for n, _ in columns], fontsize=7)
+        ax.set_xticks([])
+        ax.set_title(title, fontsize=7)
+        fig.tight_layout()
+        return save_figure(fig, file)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    inputs, results = first, columns[-1][1]
+    complete = ~torch.isnan(inputs).any(1)
+    ax.scatter(*results.T, s=2, c="tab:blue", label=columns[-1][0])
+    if complete.any():
+        ax.scatter(*inputs[complete].T, s=2, c="0.6", label="complete inputs")
+    for axis in (0, 1):
+        known = inputs[torch.isnan(inputs[:, 1 - axis]) & ~torch.isnan(inputs[:, axis]), axis]
+        if len(known):  # the observed coordinate of each half-known point, as ticks on its axis
+            other = ax.get_ylim()[0] if axis == 0 else ax.get_xlim()[0]
+            xy = (known, torch.full_like(known, other)) if axis == 0 else (torch.full_like(known, other), known)
+            ax.plot(*xy, "|" if axis == 0 else "_", c="tab:red", ms=8, label=f"known x[{axis}]")
+    ax.legend(loc="upper right", markerscale=3, fontsize="small")
+    ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, file)
+
+
 def contact_sheet(panels, file: Path) -> Path:
     """Pictures side by side in one PNG: `panels` are (title, image array) pairs, the jobs' last samples."""
     plt = pyplot()

@@ -179,6 +179,14 @@ def write_text(file: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_npz(file: Path, arrays: dict) -> None:
+    """np.savez of `arrays` through a temporary renamed into place (atomic_file)."""
+    import numpy as np
+
+    with atomic_file(file) as tmp:
+        np.savez(tmp, **arrays)
+
+
 class Silent:
     """The logger of ranks other than 0: they write nothing."""
 

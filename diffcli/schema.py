@@ -183,7 +183,23 @@ class EvalApp(SamplingOptions):
     data: Data = field(default_factory=Data)
 
 
-SCHEMAS = {"train_schema": TrainApp, "sample_schema": SampleApp, "eval_schema": EvalApp}
+@dataclass
+class EditApp(SamplingOptions):
+    task: str = "inpaint"             # inpaint | colorize | sdedit | encode | decode | interpolate | dps (edit.TASKS)
+    method: str = "replace"           # inpaint: replace | repaint | dps
+    input: Optional[str] = None       # image file or folder, .npz (images, samples, results, noise) or .npy
+    mask: Any = None                  # inpaint / dps: the pixels to fill (null: bottom half; 2D points: their NaN)
+    n: Optional[int] = None           # at most the first n inputs (null: all)
+    strength: float = 0.5             # sdedit: the time the inputs are noised to (0: unchanged, 1: a fresh sample)
+    jump_length: int = 10             # repaint: the steps of one jump back up
+    jump_n_sample: int = 10           # repaint: the times each jump is taken (1: no resampling)
+    operator: str = "mask"            # dps: mask | blur | down<k>
+    sigma_y: float = 0.05             # dps: the measurement noise
+    scale: float = 1.0                # dps: the step size (DPS's reference: 0.3 super-resolution, 0.5 inpainting)
+    frames: int = 8                   # interpolate: the points between and at each pair's ends
+
+
+SCHEMAS = {"train_schema": TrainApp, "sample_schema": SampleApp, "eval_schema": EvalApp, "edit_schema": EditApp}
 
 
 def register() -> None:
@@ -353,6 +369,7 @@ def _plain_at(cfg: DictConfig, key: str):
 
 # Upper bounds keep a size typed (or read from a stored config) from asking for more memory than any machine has.
 MAX_STEPS, MAX_N, MAX_BATCH = 10**6, 10**7, 2**20
+EDIT_TASKS = ("inpaint", "colorize", "sdedit", "encode", "decode", "interpolate", "dps")
 MAX_CLASSES = 10_000  # a class count sizes the label embedding, and 10,000 names take 2 s to validate
 # key -> (test, what it must be); checked on the composed config (and on a checkpoint's stored one) before any work
 RANGES = {
@@ -402,6 +419,14 @@ RANGES = {
     "n": (lambda v: v is None or 0 < v <= MAX_N, f"a positive integer <= {MAX_N}"),
     "batch_size": (lambda v: v is None or 0 < v <= MAX_BATCH, f"a positive integer <= {MAX_BATCH} (or null for the "
                    "data's default)"),
+    "task": (lambda v: v in EDIT_TASKS, f"one of {', '.join(EDIT_TASKS)}"),
+    "method": (lambda v: v in ("replace", "repaint", "dps"), "replace, repaint or dps (task=inpaint)"),
+    "strength": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0: the input unchanged, 1: a fresh sample)"),
+    "jump_length": (lambda v: 0 < v <= MAX_STEPS, "a positive integer (RePaint's jump length; 10 in the paper)"),
+    "jump_n_sample": (lambda v: 0 < v <= 1000, "a positive integer <= 1000 (RePaint's resamplings; 1: none)"),
+    "sigma_y": (lambda v: v >= 0, "a number >= 0 (the measurement noise)"),
+    "scale": (lambda v: v >= 0, "a number >= 0 (DPS's step size)"),
+    "frames": (lambda v: 2 <= v <= 1000, "an integer in [2, 1000]"),
     "metric.batch_size": (lambda v: v > 0, "a positive integer"),
     "metric.kid_subsets": (lambda v: v > 0, "a positive integer"),
     "metric.kid_subset_size": (lambda v: v > 1, "an integer > 1"),

@@ -16,13 +16,13 @@ Configs and checkpoints name samplers `diffcli.samplers.<name>`: every one stays
 from .grids import (GRIDS, SPACINGS, ddim_grid, ddim_timesteps, ends_grid, karras_grid, levels_grid, log_snr,
                     logsnr_grid, quadratic_grid, t_from_lambda, uniform_grid)
 from .ode import dopri5, dpmpp_2m, euler, heun, midpoint, rk4, unipc
-from .core import NEEDS, REQUIREMENTS, check_sampler
+from .core import DETERMINISTIC, NEEDS, REQUIREMENTS, check_sampler, is_deterministic
 from .sde import PREDICTORS, ancestral, ddim, dpmpp_2m_sde, dpmpp_3m_sde, euler_maruyama, langevin, pc
 
 SAMPLERS = {"ancestral": ancestral, "ddim": ddim, "euler": euler, "heun": heun, "dpmpp_2m": dpmpp_2m,
             "dpmpp_2m_sde": dpmpp_2m_sde, "dpmpp_3m_sde": dpmpp_3m_sde, "unipc": unipc, "midpoint": midpoint,
             "rk4": rk4, "dopri5": dopri5, "euler_maruyama": euler_maruyama, "pc": pc, "langevin": langevin}
 
-__all__ = ["GRIDS", "SPACINGS", "NEEDS", "REQUIREMENTS", "PREDICTORS", "SAMPLERS", "check_sampler", "log_snr",
+__all__ = ["GRIDS", "SPACINGS", "NEEDS", "DETERMINISTIC", "is_deterministic", "REQUIREMENTS", "PREDICTORS", "SAMPLERS", "check_sampler", "log_snr",
            "t_from_lambda", "ddim_timesteps", "ddim_grid", "uniform_grid", "quadratic_grid", "karras_grid",
            "logsnr_grid", "ends_grid", "levels_grid", *SAMPLERS]

@@ -54,6 +54,24 @@ NEEDS = {
 }
 
 
+# samplers whose step is a deterministic map (an ODE step), under these options: what inversion can run backwards
+DETERMINISTIC = {
+    "ddim": lambda eta=0.0, **options: eta == 0,
+    "euler": lambda s_churn=0.0, **options: s_churn == 0,
+    "heun": lambda s_churn=0.0, **options: s_churn == 0,
+    "dpmpp_2m": lambda **options: True,
+    "unipc": lambda **options: True,
+    "midpoint": lambda **options: True,
+    "rk4": lambda **options: True,
+    "dopri5": lambda **options: True,
+}
+
+
+def is_deterministic(name: str, **options) -> bool:
+    """Whether sampler `name` with these options is an ODE solver (no noise drawn)."""
+    return name in DETERMINISTIC and DETERMINISTIC[name](**options)
+
+
 def check_sampler(name: str, path: ProbabilityPath, **options) -> None:
     """Raise a one-line DiffcliError unless sampler `name` (with these options) is valid for `path`."""
     if name not in NEEDS:

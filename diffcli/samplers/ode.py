@@ -48,7 +48,8 @@ def _edm_steps(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.T
         record(trajectory, path.alpha(t_grid[1]) * x_tilde)
     else:
         x_tilde = x / path.alpha(t_grid[0])
-    for i in range(first, n):
+    last = n - 1 if torch.isinf(s_grid[-1]) else n  # a grid up to a flow's t = 1 (inversion): see below
+    for i in range(first, last):
         t, s, t_next, s_next = t_grid[i], s_grid[i], t_grid[i + 1], s_grid[i + 1]
         if s_churn > 0:
             eps = s_noise * draw_noise(x_tilde, generator)
@@ -61,6 +62,10 @@ def _edm_steps(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.T
             x_next = x_tilde + (s_next - s) * (d + d_next) / 2
         x_tilde = x_next
         record(trajectory, path.alpha(t_next) * x_tilde)
+    if last < n:  # the step to s = inf: alpha_next x~_next has the finite limit sigma_next x1_hat (DDIM's)
+        x = path.sigma(t_grid[-1]) * denoiser.predict(path.alpha(t_grid[-2]) * x_tilde, t_grid[-2])[1]
+        record(trajectory, x)
+        return x
     return path.alpha(t_grid[-1]) * x_tilde
 
 
@@ -73,7 +78,7 @@ def euler(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor
 
     Without churn this is DDIM with eta = 0 (Song et al. 2021a, eq. 13): x_s = alpha_s x0_hat + sigma_s x1_hat.
     The step to t = 0 (s = 0) returns x0_hat; from s = inf (a flow's t = 1) the step is its finite limit
-    x~ = x0_hat + s_next x1_hat.
+    x~ = x0_hat + s_next x1_hat, and a step up to s = inf (inversion) is x = sigma_next x1_hat.
     """
     check_sampler("euler", path, s_churn=s_churn)
     return _edm_steps(denoiser, path, x, t_grid, second_order=False, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
@@ -89,7 +94,8 @@ def heun(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor,
     the trapezoidal correction, which the step to s = 0 skips (it returns x0_hat).
 
     From s = inf (a flow's t = 1, alpha = 0) the trapezoid has no finite limit: that first step is Euler's limit
-    x~ = x0_hat + s_next x1_hat (DDIM), one evaluation instead of two. Churn needs a Gaussian prior.
+    x~ = x0_hat + s_next x1_hat (DDIM), one evaluation instead of two; so is a last step up to s = inf (inversion,
+    editing.ode_encode), x = sigma_next x1_hat. Churn needs a Gaussian prior.
     """
     check_sampler("heun", path, s_churn=s_churn)
     return _edm_steps(denoiser, path, x, t_grid, second_order=True, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
