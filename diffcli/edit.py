@@ -4,6 +4,7 @@ edited.npz (inputs, masks or measurements, results) and edited.png (them side by
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -34,10 +35,12 @@ def run_edit(cfg: DictConfig, out_dir) -> dict:
     model = load_model(cfg.ckpt, device, cfg.get("net_class"))
     x = read_inputs(cfg.input, model.shape, cfg.get("n"), cfg.task)
     run = plan(_with_n(cfg, len(x)), model, device)
+    if cfg.get("label") is None and cfg.get("labels") is None:  # inputs of no stated class: the model's
+        run = dataclasses.replace(run, labels=None)  # unconditional prediction, not sample's even spread of classes
     _check_task(cfg, model, run, len(x))
     masks = _masks(cfg, model, x)
     t0, parts = time.perf_counter(), []
-    size = run.batch_size - run.batch_size % 2 if cfg.task == "interpolate" else run.batch_size
+    size = max(2, run.batch_size - run.batch_size % 2) if cfg.task == "interpolate" else run.batch_size
     with progress(len(x), cfg.task) as bar:
         for i, start in enumerate(range(0, len(x), size)):
             rows = slice(start, start + size)
@@ -70,6 +73,9 @@ def _check_task(cfg: DictConfig, model: LoadedModel, run: Plan, n: int) -> None:
     if cfg.task in ODE_TASKS and not is_deterministic(name, **run.sampler.keywords):
         raise DiffcliError(f"task={cfg.task} runs the probability-flow ODE and sampler={name} is stochastic: choose "
                            "a deterministic one, e.g. sampler=ddim eta=0, sampler=euler or sampler=heun")
+    if cfg.task in ODE_TASKS and name in ("dpmpp_2m", "unipc") and path.alpha(run.grid[:1]).item() == 0:
+        raise DiffcliError(f"task={cfg.task} with sampler={name} would end in log(alpha/sigma) = -inf at this model's "
+                           "t = 1 (alpha = 0, a flow): use sampler=heun, euler, ddim eta=0, midpoint or rk4")
     if cfg.task == "dps" or (cfg.task == "inpaint" and cfg.method in ("repaint", "dps")):
         editing.need_gaussian(path, "task=dps" if cfg.task == "dps" else f"method={cfg.method}")
     if cfg.task == "colorize" and model.shape[0] != 3:

@@ -196,7 +196,8 @@ def repaint(sampler, denoiser, x_known: torch.Tensor, mask: torch.Tensor, t_grid
             continue
         x = one_step(sampler, denoiser, x, t, s, generator)
         s_b = s.expand(len(x)).to(x.dtype)
-        x = replaced.project(x, path.marginal(x_known.to(x.dtype), draw_noise(x, generator), s_b))
+        noised = path.marginal(x_known.to(x.dtype), draw_noise(x, generator), s_b)
+        x = replaced.project(x, noised if s > 0 else x_known)  # t = 0 is clean data on every path (a VE sigma(0) > 0)
     return x
 
 

@@ -33,7 +33,7 @@ def read_inputs(path: str | None, shape: tuple, n: int | None, task: str) -> tor
     if file.is_dir() or file.suffix.lower() in IMAGE_SUFFIXES:
         x = _read_images(file, shape, n)
     elif file.suffix.lower() in (".npz", ".npy"):
-        x = _read_array(file, task)[:n]
+        x = _read_array(file, task, n)
     else:
         raise DiffcliError(f"input={path}: unknown kind of file; give an image ({', '.join(sorted(IMAGE_SUFFIXES))}), "
                            "a folder of images, an .npz or an .npy")
@@ -65,9 +65,9 @@ def _read_images(file: Path, shape: tuple, n: int | None) -> torch.Tensor:
     return to_float(torch.from_numpy(array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2).copy()))
 
 
-def _read_array(file: Path, task: str) -> torch.Tensor:
-    """The array of an .npy, or of the first of NPZ_KEYS in an .npz (noise first for task=decode); uint8 images
-    become floats in [-1, 1]."""
+def _read_array(file: Path, task: str, n: int | None) -> torch.Tensor:
+    """The first n rows of an .npy, or of the first of NPZ_KEYS in an .npz (noise first for task=decode); uint8
+    images become floats in [-1, 1]."""
     keys = ("noise", *NPZ_KEYS) if task == "decode" else NPZ_KEYS
     try:
         if file.suffix.lower() == ".npy":
@@ -83,6 +83,7 @@ def _read_array(file: Path, task: str) -> torch.Tensor:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DiffcliError(f"cannot read input={file} ({_one_line(e)}); save it with np.savez(path, images=...) "
                            "or np.save") from None
+    array = array[:n]
     if array.dtype == np.uint8:
         images = torch.from_numpy(np.array(array))
         return to_float(images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2))

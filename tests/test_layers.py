@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "diffcli"
-COMMANDS = {"train", "sample", "evaluate", "summary"}
+COMMANDS = {"train", "sample", "evaluate", "summary", "edit"}
 APPLICATION = {"loading", "sampling", "scoring", "training", "plots", "runs", "schema", "build", "checkpoint", "help",
-               "distributed", "allocator", "cli"}
-MATHS = {"paths", "prediction", "guidance", "losses", "nets", "oracle", "likelihood", "metrics", "samplers"}
+               "distributed", "allocator", "cli", "inputs"}
+MATHS = {"paths", "prediction", "guidance", "losses", "nets", "oracle", "likelihood", "metrics", "samplers", "editing",
+         "toys"}
 
 
 def imported_modules(file: Path) -> set[str]:

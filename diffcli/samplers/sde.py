@@ -50,7 +50,8 @@ def ddim(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor,
         x0 = clip(denoiser(x, t))
         a_t, s_t, a_s, s_s, s2_ts = transition(path, t, s)
         eps = (x - a_t * x0) / s_t  # consistent with the (possibly clipped) x0
-        c = eta * torch.sqrt(s2_ts * s_s**2 / s_t**2)  # eq. 16's sigma_t
+        # eq. 16's sigma_t; none at eta = 0, also up a reversed grid (inversion), where s2_ts < 0
+        c = eta * torch.sqrt(s2_ts * s_s**2 / s_t**2) if eta > 0 else torch.zeros_like(s_t)
         x = a_s * x0 + torch.sqrt((s_s**2 - c**2).clamp(min=0)) * eps
         if c > 0:
             x = x + c * draw_noise(x, generator)
