@@ -39,14 +39,14 @@ from diffcli.guidance import CountNFE
 from diffcli.oracle import Oracle
 from diffcli.paths import FlowPath, VPPath
 from diffcli.prediction import Denoiser
-from diffcli.samplers import ddim, dpmpp_2m, euler, heun, midpoint, rk4, uniform_grid, unipc
+from diffcli.samplers import ddim, dopri5, dpmpp_2m, euler, heun, midpoint, rk4, uniform_grid, unipc
 from diffcli.toys import gmm_mixture
 
 GMM = {"means": [[-1.0, 0.5], [1.5, -0.5], [0.0, -1.5]],
        "covs": [[[0.3, 0.15], [0.15, 0.2]], [[0.1, -0.06], [-0.06, 0.25]], [[0.4, 0.1], [0.1, 0.08]]],
        "weights": [0.5, 0.3, 0.2]}
 SAMPLERS = {"ddim": ddim, "euler": euler, "heun": heun, "dpmpp_2m": dpmpp_2m, "unipc": unipc, "midpoint": midpoint,
-            "rk4": rk4}
+            "rk4": rk4, "dopri5": dopri5}  # dopri5 is adaptive (rtol = atol = 1e-5): its steps do not set its error
 T_MIN = 1e-3
 
 

@@ -229,8 +229,9 @@ def dopri5(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tenso
            trajectory: list | None = None) -> torch.Tensor:
     """Adaptive Dormand-Prince RK5(4) (Dormand & Prince 1980) on dx/dt = v(x, t) via torchdiffeq's odeint.
 
-    Integrates to the grid's last positive time, then the denoising step returns x0_hat there. The grid's
-    points only say where x is reported (trajectory), not the step sizes.
+    Integrates to the grid's last positive time, then (if the grid ends at 0) the denoising step returns x0_hat
+    there; up an increasing grid it inverts. The grid's points only say where x is reported (trajectory), not the
+    step sizes.
     """
     from torchdiffeq import odeint
 
@@ -239,11 +240,13 @@ def dopri5(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tenso
     # odeint casts t to x's dtype (the path gets float64 back); step_t stops it stepping past the end,
     # and an explicit first step skips torchdiffeq's step-size probe, which can evaluate far outside
     # [0, 1] (seen: t = -23), where a diffusion's sigma is undefined
-    first_step = float(times[0] - times[-1]) / 100
+    first_step = abs(float(times[0] - times[-1])) / 100
     xs = odeint(lambda t, x: velocity_at(denoiser, path, x, t.double()), x, times.to(x.device),
                 rtol=rtol, atol=atol, method="dopri5", options={"step_t": times[-1:], "first_step": first_step})
     for x in xs:
         record(trajectory, x)
+    if t_grid[-1] > 0:  # a grid that ends short of 0 (or goes up it: inversion) ends where it ends
+        return x
     x = denoiser(x, times[-1])  # the denoising step: E[x0 | x_t] at the last time
     record(trajectory, x)
     return x
