@@ -43,6 +43,19 @@ def cpu_kind() -> str:
     return "avx2" if probe("_is_avx2_supported") else "other"
 
 
+def cpu_name() -> str:
+    """The CPU's model name as `lscpu` gives it (benchmark tables name the machine next to every figure)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        import platform
+
+        return platform.processor() or "unknown CPU"
+
+
 def bf16_pays(device: torch.device, task: str) -> bool:
     """Whether bf16 autocast was measured faster than fp32 for `task` ("train" or "sample") on this device's kind:
     a CUDA GPU with bf16, or a CPU kind whose measured speed-up is at least PAYS."""

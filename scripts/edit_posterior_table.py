@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
-import subprocess
 import sys
 import time
 
@@ -29,6 +27,7 @@ from scipy import stats
 
 from diffcli.editing import Matrix, dps, gmm_posterior, inpaint, repaint
 from diffcli.guidance import CountNFE
+from diffcli.hardware import cpu_name
 from diffcli.oracle import Oracle
 from diffcli.paths import VPPath
 from diffcli.prediction import Denoiser
@@ -45,12 +44,7 @@ A = [[1.0, 0.0]]
 
 
 def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        name = platform.processor() or "unknown CPU"
-    return f"{name}, {torch.get_num_threads()} torch threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} torch threads"
 
 
 def denoiser() -> Denoiser:

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -36,6 +34,7 @@ import torch
 
 from diffcli.editing import decode, encode, ode_decode, ode_encode, pf_ode
 from diffcli.guidance import CountNFE
+from diffcli.hardware import cpu_name
 from diffcli.oracle import Oracle
 from diffcli.paths import FlowPath, VPPath
 from diffcli.prediction import Denoiser
@@ -51,12 +50,7 @@ T_MIN = 1e-3
 
 
 def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        name = platform.processor() or "unknown CPU"
-    return f"{name}, {torch.get_num_threads()} torch threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} torch threads"
 
 
 def denoiser(path, prediction: str) -> Denoiser:

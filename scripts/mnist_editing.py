@@ -80,11 +80,11 @@ def main() -> None:
 
     from diffcli.cfid import classifier_for, classifier_outputs
     from diffcli.data import to_float
+    from diffcli.hardware import cpu_name
     from diffcli.plots import save_edit_picture
 
     k = args.edit_n or args.n
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    print(next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?"),
+    print(cpu_name(),
           f"| torch {torch.__version__} | digits 0..{k - 1} (model and classifier trained on {args.n}..9999)")
     classifier, info = classifier_for({"kind": "npz", "name": "mnist-train", "path": str(out / "train.npz")},
                                       cache_dir=out / "cache", device="cpu")
