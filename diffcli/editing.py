@@ -126,12 +126,15 @@ def from_time(t_grid: torch.Tensor, t0: float) -> torch.Tensor:
 def sdedit(sampler, denoiser, x0: torch.Tensor, strength: float, t_grid: torch.Tensor,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """SDEdit (Meng et al. 2022, Alg. 1): x0 noised to t = strength along the path, x_s = alpha(s) x0 + sigma(s) x1,
-    then `sampler` from s to 0 on the grid's times below s; strength 0 returns x0 unchanged."""
+    then `sampler` from s to 0 on the grid's times below s; strength 0 returns x0 unchanged, strength 1 is a fresh
+    sample from the grid's start."""
     if not 0 <= strength <= 1:
         raise DiffcliError(f"strength={strength} must lie in [0, 1] (0: the input unchanged, 1: a fresh sample)")
     if strength == 0:
         return x0.clone()
     path = denoiser.path
+    if strength == 1:  # the input forgotten: exactly `diffcli sample`'s run (a VP path's alpha(1) x0 is ~0.007 x0)
+        return sampler(denoiser, path, prior_draw(path, x0.shape, t_grid, generator, x0), t_grid, generator=generator)
     s = torch.full((len(x0),), float(strength), dtype=x0.dtype, device=x0.device)
     x = path.marginal(x0, path.sample_prior(x0.shape, generator, x0.device).to(x0.dtype), s)
     return sampler(denoiser, path, x, from_time(t_grid, strength), generator=generator)

@@ -81,6 +81,31 @@ def test_sdedit_strength_one_is_diffcli_sample_and_zero_the_input(models, tmp_pa
     assert torch.equal(out["results"], out["inputs"])
 
 
+def test_sdedit_strength_one_on_a_diffusion_is_diffcli_sample_too(models, tmp_path):
+    """On the DDPM path alpha(1) = 0.006 is not 0: strength=1 still forgets the input and draws `sample`'s samples
+    on the sampler's whole grid (DDIM's leading grid starts below t = 1)."""
+    from diffcli.sample import run_sample
+
+    pts = np.random.default_rng(2).normal(size=(20, 2)).astype(np.float32)
+    np.save(tmp_path / "pts.npy", pts)
+    common = [f"ckpt={models / 'gmm_ddpm'}", "sampler=ddim", "steps=10", "seed=5", "device=cpu"]
+    out = edit(models, tmp_path / "e", *common, f"input={tmp_path / 'pts.npy'}", "task=sdedit", "strength=1")
+    drawn = run_sample(compose_config("sample", [*common, "n=20"]), tmp_path / "s")
+    assert torch.allclose(out["results"], drawn.samples, atol=1e-6, rtol=0)
+
+
+def test_a_class_label_conditions_the_edit(models, tmp_path):
+    """The exact mixture oracle knows its components as classes: with x[1] = -0.5 known (both lower components'
+    mean height), label=0 completes x[0] around component 0's -1.2 and label=1 around component 1's 1.8."""
+    pts = np.full((400, 2), np.nan, np.float32)
+    pts[:, 1] = -0.5
+    np.save(tmp_path / "pts.npy", pts)
+    for label, mean in ((0, -1.2), (1, 1.8)):
+        out = edit(models, tmp_path / str(label), f"ckpt={models / 'gmm'}", f"input={tmp_path / 'pts.npy'}",
+                   f"label={label}", "steps=50")
+        assert abs(out["results"][:, 0].mean().item() - mean) < 0.15, (label, out["results"][:, 0].mean())
+
+
 def test_encode_then_decode_returns_the_inputs(models, tmp_path):
     """task=encode writes the noise and its round-trip error; task=decode of that file returns the inputs, to the
     error encode reported (Heun, 40 steps, the exact model)."""

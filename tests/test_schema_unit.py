@@ -158,7 +158,9 @@ RANGE_CASES = {
     "steps": (0, None), "eta": (-0.1, 1.0), "n": (0, 8), "batch_size": (0, 1), "metric.batch_size": (0, 100),
     "metric.kid_subsets": (0, 1), "metric.kid_subset_size": (1, 2), "metric.nll_n": (0, 1), "metric.probes": (0, 1),
     "metric.rtol": (0.0, 1e-5), "metric.atol": (-1e-5, 1e-5), "metric.n_reference": (0, None),
-    "metric.classifier_epochs": (0, None),
+    "metric.classifier_epochs": (0, None), "task": ("paint", "inpaint"), "method": ("blend", "repaint"),
+    "strength": (1.5, 0.5), "jump_length": (0, 10), "jump_n_sample": (0, 10), "sigma_y": (-0.1, 0.05),
+    "scale": (-1.0, 0.3), "frames": (1, 8),
 }
 # keys whose value is a list: NaN and infinity go inside it
 AS_LIST = {"train.betas": lambda x: [0.9, x], "labels": lambda x: [x], "guidance_interval": lambda x: [0.5, x]}
