@@ -315,7 +315,20 @@ def _cosine_betas(T: int, beta_start: float, beta_end: float, s: float = 0.008) 
     return torch.tensor(betas, dtype=torch.float64)
 
 
-BETA_SCHEDULES = {"linear": _linear_betas, "cosine": _cosine_betas}
+def _scaled_linear_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """Latent diffusion's schedule, linear in sqrt(beta) (diffusers' beta_schedule="scaled_linear")."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+
+
+def _sigmoid_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """GeoDiff's sigmoid schedule (Xu et al. 2022; diffusers' beta_schedule="sigmoid"): beta_start + (beta_end -
+    beta_start) sigmoid(u), u evenly spaced on [-6, 6]."""
+    return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+
+
+# model.path.schedule -> betas; diffusers' names: linear, squaredcos_cap_v2 (our cosine), scaled_linear, sigmoid
+BETA_SCHEDULES = {"linear": _linear_betas, "cosine": _cosine_betas, "scaled_linear": _scaled_linear_betas,
+                  "sigmoid": _sigmoid_betas}
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,11 @@ def off_grid_times(T, n=200):
     return ((k + w) / T).double()
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+DIFFUSERS_NAMES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear",
+                   "sigmoid": "sigmoid"}  # model.path.schedule -> diffusers' beta_schedule
+
+
+@pytest.mark.parametrize("schedule", list(DIFFUSERS_NAMES))
 def test_derivatives_match_autograd(schedule):
     path = DDPMPath(T=100, schedule=schedule)
     t = off_grid_times(path.T).requires_grad_(True)
@@ -25,13 +29,12 @@ def test_derivatives_match_autograd(schedule):
         torch.testing.assert_close(d_fn(t.detach()), grad, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("schedule", list(DIFFUSERS_NAMES))
 def test_sde_coefficients_are_the_vp_closed_forms(schedule):
     """VP: g(t)^2 = beta(t) and f(t) = -beta(t)/2, with beta(t) = -d log alpha_bar / dt = -T log(1 - beta_i)."""
     T = 100
     path = DDPMPath(T=T, schedule=schedule)
-    betas = DDPMScheduler(num_train_timesteps=T, beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[
-        schedule]).betas.double()
+    betas = DDPMScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_NAMES[schedule]).betas.double()
     t = off_grid_times(T)
     beta_t = -T * torch.log1p(-betas[(t * T).floor().long()])
     # diffusers stores betas in float32: near the cosine schedule's clip at 0.999, log(1 - beta)

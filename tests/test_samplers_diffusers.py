@@ -10,7 +10,8 @@ from diffcli.prediction import Denoiser
 from diffcli.samplers import ancestral, ddim, ddim_grid, ddim_timesteps, unipc
 
 T = 1000
-SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear",
+             "sigmoid": "sigmoid"}
 
 
 class FakeEpsNet(torch.nn.Module):
@@ -52,7 +53,18 @@ def test_timesteps_match_diffusers(spacing, steps):
     assert ddim_timesteps(T, steps, spacing).tolist() == ref.timesteps.tolist()
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("schedule, start, end", [("linear", 1e-4, 0.02), ("scaled_linear", 0.00085, 0.012),
+                                                  ("sigmoid", 1e-4, 0.02), ("cosine", 1e-4, 0.02)])
+def test_betas_equal_diffusers(schedule, start, end):
+    """Each beta schedule against diffusers' DDPMScheduler(beta_schedule=...).betas (float32 there), with latent
+    diffusion's range for scaled_linear."""
+    path = DDPMPath(T=T, schedule=schedule, beta_start=start, beta_end=end)
+    ref = DDPMScheduler(num_train_timesteps=T, beta_schedule=SCHEDULES[schedule], beta_start=start,
+                        beta_end=end).betas.double()
+    torch.testing.assert_close(path.betas, ref, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "scaled_linear", "sigmoid"])
 def test_path_matches_diffusers_alphas_cumprod(schedule):
     path = DDPMPath(T=T, schedule=schedule)
     ref = DDPMScheduler(num_train_timesteps=T, beta_schedule=SCHEDULES[schedule]).alphas_cumprod.double()
