@@ -180,7 +180,7 @@ class ImageData:
         return to_float(self.images[idx.to(self.device)])
 
 
-def _to_nchw(images, source):
+def to_nchw(images, source):
     """uint8 numpy/torch (N, H, W) or (N, H, W, C) -> torch uint8 (N, C, H, W)."""
     images = torch.from_numpy(np.array(images))  # a writable copy; IDX arrays are read-only views
     if images.ndim == 3:
@@ -224,7 +224,7 @@ def _find_idx(raw_dir, stem):
     return None
 
 
-def _one_line(err):
+def one_line(err):
     """An exception as a single line, for messages that embed it (at most 200 characters)."""
     return short(" ".join(str(err).split()), 200)
 
@@ -253,7 +253,7 @@ def _load_idx_dataset(root, split, download, *, folder, title, tv_class):
     try:
         ds = getattr(tvd, tv_class)(str(root), train=split == "train", download=True)
     except (OSError, RuntimeError) as e:
-        msg = f"downloading {title} to {root} failed ({_one_line(e)}); check the network or set data.root"
+        msg = f"downloading {title} to {root} failed ({one_line(e)}); check the network or set data.root"
         raise DiffcliError(msg) from None
     return ds.data.numpy(), ds.targets.numpy()
 
@@ -272,7 +272,7 @@ def _load_cifar10(root, split, download):
     except (OSError, RuntimeError) as e:
         fix = ("check the network, or put cifar-10-batches-py under data.root" if download
                else "set data.download=true to fetch it again")
-        raise DiffcliError(f"cannot load CIFAR-10 from {folder} ({_one_line(e)}); {fix}") from None
+        raise DiffcliError(f"cannot load CIFAR-10 from {folder} ({one_line(e)}); {fix}") from None
     return ds.data, np.asarray(ds.targets)
 
 
@@ -342,7 +342,7 @@ def _image_data(cfg, images, labels, device, seed, source, class_names=None):
     labels = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
     hflip = bool(cfg.get("hflip", False))
     name = str(cfg.get("name", "images"))
-    return ImageData(name, _to_nchw(images, source), labels, device=device, seed=seed, hflip=hflip,
+    return ImageData(name, to_nchw(images, source), labels, device=device, seed=seed, hflip=hflip,
                      class_names=class_names)
 
 
@@ -369,7 +369,7 @@ def _check_npz_images(images, path):
 MAX_DEFLATE_RATIO = 1100
 
 
-def _check_npz_members(path, names=("images", "labels")):
+def check_npz_members(path, names=("images", "labels")):
     """Refuse a member whose .npy header claims more bytes than the zip member holds, before numpy allocates them
     (numpy sizes its array from the header alone)."""
     disk = Path(path).stat().st_size
@@ -400,11 +400,11 @@ def _read_npz(path):
         if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array
             raise ValueError("it holds a single array, not named arrays")
         with z:
-            _check_npz_members(path)
+            check_npz_members(path)
             arrays = {k: z[k] for k in z.files if k in ("images", "labels")}
             found = z.files
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # not a zip, pickles, damaged
-        msg = f"cannot read {path} as .npz ({_one_line(e)}); save it with np.savez(path, images=uint8 array)"
+        msg = f"cannot read {path} as .npz ({one_line(e)}); save it with np.savez(path, images=uint8 array)"
         raise DiffcliError(msg) from None
     if "images" not in arrays:
         found = short(", ".join(found) or "none")
@@ -441,17 +441,23 @@ def _check_label_range(labels, n_images, path):
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
+def read_image(file, mode: str, fix: str = "remove it from the folder or fix it") -> np.ndarray:
+    """One image file as uint8 (H, W[, C]) in PIL's `mode` (L or RGB); an unreadable one is one line ending in `fix`."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as img:
+            return np.asarray(img.convert(mode))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DiffcliError(f"cannot read image {file} ({one_line(e)}); {fix}") from None
+
+
 def _load_image(file, mode, size):
     """One image file as uint8 (H, W[, C]): short side resized to `size`, centre-cropped."""
     from PIL import Image
     import torchvision.transforms.functional as TF
 
-    try:
-        with Image.open(file) as img:
-            img = img.convert(mode)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DiffcliError(f"cannot read image {file} ({_one_line(e)}); remove it from the folder or fix it") from None
-    img = TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
+    img = TF.center_crop(TF.resize(Image.fromarray(read_image(file, mode)), size, antialias=True), [size, size])
     return np.asarray(img)
 
 

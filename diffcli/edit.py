@@ -137,8 +137,8 @@ def _inpaint(cfg, sampler, denoiser, x, known, grid, g):
     if cfg.method == "repaint":
         return {"results": editing.repaint(sampler, denoiser, x_known, known, grid, cfg.jump_length,
                                            cfg.jump_n_sample, g)}
-    y = torch.where(known, x_known, 0)
-    return {"results": editing.dps(sampler, denoiser, editing.Masked(known), y, x.shape, grid, cfg.scale, g)}
+    A = editing.Masked(known)
+    return {"results": editing.dps(sampler, denoiser, A, A(x_known), x.shape, grid, cfg.scale, g)}
 
 
 def _dps(cfg, sampler, denoiser, x, known, grid, g):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import DiffcliError, short
-from .data import IMAGE_SUFFIXES, _check_npz_members, _one_line, shape_kind, to_float
+from .data import IMAGE_SUFFIXES, check_npz_members, one_line, read_image, shape_kind, to_float, to_nchw
 
 NPZ_KEYS = ("images", "samples", "results", "noise")  # the first one present is read (task=decode: noise first)
 HALVES = ("bottom", "top", "left", "right")
@@ -42,27 +42,18 @@ def read_inputs(path: str | None, shape: tuple, n: int | None, task: str) -> tor
 
 def _read_images(file: Path, shape: tuple, n: int | None) -> torch.Tensor:
     """Image files as float NCHW in [-1, 1], in the model's channels (gray, or RGB)."""
-    from PIL import Image
-
     if shape_kind(shape) != "images":
         raise DiffcliError(f"input={file} holds images and this model draws {shape[0]}D points: give an .npz or .npy "
                            "of points (NaN where a coordinate is unknown)")
     files = sorted(p for p in file.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if file.is_dir() else [file]
     if not files:
         raise DiffcliError(f"input={file} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    images = []
-    for f in files[:n]:
-        try:
-            with Image.open(f) as img:
-                images.append(np.asarray(img.convert("L" if shape[0] == 1 else "RGB")))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise DiffcliError(f"cannot read image {f} ({_one_line(e)}); give a PNG or JPEG file") from None
+    images = [read_image(f, "L" if shape[0] == 1 else "RGB", "give a PNG or JPEG file") for f in files[:n]]
     sizes = {a.shape[:2] for a in images}
     if len(sizes) > 1:
         raise DiffcliError(f"input={file}: its images have different sizes {sorted(sizes)[:3]}; give images of the "
                            f"model's size {shape[1]}x{shape[2]}")
-    array = np.stack(images)
-    return to_float(torch.from_numpy(array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2).copy()))
+    return to_float(to_nchw(np.stack(images), file))
 
 
 def _read_array(file: Path, task: str, n: int | None) -> torch.Tensor:
@@ -78,15 +69,17 @@ def _read_array(file: Path, task: str, n: int | None) -> torch.Tensor:
                 if key is None:
                     raise DiffcliError(f"input={file} holds no {', '.join(keys)} array (found: "
                                        f"{short(', '.join(z.files) or 'none')}); save one with np.savez")
-                _check_npz_members(file, (key,))
+                check_npz_members(file, (key,))
                 array = z[key]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise DiffcliError(f"cannot read input={file} ({_one_line(e)}); save it with np.savez(path, images=...) "
+        raise DiffcliError(f"cannot read input={file} ({one_line(e)}); save it with np.savez(path, images=...) "
                            "or np.save") from None
     array = array[:n]
+    if array.dtype == np.uint8 and array.ndim not in (3, 4):
+        raise DiffcliError(f"input={file}: {key} is uint8 of shape {short(array.shape)}; uint8 means images, "
+                           "(N, H, W) or (N, H, W, C): give points as floats")
     if array.dtype == np.uint8:
-        images = torch.from_numpy(np.array(array))
-        return to_float(images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2))
+        return to_float(to_nchw(array, file))
     if array.dtype.kind != "f":
         raise DiffcliError(f"input={file}: {key} is {array.dtype}; give uint8 images or floats (in [-1, 1])")
     return torch.from_numpy(np.array(array, dtype=np.float32))
@@ -133,13 +126,7 @@ def image_mask(spec, shape: tuple) -> torch.Tensor:
 
 
 def _mask_file(file: Path, h: int, w: int) -> torch.Tensor:
-    from PIL import Image
-
-    try:
-        with Image.open(file) as img:
-            gray = np.asarray(img.convert("L"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DiffcliError(f"cannot read mask={file} ({_one_line(e)}); give a PNG of the model's size") from None
+    gray = read_image(file, "L", "give a mask PNG of the images' size (white: fill in)")
     if gray.shape != (h, w):
         raise DiffcliError(f"mask={file} is {gray.shape[1]}x{gray.shape[0]} pixels and the model's images "
                            f"{w}x{h}: give a mask of the images' size (white: fill in)")

@@ -153,6 +153,7 @@ def test_colorize_keeps_the_gray_and_dps_measures(models, tmp_path):
     (["input=rgb.npz"], r"holds \(3, 8, 8\) arrays and the model images of shape \(1, 8, 8\)"),
     (["task=colorize"], "colours gray images with a model of RGB images"),
     (["task=encode", "sampler=ancestral"], "sampler=ancestral is stochastic"),
+    (["task=encode", "sampler=ddim", "eta=1"], "sampler=ddim is stochastic"),
     (["task=interpolate", "n=3", "sampler=euler"], "got 3 inputs: give an even number"),
     (["input=nothing.png"], "does not exist"),
     (["operator=down3", "task=dps"], "does not divide"),
@@ -162,6 +163,13 @@ def test_refusals_are_one_line(models, tmp_path, args, message):
     args = [a.replace("rgb.npz", str(models / "rgb.npz")) for a in args]
     with pytest.raises(DiffcliError, match=message):
         edit(models, tmp_path / "out", *base, *args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_uint8_points_are_refused_as_not_images(models, tmp_path):
+    np.save(tmp_path / "pts.npy", np.zeros((4, 2), np.uint8))
+    with pytest.raises(DiffcliError, match=r"uint8 of shape \(4, 2\); uint8 means images"):
+        edit(models, tmp_path / "out", f"ckpt={models / 'gmm'}", f"input={tmp_path / 'pts.npy'}", "steps=4")
     assert not (tmp_path / "out").exists()
 
 

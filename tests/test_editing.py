@@ -136,19 +136,25 @@ def _sqrtm(C):
     return V @ torch.diag_embed(w.sqrt()) @ V.mT
 
 
-def test_encoding_a_gaussian_equals_the_closed_form_flow_map():
-    """For data N(mu, S) the marginals are N(a mu, C_t), C_t = a^2 S + s^2 I, and the probability-flow map from
-    t = 0 is linear: x_t = a mu + C_t^(1/2) S^(-1/2) (x0 - mu). dopri5 at tolerance 1e-10 equals it to 1e-6, on a flow
-    path (smooth at t = 0) with a full covariance; decoding returns x0."""
-    from diffcli.editing import decode, encode
+def gaussian_flow():
+    """The exact flow (velocity prediction) of data N(mu, S) with a full covariance, 64 draws x0, mu and S."""
     from diffcli.paths import FlowPath
 
     params = {"means": [[0.7, -0.4]], "covs": [[[0.3, 0.12], [0.12, 0.2]]], "weights": [1.0]}
     path = FlowPath()
     denoiser = Denoiser(Oracle((2,), {"kind": "toy", "name": "gmm", "params": params}, path, "velocity"), path,
                         "velocity", "none", 0.5)
-    x0, _ = draw_gmm(params, 64)
     mu, S = torch.tensor(params["means"][0], dtype=torch.float64), torch.tensor(params["covs"][0], dtype=torch.float64)
+    return denoiser, draw_gmm(params, 64)[0], mu, S
+
+
+def test_encoding_a_gaussian_equals_the_closed_form_flow_map():
+    """For data N(mu, S) the marginals are N(a mu, C_t), C_t = a^2 S + s^2 I, and the probability-flow map from
+    t = 0 is linear: x_t = a mu + C_t^(1/2) S^(-1/2) (x0 - mu). dopri5 at tolerance 1e-10 equals it to 1e-6, on a flow
+    path (smooth at t = 0) with a full covariance; decoding returns x0."""
+    from diffcli.editing import decode, encode
+
+    denoiser, x0, mu, S = gaussian_flow()
     for t in (0.5, 0.999):
         a, s = 1 - t, t
         exact = a * mu + (x0 - mu) @ (_sqrtm(a**2 * S + s**2 * torch.eye(2, dtype=torch.float64))
@@ -156,6 +162,30 @@ def test_encoding_a_gaussian_equals_the_closed_form_flow_map():
         x_t = encode(denoiser, x0, t, rtol=1e-10, atol=1e-10)
         assert (x_t - exact).abs().max() < 1e-6, (t, (x_t - exact).abs().max().item())
         assert (decode(denoiser, x_t, t, rtol=1e-10, atol=1e-10) - x0).abs().max() < 1e-6
+
+
+def test_fixed_step_inversion_up_to_a_flows_prior_equals_the_closed_form_flow_map():
+    """ode_encode up a flow's grid to t = 1, where alpha = 0 (the last step is then sigma x1_hat, DDIM's limit),
+    against the closed-form map of a Gaussian from t_min: x_1 = a_1 mu + C_1^(1/2) C_min^(-1/2) (x - a_min mu),
+    C_t = a_t^2 S + s_t^2 I. Euler and DDIM (eta = 0) converge at order 1, Heun at order 2, and the dopri5 sampler
+    (tolerance 1e-7) lands on it."""
+    from functools import partial
+
+    from diffcli.editing import ode_encode
+    from diffcli.samplers import dopri5, euler, heun
+
+    denoiser, x0, mu, S = gaussian_flow()
+    path = denoiser.path
+    C = lambda t: (1 - t) ** 2 * S + t**2 * torch.eye(2, dtype=torch.float64)  # noqa: E731
+    t_min = 1e-3
+    x = (1 - t_min) * x0 + t_min * torch.randn(64, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    exact = (x - (1 - t_min) * mu) @ (_sqrtm(C(1.0)) @ torch.linalg.inv(_sqrtm(C(t_min)))).mT
+    err = lambda sampler, steps: (ode_encode(sampler, denoiser, x, uniform_grid(path, steps, t_min)) - exact  # noqa: E731
+                                  ).abs().max().item()
+    for sampler, order in ((euler, 1), (partial(ddim, eta=0.0), 1), (heun, 2)):
+        coarse, fine = err(sampler, 40), err(sampler, 80)
+        assert 0.7 * order < math.log2(coarse / fine) < 1.5 * order, (sampler, coarse, fine)
+    assert err(partial(dopri5, rtol=1e-7, atol=1e-7), 10) < 1e-4
 
 
 def test_an_encode_decode_round_trip_of_a_mixture_returns_the_data():

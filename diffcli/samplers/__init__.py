@@ -23,6 +23,6 @@ SAMPLERS = {"ancestral": ancestral, "ddim": ddim, "euler": euler, "heun": heun, 
             "dpmpp_2m_sde": dpmpp_2m_sde, "dpmpp_3m_sde": dpmpp_3m_sde, "unipc": unipc, "midpoint": midpoint,
             "rk4": rk4, "dopri5": dopri5, "euler_maruyama": euler_maruyama, "pc": pc, "langevin": langevin}
 
-__all__ = ["GRIDS", "SPACINGS", "NEEDS", "DETERMINISTIC", "is_deterministic", "REQUIREMENTS", "PREDICTORS", "SAMPLERS", "check_sampler", "log_snr",
-           "t_from_lambda", "ddim_timesteps", "ddim_grid", "uniform_grid", "quadratic_grid", "karras_grid",
+__all__ = ["GRIDS", "SPACINGS", "NEEDS", "DETERMINISTIC", "is_deterministic", "REQUIREMENTS", "PREDICTORS", "SAMPLERS",
+           "check_sampler", "log_snr", "t_from_lambda", "ddim_timesteps", "ddim_grid", "uniform_grid", "quadratic_grid", "karras_grid",
            "logsnr_grid", "ends_grid", "levels_grid", *SAMPLERS]

@@ -54,22 +54,14 @@ NEEDS = {
 }
 
 
-# samplers whose step is a deterministic map (an ODE step), under these options: what inversion can run backwards
-DETERMINISTIC = {
-    "ddim": lambda eta=0.0, **options: eta == 0,
-    "euler": lambda s_churn=0.0, **options: s_churn == 0,
-    "heun": lambda s_churn=0.0, **options: s_churn == 0,
-    "dpmpp_2m": lambda **options: True,
-    "unipc": lambda **options: True,
-    "midpoint": lambda **options: True,
-    "rk4": lambda **options: True,
-    "dopri5": lambda **options: True,
-}
+# the ODE samplers (what inversion can run backwards), each with the option that, when > 0, makes it draw noise
+DETERMINISTIC = {"ddim": "eta", "euler": "s_churn", "heun": "s_churn", "dpmpp_2m": None, "unipc": None,
+                 "midpoint": None, "rk4": None, "dopri5": None}
 
 
 def is_deterministic(name: str, **options) -> bool:
     """Whether sampler `name` with these options is an ODE solver (no noise drawn)."""
-    return name in DETERMINISTIC and DETERMINISTIC[name](**options)
+    return name in DETERMINISTIC and not options.get(DETERMINISTIC[name] or "", 0)
 
 
 def check_sampler(name: str, path: ProbabilityPath, **options) -> None:
