@@ -27,7 +27,8 @@ PLAIN = (type(None), bool, int, float, str)
 # What a config may name, as text: checking a name needs no import (cli.preflight runs before torch's).
 # the noise-conditional classifiers p_t(y | x_t): trained by cross-entropy, used through classifier=<ckpt>
 CLASSIFIERS = ("diffcli.nets.MLPClassifier", "diffcli.nets.UNetClassifier")
-NETS = ("diffcli.nets.MLP", "diffcli.nets.UNet", "diffcli.oracle.Oracle", *CLASSIFIERS)
+NETS = ("diffcli.nets.MLP", "diffcli.nets.UNet", "diffcli.oracle.Oracle", "diffcli.diffusers_net.DiffusersUNet2D",
+        *CLASSIFIERS)
 PATHS = tuple(f"diffcli.paths.{c}" for c in ("DDPMPath", "NCSNPath", "VEPath", "VPPath", "SubVPPath", "FlowPath"))
 SAMPLER_NAMES = tuple(sorted(f.name[:-5] for f in files("diffcli.configs").joinpath("sampler").iterdir()
                              if f.name.endswith(".yaml")))  # the shipped sampler configs

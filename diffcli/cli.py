@@ -135,6 +135,7 @@ def preflight(command: str, cfg) -> None:
     stored config names. run_* checks all of it again when it builds."""
     from .build import check_names
     from .checkpoint import find_ema, newest_state, read_metadata, stored_config
+    from .diffusers_format import folder_config, is_folder
     from .schema import SCHEMAS, check_ranges, resume_overrides, validate
 
     cfg = validate(cfg, SCHEMAS[f"{command}_schema"], f"diffcli {command}")
@@ -147,8 +148,11 @@ def preflight(command: str, cfg) -> None:
         stored = stored_config(read_metadata(file), file)
         check_names(*resume_overrides(cfg, stored, _overrides(), run_dir))
         return
-    file = find_ema(cfg.ckpt)
-    stored = stored_config(read_metadata(file), file)  # its errors name the file already
+    if is_folder(cfg.ckpt):  # a diffusers folder: its JSON mapped onto a diffcli config, no weights read yet
+        file, stored = cfg.ckpt, folder_config(cfg.ckpt)[0]
+    else:
+        file = find_ema(cfg.ckpt)
+        stored = stored_config(read_metadata(file), file)  # its errors name the file already
     try:
         check_names(stored, cfg.get("net_class"))
     except DiffcliError as e:

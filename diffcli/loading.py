@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from . import DiffcliError, short
+from . import DiffcliError, diffusers_format, short
 from .build import CLASSIFIERS, build_net, build_path, path_arguments
 from .checkpoint import find_ema, load_ema, load_weights
 from .data import shape_kind
@@ -74,11 +74,15 @@ def model_denoiser(net, path, model_cfg: DictConfig) -> Denoiser:
 
 
 def load_model(ckpt: str | None, device: torch.device, net_class: str | None = None) -> LoadedModel:
-    """The model of an EMA checkpoint (a file or a run folder; None: the newest run under ./outputs/)."""
-    file = find_ema(ckpt)
+    """The model of an EMA checkpoint (a file or a run folder; None: the newest run under ./outputs/) or of a
+    diffusers folder (diffusers_format)."""
+    if diffusers_format.is_folder(ckpt):
+        file, (state, train_cfg, step, shape) = Path(ckpt), diffusers_format.read_folder(ckpt)
+    else:
+        file = find_ema(ckpt)
+        state, train_cfg, step, shape = load_ema(file)
     if ckpt is None:
         log.info("no ckpt given: using the newest training run, %s", file)
-    state, train_cfg, step, shape = load_ema(file)
     if train_cfg.net.get("_target_") in CLASSIFIERS:
         raise DiffcliError(f"ckpt={file} is a noise-conditional classifier, which guides a model but cannot sample: "
                            f"give a model's checkpoint as ckpt= and this one as classifier={file}")

@@ -326,6 +326,16 @@ def _sigmoid_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
     return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
 
 
+def _given_betas(betas: list, T: int) -> torch.Tensor:
+    """T betas given as numbers (diffusers' trained_betas), each in (0, 1)."""
+    b = torch.tensor(betas, dtype=torch.float64)
+    if b.shape != (T,) or not bool(((b > 0) & (b < 1)).all()):
+        raise DiffcliError(f"model.path.betas must be {T} numbers in (0, 1) (one per step of T={T}); got "
+                           f"{len(betas)} numbers from {b.min().item() if len(b) else 'none'} to "
+                           f"{b.max().item() if len(b) else 'none'}")
+    return b
+
+
 # model.path.schedule -> betas; diffusers' names: linear, squaredcos_cap_v2 (our cosine), scaled_linear, sigmoid
 BETA_SCHEDULES = {"linear": _linear_betas, "cosine": _cosine_betas, "scaled_linear": _scaled_linear_betas,
                   "sigmoid": _sigmoid_betas}
@@ -341,7 +351,8 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 
 class DDPMPath(ProbabilityPath):
-    """DDPM's discrete VP path: alpha_bar_i = prod_{j<=i} (1 - beta_j), step i at t = (i + 1) / T.
+    """DDPM's discrete VP path: alpha_bar_i = prod_{j<=i} (1 - beta_j), step i at t = (i + 1) / T; the betas of
+    `schedule`, or the T numbers `betas` (diffusers' trained_betas) instead.
 
     Between grid points log alpha_bar is interpolated linearly, so the path is defined for every
     t in [0, 1] (alpha(0) = 1) and continuous-time samplers apply to it too. With zero_terminal_snr the
@@ -353,7 +364,7 @@ class DDPMPath(ProbabilityPath):
     discrete = True
 
     def __init__(self, T: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02, zero_terminal_snr: bool = False):
+                 beta_end: float = 0.02, zero_terminal_snr: bool = False, betas: list[float] | None = None):
         super().__init__()
         if int(T) != T or not 2 <= T <= MAX_LEVELS:
             raise DiffcliError(f"model.path.T must be an integer in [2, {MAX_LEVELS}], got {short(T, 20)}")
@@ -362,7 +373,8 @@ class DDPMPath(ProbabilityPath):
         if not 0 < beta_start < beta_end < 1:
             raise DiffcliError(f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
         self.T, self.schedule = int(T), schedule
-        self.betas = BETA_SCHEDULES[schedule](self.T, beta_start, beta_end)
+        self.betas = (BETA_SCHEDULES[schedule](self.T, beta_start, beta_end) if betas is None
+                      else _given_betas(betas, self.T))
         self.zero_terminal_snr = bool(zero_terminal_snr)
         if self.zero_terminal_snr:
             self.betas = rescale_zero_terminal_snr(self.betas)

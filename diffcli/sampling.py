@@ -24,6 +24,7 @@ from .hardware import PRECISIONS, bf16_pays
 from .loading import LoadedModel, load_classifier, load_guide
 from .prediction import Denoiser
 from .samplers import check_sampler
+from .samplers.core import CLIP_OPTIONS
 
 log = logging.getLogger("diffcli")
 DEFAULT_N = {"points": 2000, "images": 64}  # `diffcli sample` without n=: a readable scatter, an 8x8 grid
@@ -77,13 +78,36 @@ def sampler_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
     return OmegaConf.create({"steps": cfg.get("steps"), "eta": cfg.get("eta", 0.0), "sampler": node}).sampler
 
 
-def sampler_from_config(sampler_cfg: DictConfig, path, is_image: bool = False):
-    """(sampler function, time grid) from a `sampler/` config group entry.
+GRID_OPTIONS = ("spacing", "steps_offset", "set_alpha_to_one")  # a DDIM grid's settings a model may carry
+
+
+def model_options(sampler_cfg: DictConfig, options) -> DictConfig:
+    """The sampler config with its `auto` settings taken from the model's own `sampler_options` (an imported
+    diffusers scheduler's clipping, timestep spacing, steps_offset, set_alpha_to_one): a setting given on the
+    command line wins, and a model without options keeps every `auto` as it is."""
+    if not options:
+        return sampler_cfg
+    options = OmegaConf.to_container(options) if OmegaConf.is_config(options) else dict(options)
+    node = OmegaConf.to_container(sampler_cfg, resolve=True)
+    fn, grid = node.get("fn") or {}, node.get("grid") or {}
+    if fn.get("clip_x0") == "auto" and "clip_x0" in options:
+        fn |= {k: options[k] for k in CLIP_OPTIONS if k in options}
+    if fn.get("use_clipped_model_output") == "auto" and "use_clipped_model_output" in options:
+        fn["use_clipped_model_output"] = options["use_clipped_model_output"]
+    if grid.get("name") == "ddim":
+        grid |= {k: options[k] for k in GRID_OPTIONS if grid.get(k) == "auto" and k in options}
+    return OmegaConf.create(node)
+
+
+def sampler_from_config(sampler_cfg: DictConfig, path, is_image: bool = False, options=None):
+    """(sampler function, time grid) from a `sampler/` config group entry, its `auto` settings first taken from
+    the model's `options` (model_options).
 
     Both come from diffcli's own tables (diffcli/build.py). `clip_x0: auto` clamps the predicted x0
     to [-1, 1] for images, where every pixel lives (as Ho et al.'s sampler and diffusers' clip_sample
     do: it keeps an under-trained model's samples from saturating), and never for 2D points.
     """
+    sampler_cfg = model_options(sampler_cfg, options)
     fn = build_sampler_fn(sampler_cfg.fn, is_image)
     check_sampler(fn.func.__name__, path, **fn.keywords)  # refuse an invalid pair before any work
     steps = sampler_cfg.steps if sampler_cfg.steps is not None else sampler_cfg.default_steps
@@ -330,7 +354,8 @@ def plan(cfg: DictConfig, model: LoadedModel, device: torch.device) -> Plan:
     """The sampling run that a sample or eval command line asks of a loaded model (logged as it is decided)."""
     n = cfg.n if cfg.get("n") is not None else DEFAULT_N[model.kind]
     sampler_cfg = sampler_config(cfg, model.config.model)
-    sampler, grid = sampler_from_config(sampler_cfg, model.denoiser.path, model.kind == "images")
+    sampler, grid = sampler_from_config(sampler_cfg, model.denoiser.path, model.kind == "images",
+                                        model.config.model.get("sampler_options"))
     how = sampler_description(sampler, sampler_cfg, grid)
     conditions = requested_conditions(cfg, model, device)
     labels = requested_labels(cfg, model, n, conditions.get("classifier"))

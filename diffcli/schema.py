@@ -91,6 +91,9 @@ class ModelConfig:
     cond: str = "none"                # none | class: a label embedding, trained with train.p_uncond label dropout
     n_classes: Optional[int] = None   # set from the data when cond=class, so the checkpoint records it
     class_names: Optional[List[str]] = None
+    # an imported diffusers scheduler's sampling settings (clip_x0, spacing, steps_offset, ...), which the
+    # samplers' `auto` options follow (diffcli/diffusers_format.py, sampling.model_options)
+    sampler_options: Optional[Any] = None
 
 
 @dataclass

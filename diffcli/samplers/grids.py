@@ -29,11 +29,12 @@ def ddim_timesteps(T: int, steps: int, spacing: str = "leading", steps_offset: i
     raise DiffcliError(f"sampler.grid.spacing={spacing} is unknown; choose one of auto, {', '.join(SPACINGS)}")
 
 
-def ddim_grid(path: ProbabilityPath, steps: int, spacing: str = "leading", t_min: float = 1e-3, steps_offset: int = 0,
-              set_alpha_to_one: bool = True) -> torch.Tensor:
+def ddim_grid(path: ProbabilityPath, steps: int, spacing: str = "leading", t_min: float = 1e-3,
+              steps_offset: int | str = 0, set_alpha_to_one: bool | str = True) -> torch.Tensor:
     """The path times of DDIM-spaced DDPM steps (`auto`: trailing with zero terminal SNR, else leading), followed by
     t = 0 (clean data; alpha_bar = 1), or with set_alpha_to_one=False by DDPM step 0 (alpha_bar_0 = 1 - beta_1),
-    where diffusers' DDIM then stops.
+    where diffusers' DDIM then stops. steps_offset and set_alpha_to_one `auto` (a model without its own, see
+    sampling.model_options) are 0 and true.
 
     Continuous-time paths have no training steps to choose among: they get the uniform grid.
     """
@@ -41,6 +42,8 @@ def ddim_grid(path: ProbabilityPath, steps: int, spacing: str = "leading", t_min
         return uniform_grid(path, steps, t_min)
     if spacing == "auto":  # trailing starts at alpha = 0 where the path has zero terminal SNR (Lin et al. 2024)
         spacing = "trailing" if getattr(path, "zero_terminal_snr", False) else "leading"
+    steps_offset = 0 if steps_offset == "auto" else steps_offset
+    set_alpha_to_one = True if set_alpha_to_one == "auto" else set_alpha_to_one
     if steps > path.T:
         raise DiffcliError(f"steps={steps} exceeds the model's T={path.T} training steps; use steps<={path.T}")
     i = torch.from_numpy(ddim_timesteps(path.T, steps, spacing, steps_offset).copy())

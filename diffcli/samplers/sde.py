@@ -38,18 +38,21 @@ def ancestral(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Te
 def ddim(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *, eta: float = 0.0,
          generator: torch.Generator | None = None, clip_x0: bool | str = False, clip_sample_range: float = 1.0,
          dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-         trajectory: list | None = None) -> torch.Tensor:
+         use_clipped_model_output: bool | str = "auto", trajectory: list | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021a, eq. 12): eta = 0 is deterministic, eta = 1 is ancestral sampling; x0_hat clipped
-    as `clip_x0` says (core.x0_clipper)."""
+    as `clip_x0` says (core.x0_clipper), and the step's eps the one of the clipped x0_hat (`auto`, true) or the
+    network's own (false: diffusers' DDIMScheduler.step default)."""
     if eta < 0:
         raise DiffcliError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like)")
     check_sampler("ddim", path, eta=eta)  # eta = 0 is a valid ODE step for any prior
     clip = x0_clipper(clip_x0, clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
     record(trajectory, x)
+    own_eps = use_clipped_model_output is False
     for t, s in zip(t_grid[:-1], t_grid[1:]):
-        x0 = clip(denoiser(x, t))
+        x0, x1 = denoiser.predict(x, t) if own_eps else (denoiser(x, t), None)
+        x0 = clip(x0)
         a_t, s_t, a_s, s_s, s2_ts = transition(path, t, s)
-        eps = (x - a_t * x0) / s_t  # consistent with the (possibly clipped) x0
+        eps = x1 if own_eps else (x - a_t * x0) / s_t  # consistent with the (possibly clipped) x0
         # eq. 16's sigma_t; none at eta = 0, also up a reversed grid (inversion), where s2_ts < 0
         c = eta * torch.sqrt(s2_ts * s_s**2 / s_t**2) if eta > 0 else torch.zeros_like(s_t)
         x = a_s * x0 + torch.sqrt((s_s**2 - c**2).clamp(min=0)) * eps
