@@ -28,6 +28,8 @@ commands:
   eval     score a checkpoint   e.g. diffcli eval ckpt=outputs/train/<run> metric=fid
   edit     edit with a model    e.g. diffcli edit task=inpaint input=digits.npz mask=bottom
   summary  tabulate a sweep     e.g. diffcli summary outputs/multirun/eval/<date>_<time>
+  import   from diffusers       e.g. diffcli import ddpm-mnist/ out=outputs/import/ddpm-mnist
+  export   to diffusers         e.g. diffcli export outputs/train/<run> ddpm-mnist/
 
 'diffcli <command> --help' lists that command's config groups and options.
 """
@@ -237,10 +239,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"diffcli {__version__}")
         return
     command, rest = argv[0], argv[1:]
-    if command == "summary":
-        sys.exit(_summary(rest))
+    if command in PLAIN_COMMANDS:
+        sys.exit(PLAIN_COMMANDS[command](rest))
     if command not in COMMANDS:
-        sys.exit(_fail(f"unknown command '{command}'; valid commands: {', '.join([*COMMANDS, 'summary'])}"))
+        sys.exit(_fail(f"unknown command '{command}'; valid commands: {', '.join([*COMMANDS, *PLAIN_COMMANDS])}"))
     if "--help" in rest or "-h" in rest:  # Hydra's own help would list every group, also those this command refuses
         from .help import command_help
 
@@ -299,6 +301,63 @@ def _summary(args: list[str]) -> int:
         return _fail(f"cannot read {e.filename or args[0]} ({e.strerror or e}); check the folder's permissions")
     print(f"wrote {out['csv']}" + (f" and {out['plot']}" if "plot" in out else ""))
     return 0
+
+
+IMPORT_USAGE = ("usage: diffcli import FOLDER [out=DIR] [null_class=K] [data=mnist|fashion_mnist|cifar10] (a diffusers "
+                "pipeline folder: model_index.json, unet/, scheduler/)")
+EXPORT_USAGE = "usage: diffcli export CKPT FOLDER (a diffcli run or ema_<step>.safetensors of model=ddpm; a new folder)"
+
+
+def _plain_arguments(args: list[str], usage: str, positional: int, keys: tuple) -> tuple[list, dict] | int:
+    """(positional arguments, key=value options) of a command without Hydra, or the exit code of a one-line error."""
+    if "-h" in args or "--help" in args:
+        print(usage)
+        return 0
+    given = [a for a in args if "=" not in a]
+    options = dict(a.split("=", 1) for a in args if "=" in a)
+    unknown = next((k for k in options if k not in keys), None)
+    if len(given) != positional or unknown is not None:
+        what = f"the option {unknown}=" if unknown else f"{len(given)} arguments where {positional} belong"
+        return _fail(f"{what}; {usage}")
+    return given, options
+
+
+def _import(args: list[str]) -> int:
+    """`diffcli import FOLDER [out=DIR] [null_class=K] [data=NAME]`: a diffusers folder as a diffcli checkpoint."""
+    parsed = _plain_arguments(args, IMPORT_USAGE, 1, ("out", "null_class", "data"))
+    if isinstance(parsed, int):
+        return parsed
+    (folder,), options = parsed
+    null = options.get("null_class")
+    if null is not None and not null.isdigit():
+        return _fail(f"null_class={null} must be a class index (the embedding row of 'no label'); {IMPORT_USAGE}")
+    return _convert(lambda c: c.run_import(folder, options.get("out"), None if null is None else int(null),
+                                           options.get("data")), "wrote {} (use it as ckpt=)")
+
+
+def _export(args: list[str]) -> int:
+    """`diffcli export CKPT FOLDER`: a diffcli DDPM model as a DDPMPipeline / DDIMPipeline folder."""
+    parsed = _plain_arguments(args, EXPORT_USAGE, 2, ())
+    if isinstance(parsed, int):
+        return parsed
+    (ckpt, folder), _ = parsed
+    return _convert(lambda c: c.run_export(ckpt, folder), "wrote {} (DDPMPipeline / DDIMPipeline.from_pretrained)")
+
+
+def _convert(task, done: str) -> int:
+    from . import convert
+
+    try:
+        print(done.format(task(convert)))
+    except DiffcliError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted (Ctrl-C)", 130)
+    return 0
+
+
+# commands without Hydra: positional arguments and key=value options of their own
+PLAIN_COMMANDS = {"summary": _summary, "import": _import, "export": _export}
 
 
 def _user_error(e: BaseException) -> str | None:

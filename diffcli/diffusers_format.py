@@ -237,3 +237,101 @@ def read_folder(folder, null_class=None, data: str | None = None):
     """(state_dict, config, step, shape) of a diffusers folder, as checkpoint.load_ema gives for a diffcli file."""
     config, shape = folder_config(folder, null_class, data)
     return read_weights(folder), config, 0, shape
+
+
+# ------------------------------------------------------------------------------------------- writing a folder
+
+VERSION = "0.30.0"  # the diffusers version an exported folder names when diffusers is not installed here
+PIPELINES = {"ancestral": ("DDPMPipeline", "DDPMScheduler")}  # any other default sampler: DDIMPipeline
+EXPORTABLE = {v: k for k, v in PREDICTIONS.items()}  # diffcli's prediction -> diffusers' prediction_type
+
+
+def scheduler_config(model_cfg: DictConfig, path) -> dict:
+    """The DDPMScheduler / DDIMScheduler config of a diffcli DDPM model (its own sampler_options when imported, else
+    diffcli's defaults: x0 clipped to [-1, 1], leading spacing, trailing with zero terminal SNR)."""
+    from .paths import DDPMPath
+
+    if not isinstance(path, DDPMPath) or model_cfg.get("precond", "none") != "none":
+        raise DiffcliError(f"model={model_cfg.name} (path {type(path).__name__}, precond "
+                           f"{model_cfg.get('precond', 'none')}) cannot be exported: diffusers' DDPM and DDIM "
+                           "schedulers express DDPM's discrete path only (model=ddpm), not flows, VE/VP SDEs or EDM")
+    if model_cfg.prediction not in EXPORTABLE:
+        raise DiffcliError(f"model.prediction={model_cfg.prediction} cannot be exported: diffusers' schedulers take "
+                           f"{', '.join(EXPORTABLE)} (prediction_type {', '.join(PREDICTIONS)})")
+    node = OmegaConf.to_container(model_cfg.path)
+    o = {"clip_x0": "static", "clip_sample_range": 1.0, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
+         "spacing": "trailing" if path.zero_terminal_snr else "leading", "steps_offset": 0, "set_alpha_to_one": True,
+         **(OmegaConf.to_container(model_cfg.sampler_options) if model_cfg.get("sampler_options") else {})}
+    schedule = {v: k for k, v in SCHEDULES.items()}[path.schedule]
+    return {"_class_name": PIPELINES.get(model_cfg.sampler, ("DDIMPipeline", "DDIMScheduler"))[1],
+            "num_train_timesteps": path.T, "beta_start": node.get("beta_start", 1e-4),
+            "beta_end": node.get("beta_end", 0.02), "beta_schedule": schedule,
+            "trained_betas": node.get("betas"), "rescale_betas_zero_snr": path.zero_terminal_snr,
+            "prediction_type": EXPORTABLE[model_cfg.prediction], "variance_type": "fixed_small",
+            "clip_sample": o["clip_x0"] == "static", "clip_sample_range": o["clip_sample_range"],
+            "thresholding": o["clip_x0"] == "dynamic", "dynamic_thresholding_ratio": o["dynamic_thresholding_ratio"],
+            "sample_max_value": o["sample_max_value"], "timestep_spacing": o["spacing"],
+            "steps_offset": o["steps_offset"], "set_alpha_to_one": o["set_alpha_to_one"]}
+
+
+def unet_files(net, T: int, n_classes: int) -> tuple[dict, dict]:
+    """(UNet2DModel config, its tensors) of a diffcli network: DiffusersUNet2D as it is, diffcli's U-Net mapped
+    layer by layer (diffusers_map)."""
+    from .diffusers_net import DiffusersUNet2D
+
+    if isinstance(net, DiffusersUNet2D):
+        config = {k: v for k, v in dict(net.unet.config).items() if not k.startswith("_")}
+        state, null = net.unet.state_dict(), net.null_class
+    else:
+        from .diffusers_map import unet2d_config, unet2d_state
+
+        config, state, null = unet2d_config(net, T), unet2d_state(net, T), n_classes
+    config = {"_class_name": "UNet2DModel", "_diffusers_version": _version(),
+              **{k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}}
+    if n_classes and null is not None:
+        config[NULL_KEY] = null
+    return config, state
+
+
+def _version() -> str:
+    try:
+        from diffusers import __version__
+    except ImportError:
+        return VERSION
+    return __version__
+
+
+def write_folder(folder: Path, unet_config: dict, state: dict, scheduler: dict) -> None:
+    """A DDPMPipeline / DDIMPipeline folder, written beside `folder` and renamed into place (a crash leaves none)."""
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    if folder.exists():
+        raise DiffcliError(f"{folder} exists; give a new folder to export into (an export never overwrites)")
+    tmp = folder.parent / f".{folder.name}.partial{os.getpid()}"
+    try:
+        (tmp / "unet").mkdir(parents=True)
+        (tmp / "scheduler").mkdir()
+        pipeline = "DDPMPipeline" if scheduler["_class_name"] == "DDPMScheduler" else "DDIMPipeline"
+        index = {"_class_name": pipeline, "_diffusers_version": _version(), "unet": ["diffusers", "UNet2DModel"],
+                 "scheduler": ["diffusers", scheduler["_class_name"]]}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "unet/config.json").write_text(json.dumps(unet_config, indent=2))
+        (tmp / "scheduler/scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+        tensors = {k: v.detach().to("cpu", torch_float(v)).contiguous() for k, v in state.items()}
+        save_file(tensors, str(tmp / "unet" / WEIGHTS), metadata={"format": "pt"})
+        tmp.rename(folder)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise DiffcliError(f"cannot write {folder} ({e.strerror or e}); give a writable folder") from None
+        raise
+
+
+def torch_float(v):
+    """float32 for floating tensors (diffusers' pipelines run float32), the tensor's own dtype otherwise."""
+    import torch
+
+    return torch.float32 if v.is_floating_point() else v.dtype

@@ -284,7 +284,7 @@ def test_path_arguments_fill_the_defaults():
     assert shipped == build.path_arguments({"_target_": "diffcli.paths.DDPMPath"})
     assert shipped == build.path_arguments({"_target_": "diffcli.paths.DDPMPath", "T": 1000})
     assert shipped == ("diffcli.paths.DDPMPath", {"T": 1000, "schedule": "linear", "beta_start": 1e-4,
-                                                  "beta_end": 0.02, "zero_terminal_snr": False})
+                                                  "beta_end": 0.02, "zero_terminal_snr": False, "betas": None})
     assert shipped != build.path_arguments({"_target_": "diffcli.paths.DDPMPath", "zero_terminal_snr": True})
     assert build.path_arguments(root("flow").model.path) == ("diffcli.paths.FlowPath",
                                                              {"prior": "gaussian", "eps": 1e-5})

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "diffcli"
-COMMANDS = {"train", "sample", "evaluate", "summary", "edit"}
+COMMANDS = {"train", "sample", "evaluate", "summary", "edit", "convert"}
 APPLICATION = {"loading", "sampling", "scoring", "training", "plots", "runs", "schema", "build", "checkpoint", "help",
-               "distributed", "allocator", "cli", "inputs"}
+               "distributed", "allocator", "cli", "inputs", "diffusers_format"}
 MATHS = {"paths", "prediction", "guidance", "losses", "nets", "oracle", "likelihood", "metrics", "samplers", "editing",
-         "toys"}
+         "toys", "diffusers_net", "diffusers_map"}
 
 
 def imported_modules(file: Path) -> set[str]:
