@@ -315,5 +315,6 @@ def ckpt_in_run(run_dir: Path) -> Path:
     """The newest EMA checkpoint of a training run."""
     found = list_checkpoints(Path(run_dir) / "checkpoints", "ema")
     if not found:
-        raise DiffcliError(f"{run_dir} holds no checkpoints/ema_<step>.safetensors; is it a diffcli training run?")
+        raise DiffcliError(f"{run_dir} holds no checkpoints/ema_<step>.safetensors, nor a diffusers pipeline "
+                           "(model_index.json, or unet/ and scheduler/); give a diffcli training run or such a folder")
     return found[-1]

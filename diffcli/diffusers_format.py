@@ -141,6 +141,9 @@ def model_node(file: Path) -> dict:
 
 def net_node(file: Path, T: int, null_class=None) -> tuple[dict, tuple, int]:
     """(DiffusersUNet2D's net node, the data shape, the class count) of a UNet2DModel config."""
+    from .checkpoint import MAX_SAMPLE_NUMEL
+    from .schema import MAX_CLASSES
+
     config = read_json(file)
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise DiffcliError(f"{file}: _class_name={short(config.get('_class_name'), 40)}; diffcli reads UNet2DModel "
@@ -154,11 +157,14 @@ def net_node(file: Path, T: int, null_class=None) -> tuple[dict, tuple, int]:
     size, channels = config.get("sample_size"), config.get("in_channels", 3)
     if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
-    if type(size) is not int or type(channels) is not int or size <= 0 or channels <= 0:
+    if (type(size) is not int or type(channels) is not int or size <= 0 or channels <= 0
+            or channels * size * size > MAX_SAMPLE_NUMEL):
         raise DiffcliError(f"{file}: sample_size={short(size, 20)} and in_channels={short(channels, 20)} must be "
-                           "positive integers (square images)")
+                           f"positive integers (square images of at most {MAX_SAMPLE_NUMEL} numbers)")
     null = config.get(NULL_KEY) if null_class is None else null_class
     embeds = config.get("num_class_embeds") or 0
+    if type(embeds) is not int or not 0 <= embeds <= MAX_CLASSES + 1:
+        raise DiffcliError(f"{file}: num_class_embeds={short(embeds, 20)} must be an integer in [0, {MAX_CLASSES + 1}]")
     if null is not None and not (type(null) is int and 0 <= null < embeds):
         raise DiffcliError(f"{file}: null_class={short(null, 20)} must be one of the model's {embeds} class "
                            "embeddings")
@@ -172,12 +178,11 @@ def data_node(shape: tuple, data: str | None) -> dict:
     unnamed image set of the model's shape."""
     if data is None:
         return {"name": "diffusers", "kind": "folder", "path": None, "image_size": shape[1], "channels": shape[0]}
-    from importlib.resources import files
-
-    file = files("diffcli.configs").joinpath("data", f"{data}.yaml")
-    if not file.is_file() or data in ("gmm", "npz", "folder"):
-        raise DiffcliError(f"data={data} is not one of diffcli's image sets (mnist, fashion_mnist, cifar10)")
-    node = OmegaConf.to_container(OmegaConf.load(str(file)), resolve=False)
+    file = _shipped("data", data) if data.isidentifier() else None
+    node = OmegaConf.to_container(OmegaConf.load(str(file)), resolve=False) if file and file.is_file() else {}
+    if node.get("kind") != "torchvision":
+        raise DiffcliError(f"data={data} is not one of diffcli's image sets (mnist, fashion_mnist, cifar10); leave "
+                           "it out for other images")
     node.pop("defaults", None)
     node["root"] = None  # eval's own data.root says where the files are (a stored config never does)
     return node

@@ -91,24 +91,22 @@ def unet2d_config(net, T: int) -> dict:
 
 def _places(net: UNet):
     """(diffusers' prefix, renaming, diffcli module) for every block of the down, middle and up paths."""
-    level, j = 0, 0
-    for block in net.down:
-        if isinstance(block, Downsample):
-            yield f"down_blocks.{level}.downsamplers.0", {}, block
-            level, j = level + 1, 0
-        else:
-            yield from _res_attn(f"down_blocks.{level}", j, block)
-            j += 1
+    yield from _side(net.down, "down", Downsample, "downsamplers")
     yield "mid_block.resnets.0", _RESNET, net.mid[0].res
     yield "mid_block.attentions.0", _ATTENTION, net.mid[0].attn
     yield "mid_block.resnets.1", _RESNET, net.mid[1].res
+    yield from _side(net.up, "up", Upsample, "upsamplers")
+
+
+def _side(blocks, side: str, resample: type, resamplers: str):
+    """The places of one path's blocks: level by level, a resampling block closing each level but the last."""
     level, j = 0, 0
-    for block in net.up:
-        if isinstance(block, Upsample):
-            yield f"up_blocks.{level}.upsamplers.0", {}, block
+    for block in blocks:
+        if isinstance(block, resample):
+            yield f"{side}_blocks.{level}.{resamplers}.0", {}, block
             level, j = level + 1, 0
         else:
-            yield from _res_attn(f"up_blocks.{level}", j, block)
+            yield from _res_attn(f"{side}_blocks.{level}", j, block)
             j += 1
 
 

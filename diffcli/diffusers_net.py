@@ -51,6 +51,14 @@ def _check(timestep: str, down: Sequence[str], up: Sequence[str], shape: tuple, 
                            "networks predict one value per pixel (a learned variance's extra channels are not used)")
 
 
+def _built(**config) -> nn.Module:
+    """UNet2DModel(**config), its own refusals (block counts that do not match, ...) as one line."""
+    try:
+        return unet2d_class()(**config)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise DiffcliError(f"net: diffusers' UNet2DModel refuses this config ({' '.join(str(e).split())[:300]})") from None
+
+
 class DiffusersUNet2D(nn.Module):
     """(x, t[, y]) -> UNet2DModel(x, i, class_labels).sample with DDPM's step i = t T - 1 (Ho et al. 2020)."""
 
@@ -74,7 +82,7 @@ class DiffusersUNet2D(nn.Module):
         if self.null_class is not None and not 0 <= self.null_class <= self.n_classes:
             raise DiffcliError(f"net.null_class={null_class} must lie in [0, {self.n_classes}] (one of the "
                                f"{self.n_classes + 1} class embeddings)")
-        self.unet = unet2d_class()(
+        self.unet = _built(
             sample_size=self.shape[1], in_channels=self.shape[0], out_channels=self.shape[0],
             block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
             down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),

@@ -122,3 +122,29 @@ def test_the_commands_from_the_shell(tmp_path):
         done = run_cli(*args, cwd=tmp_path)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, (args, done.stderr)
         assert not (tmp_path / "bad").exists()
+
+
+def test_net_diffusers_unet2d_trains_here_and_exports(tmp_path):
+    """`diffcli train net=diffusers_unet2d` with class labels: finite steps, a checkpoint that samples with
+    classifier-free guidance (its null class is the last embedding), exported as it is (the same tensors)."""
+    import numpy as np
+
+    from diffcli.train import run_train
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "x.npz", images=rng.integers(0, 256, (16, 16, 16), dtype=np.uint8),
+             labels=np.arange(16) % 3)
+    run_train(compose_config("train", [
+        "data=npz", f"data.path={tmp_path / 'x.npz'}", "model=ddpm", "model.path.T=50", "model.cond=class",
+        "net=diffusers_unet2d", "net.T=50", "net.block_out_channels=[8,16]", "net.norm_num_groups=4",
+        "net.down_block_types=[DownBlock2D,AttnDownBlock2D]", "net.up_block_types=[AttnUpBlock2D,UpBlock2D]",
+        "train.steps=3", "train.batch_size=4", "train.sample_every=0", "train.eval_every=0", "train.warmup=1",
+        "train.compile=false", "device=cpu"]), tmp_path / "run")
+    x = diffcli_run(tmp_path / "run", ["sampler=ddim", "steps=5", "label=1", "guidance=2"])
+    assert torch.isfinite(x).all()
+    folder = run_export(str(tmp_path / "run"), str(tmp_path / "exported"))
+    config = json.loads((folder / "unet/config.json").read_text())
+    assert config["num_class_embeds"] == 4 and config["_diffcli_null_class"] == 3
+    ours = load_file(str(tmp_path / "run/checkpoints/ema_3.safetensors"))
+    theirs = load_file(str(folder / "unet/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(ours[f"unet.{k}"], v) for k, v in theirs.items()) and len(ours) == len(theirs)
