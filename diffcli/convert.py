@@ -4,10 +4,7 @@ as a diffcli checkpoint, and a diffcli DDPM model as a folder that DDPMPipeline 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import torch
 from . import DiffcliError, diffusers_format
 from .checkpoint import save_ema
 from .loading import load_model
-from .runs import missing_folders
+from .runs import atomic_folder
 
 log = logging.getLogger("diffcli")
 CPU = torch.device("cpu")
@@ -30,21 +27,10 @@ def run_import(folder: str, out: str | None = None, null_class: int | None = Non
     state, cfg, step, shape = diffusers_format.read_folder(folder, null_class, data)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = Path(out) if out else Path("outputs/import") / f"{Path(folder).resolve().name}_{stamp}"
-    if out_dir.exists():
-        raise DiffcliError(f"out={out_dir} exists; give a new folder (an import never overwrites)")
-    created = missing_folders(str(out_dir.parent))  # removed again if the import fails
-    tmp = out_dir.parent / f".{out_dir.name}.partial{os.getpid()}"
-    try:
-        (tmp / "checkpoints").mkdir(parents=True)
+    with atomic_folder(out_dir, "an import") as tmp:
+        (tmp / "checkpoints").mkdir()
         save_ema(tmp / "checkpoints" / "ema_0.safetensors", state, cfg, step, shape)
         load_model(str(tmp), CPU)  # the network builds and its weights fit, before the folder appears
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for parent in created:  # deepest first
-            with contextlib.suppress(OSError):
-                os.rmdir(parent)
-        raise
     return out_dir / "checkpoints" / "ema_0.safetensors"
 
 

@@ -308,31 +308,24 @@ def _version() -> str:
 
 def write_folder(folder: Path, unet_config: dict, state: dict, scheduler: dict) -> None:
     """A DDPMPipeline / DDIMPipeline folder, written beside `folder` and renamed into place (a crash leaves none)."""
-    import os
-    import shutil
-
     from safetensors.torch import save_file
 
-    if folder.exists():
-        raise DiffcliError(f"{folder} exists; give a new folder to export into (an export never overwrites)")
-    tmp = folder.parent / f".{folder.name}.partial{os.getpid()}"
+    from .runs import atomic_folder
+
     try:
-        (tmp / "unet").mkdir(parents=True)
-        (tmp / "scheduler").mkdir()
-        pipeline = "DDPMPipeline" if scheduler["_class_name"] == "DDPMScheduler" else "DDIMPipeline"
-        index = {"_class_name": pipeline, "_diffusers_version": _version(), "unet": ["diffusers", "UNet2DModel"],
-                 "scheduler": ["diffusers", scheduler["_class_name"]]}
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "unet/config.json").write_text(json.dumps(unet_config, indent=2))
-        (tmp / "scheduler/scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-        tensors = {k: v.detach().to("cpu", torch_float(v)).contiguous() for k, v in state.items()}
-        save_file(tensors, str(tmp / "unet" / WEIGHTS), metadata={"format": "pt"})
-        tmp.rename(folder)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise DiffcliError(f"cannot write {folder} ({e.strerror or e}); give a writable folder") from None
-        raise
+        with atomic_folder(folder, "an export") as tmp:
+            (tmp / "unet").mkdir()
+            (tmp / "scheduler").mkdir()
+            pipeline = "DDPMPipeline" if scheduler["_class_name"] == "DDPMScheduler" else "DDIMPipeline"
+            index = {"_class_name": pipeline, "_diffusers_version": _version(), "unet": ["diffusers", "UNet2DModel"],
+                     "scheduler": ["diffusers", scheduler["_class_name"]]}
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+            (tmp / "unet/config.json").write_text(json.dumps(unet_config, indent=2))
+            (tmp / "scheduler/scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+            tensors = {k: v.detach().to("cpu", torch_float(v)).contiguous() for k, v in state.items()}
+            save_file(tensors, str(tmp / "unet" / WEIGHTS), metadata={"format": "pt"})
+    except OSError as e:
+        raise DiffcliError(f"cannot write {folder} ({e.strerror or e}); give a writable folder") from None
 
 
 def torch_float(v):

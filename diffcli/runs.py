@@ -318,3 +318,24 @@ def atomic_file(path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(path, what: str):
+    """A fresh temporary folder beside `path` to fill, renamed to `path` when the block ends; if it raises, the
+    temporary and any parent folder made for it are removed. An existing `path` is refused: never overwritten."""
+    path = Path(path)
+    if path.exists():
+        raise DiffcliError(f"{path} exists; give a new folder ({what} never overwrites one)")
+    created = missing_folders(str(path.parent))  # deepest first
+    tmp = path.parent / f".{path.name}.partial{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(parent)
+        raise
