@@ -94,6 +94,9 @@ class ModelConfig:
     # an imported diffusers scheduler's sampling settings (clip_x0, spacing, steps_offset, ...), which the
     # samplers' `auto` options follow (diffcli/diffusers_format.py, sampling.model_options)
     sampler_options: Optional[Any] = None
+    # a consistency model's boundary (prediction=consistency, written by diffcli distill): f(x, t) = x~ where
+    # sigma/alpha = sigma_min (Song et al. 2023, eq. 3 and appendix C)
+    sigma_min: Optional[float] = None
 
 
 @dataclass
@@ -402,6 +405,7 @@ RANGES = {
     "data.sigma_max": (lambda v: v is None or v > 0, "a positive number (the data's largest pairwise distance)"),
     "model.sigma_data": (lambda v: v > 0, "a positive number (the data's standard deviation)"),
     "model.snr_gamma": (lambda v: v > 0, "a positive number"),
+    "model.sigma_min": (lambda v: v is None or v >= 0, "a number >= 0 (the consistency model's boundary noise level)"),
     "model.times.mean": (lambda v: True, "a finite number or null"),
     "model.times.std": (lambda v: v is None or v > 0, "a positive number or null"),
     "model.cond": (lambda v: v in ("none", "class"), "none or class (a class-conditional model)"),
