@@ -151,7 +151,7 @@ RANGE_CASES = {
     "train.max_nonfinite": (0, 20), "train.log_every": (0, 1), "train.ckpt_every": (0, 5),
     "train.sample_every": (-1, 0), "train.eval_every": (-1, 0), "train.n_samples": (0, 16), "train.eval_n": (0, 16),
     "train.keep_last": (-1, 0), "data.sigma_max": (0.0, None), "model.sigma_data": (0.0, 0.5),
-    "model.snr_gamma": (-5.0, 5.0), "model.times.mean": (math.inf, -1.2), "model.times.std": (0.0, None),
+    "model.snr_gamma": (-5.0, 5.0), "model.sigma_min": (-0.002, 0.002), "model.times.mean": (math.inf, -1.2), "model.times.std": (0.0, None),
     "model.cond": ("label", "class"), "train.p_uncond": (1.5, 0.0), "label": (-1, 0), "labels": ([], [0, 3]),
     "guidance_interval": ([5.0, 1.0], [0.28, 5.42]), "classifier_scale": (-1.0, 0.0), "guidance": (-0.5, 0.0),
     "sampler.steps": (0, None), "sampler.default_steps": (10**6 + 1, 50), "sampler.continuous_steps": (0, 1000),
