@@ -28,6 +28,7 @@ class Wrapped:
     net = property(lambda self: self.inner.net)
     precond = property(lambda self: self.inner.precond)
     sigma_data = property(lambda self: self.inner.sigma_data)
+    sigma_min = property(lambda self: self.inner.sigma_min)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.predict(x_t, t, labels)[0]

@@ -70,7 +70,8 @@ def model_classes(model_cfg: DictConfig) -> int:
 
 def model_denoiser(net, path, model_cfg: DictConfig) -> Denoiser:
     """The Denoiser a model config describes: its prediction, input preconditioning and sigma_data."""
-    return Denoiser(net, path, model_cfg.prediction, model_cfg.precond, model_cfg.sigma_data)
+    return Denoiser(net, path, model_cfg.prediction, model_cfg.precond, model_cfg.sigma_data,
+                    sigma_min=model_cfg.get("sigma_min") or 0.0)
 
 
 def load_model(ckpt: str | None, device: torch.device, net_class: str | None = None) -> LoadedModel:

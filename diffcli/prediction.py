@@ -6,6 +6,11 @@ On a path x_t = alpha x0 + sigma x1 every parameterization is linear in (x0, x1)
     F = (x0 - c_skip x~) / c_out, EDM's network output (Karras et al. 2022, eq. 7), x~ = x_t / alpha.
 So a prediction p = c0 x0 + c1 x1 together with x_t determines (x0, x1) by a 2x2 solve.
 
+One prediction is not in that table: `consistency`, a consistency model's F with x0_hat = c_skip x~ + c_out F and
+c_skip = 1, c_out = 0 at its boundary level s_min (Song et al. 2023, sec. 3 and appendix C). Its 2x2 system is
+singular there, so `to_x0_x1` takes x0_hat from the formula and x1_hat = (x_t - alpha x0_hat) / sigma; it is
+no regression target (`diffcli distill method=consistency` trains it), so `target` refuses it.
+
 The input preconditioning `model.precond` (what the network is fed) lives here too, in `net_inputs`,
 which the Denoiser and the training loss both call.
 """
@@ -45,6 +50,18 @@ COEFFICIENTS = {
     "velocity": lambda a, s, da, ds, sd: (da, ds),
     "F": _edm_F,
 }
+CONSISTENCY = "consistency"  # the one prediction outside COEFFICIENTS (see consistency_scalings)
+PREDICTIONS = (*COEFFICIENTS, CONSISTENCY)
+
+
+def consistency_scalings(alpha, sigma, s_min: float, sd: float):
+    """(c_skip / alpha, c_out) of a consistency model at EDM's level s = sigma/alpha (Song et al. 2023, appendix C;
+    openai/consistency_models cm/karras_diffusion.py:68, get_scalings_for_boundary_condition): c_skip = sd^2 /
+    ((s - s_min)^2 + sd^2), c_out = (s - s_min) sd / sqrt(s^2 + sd^2), so x0_hat = (c_skip/alpha) x_t + c_out F.
+    With r = alpha (s - s_min) = sigma - s_min alpha, c_skip/alpha = sd^2 alpha / (r^2 + sd^2 alpha^2) and
+    c_out = sd r / sqrt(sigma^2 + sd^2 alpha^2): finite where alpha = 0 (a flow's t = 1)."""
+    r = sigma - s_min * alpha
+    return sd**2 * alpha / (r**2 + sd**2 * alpha**2), sd * r / edm_scale(alpha, sigma, sd)
 
 
 # predictions that only mean something on some paths: name -> (what it needs, test on the path)
@@ -66,20 +83,22 @@ REQUIRES = {
 
 def check_prediction(prediction: str, path: ProbabilityPath | None = None) -> str:
     """Validate a prediction name (and, given a path, that it is defined there) with a one-line error."""
-    if prediction not in COEFFICIENTS:
-        raise DiffcliError(f"model.prediction={prediction} is unknown; choose one of {', '.join(COEFFICIENTS)}")
+    if prediction not in PREDICTIONS:
+        raise DiffcliError(f"model.prediction={prediction} is unknown; choose one of {', '.join(PREDICTIONS)}")
     need, holds = REQUIRES.get(prediction, (None, None))
     if path is not None and need and not holds(path):
-        valid = [p for p in COEFFICIENTS if p not in REQUIRES or REQUIRES[p][1](path)]
+        valid = [p for p in PREDICTIONS if p not in REQUIRES or REQUIRES[p][1](path)]
         raise DiffcliError(f"model.prediction={prediction} needs {need}, which this model ({type(path).__name__}, "
                            f"{path.prior} prior) lacks; use one of {', '.join(valid)}")
     return prediction
 
 
 def coefficients(prediction: str, path: ProbabilityPath, t: torch.Tensor, sigma_data: float = SIGMA_DATA):
-    """(c0, c1) with prediction = c0 x0 + c1 x1 at time t."""
-    return COEFFICIENTS[check_prediction(prediction)](path.alpha(t), path.sigma(t), path.d_alpha(t), path.d_sigma(t),
-                                                      sigma_data)
+    """(c0, c1) with prediction = c0 x0 + c1 x1 at time t; a consistency model's F has none (one-line error)."""
+    if check_prediction(prediction) == CONSISTENCY:
+        raise DiffcliError("model.prediction=consistency is no regression target (a consistency model is trained "
+                           "by consistency distillation); train it with diffcli distill method=consistency")
+    return COEFFICIENTS[prediction](path.alpha(t), path.sigma(t), path.d_alpha(t), path.d_sigma(t), sigma_data)
 
 
 def target(prediction: str, path: ProbabilityPath, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
@@ -90,18 +109,23 @@ def target(prediction: str, path: ProbabilityPath, x0: torch.Tensor, x1: torch.T
 
 
 def to_x0_x1(pred: torch.Tensor, prediction: str, path: ProbabilityPath, x_t: torch.Tensor, t: torch.Tensor,
-             sigma_data: float = SIGMA_DATA):
-    """Solve [alpha sigma; c0 c1] [x0; x1] = [x_t; pred] for (x0, x1)."""
+             sigma_data: float = SIGMA_DATA, sigma_min: float = 0.0):
+    """Solve [alpha sigma; c0 c1] [x0; x1] = [x_t; pred] for (x0, x1); a consistency model's F (boundary level
+    sigma_min) gives x0 = (c_skip/alpha) x_t + c_out F (consistency_scalings) and x1 = (x_t - alpha x0) / sigma."""
     a, s = expand(path.alpha(t), x_t), expand(path.sigma(t), x_t)
+    if prediction == CONSISTENCY:
+        c_skip, c_out = consistency_scalings(a, s, sigma_min, sigma_data)
+        x0 = c_skip * x_t + c_out * pred
+        return x0, (x_t - a * x0) / s
     c0, c1 = (expand(c, x_t) for c in coefficients(prediction, path, t, sigma_data))
     det = a * c1 - s * c0
     return (c1 * x_t - s * pred) / det, (a * pred - c0 * x_t) / det
 
 
 def convert(pred: torch.Tensor, source: str, dest: str, path: ProbabilityPath, x_t: torch.Tensor, t: torch.Tensor,
-            sigma_data: float = SIGMA_DATA):
-    """Convert a prediction of kind `source` into kind `dest` at (x_t, t)."""
-    x0, x1 = to_x0_x1(pred, source, path, x_t, t, sigma_data)
+            sigma_data: float = SIGMA_DATA, sigma_min: float = 0.0):
+    """Convert a prediction of kind `source` into kind `dest` at (x_t, t) (sigma_min: a consistency model's)."""
+    x0, x1 = to_x0_x1(pred, source, path, x_t, t, sigma_data, sigma_min)
     return target(dest, path, x0, x1, t, sigma_data)
 
 
@@ -149,7 +173,8 @@ def batch_times(t, x_t: torch.Tensor) -> torch.Tensor:
 
 class Denoiser(nn.Module):
     """What every sampler sees: predict(x_t, t, labels) -> (x0_hat, x1_hat), from a net predicting `prediction`,
-    fed its inputs under `precond` (net_inputs); `sigma_data` is EDM's, for prediction F and precond edm.
+    fed its inputs under `precond` (net_inputs); `sigma_data` is EDM's, for prediction F and precond edm;
+    `sigma_min` is a consistency model's boundary level s_min, where x0_hat = x~ (prediction consistency).
 
     A value: it holds no conditions. Labels are passed per call (None: the net's unconditional input), or bound with
     guidance.condition, which also composes guidance around it; a sampler never changes when a condition is added.
@@ -157,10 +182,10 @@ class Denoiser(nn.Module):
     """
 
     def __init__(self, net: nn.Module, path: ProbabilityPath, prediction: str, precond: str = "none",
-                 sigma_data: float = SIGMA_DATA):
+                 sigma_data: float = SIGMA_DATA, sigma_min: float = 0.0):
         super().__init__()
         self.net, self.path, self.prediction = net, path, check_prediction(prediction, path)
-        self.precond, self.sigma_data = check_precond(precond), sigma_data
+        self.precond, self.sigma_data, self.sigma_min = check_precond(precond), sigma_data, float(sigma_min)
 
     @property
     def device(self) -> torch.device:
@@ -178,7 +203,8 @@ class Denoiser(nn.Module):
         x_in, t_in = net_inputs(self.net, self.path, x_t, t, self.precond, self.sigma_data)
         y = labels if self.n_classes else None
         args = (x_in, t_in.to(x_t.dtype)) if y is None else (x_in, t_in.to(x_t.dtype), y)
-        return to_x0_x1(self.net(*args).to(x_t.dtype), self.prediction, self.path, x_t, t, self.sigma_data)
+        return to_x0_x1(self.net(*args).to(x_t.dtype), self.prediction, self.path, x_t, t, self.sigma_data,
+                        self.sigma_min)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.predict(x_t, t, labels)[0]

@@ -245,7 +245,7 @@ def at_speed(denoiser: Denoiser, speed: Speed) -> Denoiser:
     if getattr(denoiser.net, "raw_input", False) or speed == Speed():
         return denoiser
     return Denoiser(FastNet(denoiser.net, speed), denoiser.path, denoiser.prediction, denoiser.precond,
-                    denoiser.sigma_data)
+                    denoiser.sigma_data, sigma_min=denoiser.sigma_min)
 
 
 def batch_seed(seed: int, i: int) -> int:

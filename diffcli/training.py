@@ -1,6 +1,6 @@
 """The pieces of a training run: the model and its optimization built from a config, one optimizer step, the
 learning-rate schedule, the `auto` speed settings, the restore of a saved state, and TrainState, which holds
-all of it for the loop in diffcli/train.py.
+all of it for the loop in diffcli/fitting.py.
 
 Every step's randomness (batch, t, noise) comes from a generator seeded by (seed, step), so a
 run resumed at step k draws exactly what the uninterrupted run drew.

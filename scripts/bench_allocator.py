@@ -4,11 +4,11 @@
                                       [--compile auto|on|off] [--channels-last auto|on|off] [--steps 20] [--rounds 2]
 
 mallopt acts on the whole process, so each measurement is a fresh child process that runs only diffcli's
-training step (`bench_train.DiffcliStep`, i.e. `diffcli.train.train_step`): `--rounds` pairs of children,
+training step (`bench_train.DiffcliStep`, i.e. `diffcli.training.train_step`): `--rounds` pairs of children,
 default glibc and diffcli's setting in alternating order (AB BA ...), each with warm-up steps and then
 `--steps` timed steps. Prints images/s (median step), minor page faults and kernel (system) CPU time per
 step, peak resident memory, and the ratio. `auto` settings resolve as `diffcli train` resolves them
-(`diffcli.train.speed_settings`, a run of 1,000+ steps).
+(`diffcli.training.speed_settings`, a run of 1,000+ steps).
 """
 
 import argparse

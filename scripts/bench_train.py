@@ -7,9 +7,9 @@
 --matrix measures every precision (fp32, bf16) x channels-last x compile for both models, then the fastest of
 those at each smaller thread count, and prints the table and the best-against-best ratio.
 
-diffcli: `UNet` from configs/net/<net>.yaml, one `diffcli.train.train_step` (DDPM path, eps prediction,
+diffcli: `UNet` from configs/net/<net>.yaml, one `diffcli.training.train_step` (DDPM path, eps prediction,
 L_simple; the whole batch in one pass) with the optimizer, grad scaler and autocast of
-`diffcli.train.build_optimization` (the train=default preset: AdamW as diffcli builds it), grad clip 1.0,
+`diffcli.training.build_optimization` (the train=default preset: AdamW as diffcli builds it), grad clip 1.0,
 a per-step generator as the training loop uses.
 diffusers: `UNet2DModel` with the same widths, attention resolutions, blocks per level, dropout and groups
 (the google/ddpm-cifar10-32 layout for unet_ddpm_cifar: identical parameter count), trained the way the
@@ -106,7 +106,7 @@ def optimization(net, device, precision):
 
 
 class DiffcliStep:
-    """One diffcli training step: diffcli.train.train_step itself, seeded per step like the training loop."""
+    """One diffcli training step: diffcli.training.train_step itself, seeded per step like the training loop."""
 
     def __init__(self, net, x0, device, precision):
         self.net, self.x0, self.device, self.path, self.step = net, x0, device, DDPMPath(), 0

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "diffcli"
 COMMANDS = {"train", "sample", "evaluate", "summary", "edit", "convert"}
 APPLICATION = {"loading", "sampling", "scoring", "training", "plots", "runs", "schema", "build", "checkpoint", "help",
-               "distributed", "allocator", "cli", "inputs", "diffusers_format"}
+               "distributed", "allocator", "cli", "inputs", "diffusers_format", "fitting"}
 MATHS = {"paths", "prediction", "guidance", "losses", "nets", "oracle", "likelihood", "metrics", "samplers", "editing",
          "toys", "diffusers_net", "diffusers_map"}
 

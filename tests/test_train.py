@@ -150,7 +150,7 @@ def test_every_run_ends_with_a_titled_picture_of_its_samples(tmp_path):
     """Pictures at multiples of train.sample_every and at the last step, titled with step, formulation and sampler."""
     from unittest import mock
 
-    from diffcli import train
+    from diffcli import fitting as train
 
     cfg = compose_config("train", BASE + ["train.steps=7", "train.sample_every=5", "train.n_samples=50",
                                          "sampler=ddim", "steps=4"])

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import compose_config
 from diffcli import DiffcliError, distributed
-from diffcli import train as train_module
+from diffcli import fitting as train_module
 from diffcli import training as training_module
 from diffcli.checkpoint import load_state
 from diffcli.paths import VPPath

@@ -51,6 +51,7 @@ NEEDS = {
     "euler_maruyama": ("gaussian prior", "alpha(1) > 0"),
     "pc": ("gaussian prior", "alpha(1) > 0"),
     "langevin": ("gaussian prior",),
+    "consistency": ("gaussian prior",),
 }
 
 

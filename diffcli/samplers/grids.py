@@ -110,9 +110,15 @@ def karras_grid(path: ProbabilityPath, steps: int, t_min: float = 1e-3, rho: flo
     last step to t = 0."""
     lam_max, lam_min = _lambda_range(path, t_min)
     sigma_max, sigma_min = torch.exp(-lam_max).clamp(max=sigma_cap), torch.exp(-lam_min)
-    u = torch.linspace(0, 1, steps, dtype=torch.float64)
-    sigmas = (sigma_max ** (1 / rho) + u * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return _grid_from_lambdas(path, -torch.log(sigmas))
+    return _grid_from_lambdas(path, -torch.log(karras_levels(sigma_max, sigma_min, steps, rho)))
+
+
+def karras_levels(s_from, s_to, n: int, rho: float = 7.0) -> torch.Tensor:
+    """n noise levels (s_from^(1/rho) + i / (n - 1) (s_to^(1/rho) - s_from^(1/rho)))^rho, i = 0..n-1, in float64
+    (Karras et al. 2022, eq. 5, from s_from = sigma_max down to s_to = sigma_min; the other way up)."""
+    u = torch.linspace(0, 1, n, dtype=torch.float64)
+    s_from, s_to = (torch.as_tensor(s, dtype=torch.float64) for s in (s_from, s_to))
+    return (s_from ** (1 / rho) + u * (s_to ** (1 / rho) - s_from ** (1 / rho))) ** rho
 
 
 def logsnr_grid(path: ProbabilityPath, steps: int, t_min: float = 1e-3) -> torch.Tensor:

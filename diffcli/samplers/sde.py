@@ -1,5 +1,6 @@
 """Stochastic samplers: Gaussian posteriors (ancestral, DDIM), DPM-Solver++ SDE solvers in lambda = log(alpha/sigma),
-the reverse-time SDE (Euler-Maruyama, score_sde's predictor-corrector) and annealed Langevin dynamics."""
+the reverse-time SDE (Euler-Maruyama, score_sde's predictor-corrector), annealed Langevin dynamics and multistep
+consistency sampling."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from .. import DiffcliError
 from ..paths import NCSNPath, ProbabilityPath, VEPath, VPPath
-from .core import alpha_sigma, check_sampler, draw_noise, record, score_at, transition, x0_clipper
+from .core import alpha_sigma, check_sampler, draw_noise, edm_sigma, record, score_at, transition, x0_clipper
 
 # ---------------------------------------------------------------------------------------------
 # Gaussian posteriors
@@ -303,5 +304,23 @@ def langevin(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Ten
         record(trajectory, x)
     if denoise:
         x = denoiser(x, t_grid[-1])
+        record(trajectory, x)
+    return x
+
+
+@torch.no_grad()
+def consistency(denoiser, path: ProbabilityPath, x: torch.Tensor, t_grid: torch.Tensor, *,
+                generator: torch.Generator | None = None, trajectory: list | None = None) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1; openai/consistency_models cm/karras_diffusion.py:657,
+    stochastic_iterative_sampler): x0 = f(x, t_n), then x = alpha(t_{n+1}) (x0 + sqrt(s_{n+1}^2 - s_min^2) z) at
+    s = sigma/alpha with s_min the denoiser's sigma_min (0 if it has none, the noise clamped at 0 below s_min); a
+    step to t = 0 returns x0, so the grid's last point only ends the loop and NFE = steps."""
+    check_sampler("consistency", path)
+    s_grid, s_min = edm_sigma(path, t_grid), getattr(denoiser, "sigma_min", 0.0)
+    record(trajectory, x)
+    for t, t_next, s_next in zip(t_grid[:-1], t_grid[1:], s_grid[1:]):
+        x = x0 = denoiser(x, t)
+        if t_next > 0:
+            x = path.alpha(t_next) * (x0 + torch.sqrt((s_next**2 - s_min**2).clamp(min=0)) * draw_noise(x0, generator))
         record(trajectory, x)
     return x
