@@ -236,13 +236,16 @@ def _unflatten_optimizer(tensors: dict, info: dict) -> dict:
     return {"state": state, "param_groups": info["param_groups"]}
 
 
-def save_state(path: Path, *, net, ema_net, optimizer, scaler, step: int, cfg: DictConfig, shape) -> None:
-    """Everything needed to resume exactly."""
+def save_state(path: Path, *, net, ema_net, optimizer, scaler, step: int, cfg: DictConfig, shape,
+               target_net=None) -> None:
+    """Everything needed to resume exactly (with consistency distillation's target network)."""
     import torch
 
     opt_tensors, opt_info = _flatten_optimizer(optimizer.state_dict())
     tensors = {f"net.{k}": v for k, v in strip_prefixes(net.state_dict()).items()}
     tensors |= {f"ema.{k}": v for k, v in strip_prefixes(ema_net.state_dict()).items()}
+    if target_net is not None:
+        tensors |= {f"target.{k}": v for k, v in strip_prefixes(target_net.state_dict()).items()}
     tensors |= opt_tensors | {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
@@ -262,7 +265,7 @@ def load_state(path: Path) -> dict:
     optimizer, scaler = _field(meta, "optimizer", path), _field(meta, "scaler", path)
     try:
         rng_cuda = [v for k, v in sorted(part("rng.cuda.").items(), key=lambda kv: int(kv[0]))]
-        return {"net": part("net."), "ema": part("ema."), "rng_cpu": tensors["rng.cpu"], "rng_cuda": rng_cuda,
+        return {"net": part("net."), "ema": part("ema."), "target": part("target."), "rng_cpu": tensors["rng.cpu"], "rng_cuda": rng_cuda,
                 "optimizer": _unflatten_optimizer(part("optim."), optimizer), "scaler": scaler, "step": step,
                 "config": config, "shape": shape}
     except (KeyError, ValueError, TypeError, AttributeError) as e:

@@ -1,4 +1,4 @@
-"""`diffcli train|sample|eval|edit [overrides] [-m]`: pops the subcommand, runs that command's Hydra app.
+"""`diffcli train|sample|eval|edit|distill [overrides] [-m]`: pops the subcommand, runs that command's Hydra app.
 
 Errors a user can fix (bad overrides, bad paths, bad values) are printed as one line and exit
 with code 2; set HYDRA_FULL_ERROR=1 to see the full traceback instead.
@@ -27,6 +27,7 @@ commands:
   sample   sample a checkpoint  e.g. diffcli sample sampler=ddim steps=50 eta=0
   eval     score a checkpoint   e.g. diffcli eval ckpt=outputs/train/<run> metric=fid
   edit     edit with a model    e.g. diffcli edit task=inpaint input=digits.npz mask=bottom
+  distill  a few-step student  e.g. diffcli distill teacher=outputs/train/<run> method=reflow
   summary  tabulate a sweep     e.g. diffcli summary outputs/multirun/eval/<date>_<time>
   import   from diffusers       e.g. diffcli import ddpm-mnist/ out=outputs/import/ddpm-mnist
   export   to diffusers         e.g. diffcli export outputs/train/<run> ddpm-mnist/
@@ -138,10 +139,10 @@ def preflight(command: str, cfg) -> None:
     from .build import check_names
     from .checkpoint import find_ema, newest_state, read_metadata, stored_config
     from .diffusers_format import folder_config, is_folder
-    from .schema import SCHEMAS, check_ranges, resume_overrides, validate
+    from .schema import SCHEMAS, check_distill_ranges, check_ranges, resume_overrides, validate
 
     cfg = validate(cfg, SCHEMAS[f"{command}_schema"], f"diffcli {command}")
-    check_ranges(cfg)
+    (check_distill_ranges if command == "distill" else check_ranges)(cfg)
     if command == "train" and not cfg.train.get("resume"):
         check_names(cfg, user_class=cfg.net.get("_target_"))  # the command line's own choice
         return
@@ -150,10 +151,14 @@ def preflight(command: str, cfg) -> None:
         stored = stored_config(read_metadata(file), file)
         check_names(*resume_overrides(cfg, stored, _overrides(), run_dir))
         return
-    if is_folder(cfg.ckpt):  # a diffusers folder: its JSON mapped onto a diffcli config, no weights read yet
-        file, stored = cfg.ckpt, folder_config(cfg.ckpt)[0]
+    ckpt = cfg.teacher if command == "distill" else cfg.ckpt
+    if command == "distill" and ckpt is None:
+        raise DiffcliError("diffcli distill needs teacher=<a training run, an ema_<step>.safetensors or a diffusers "
+                           "folder>")
+    if is_folder(ckpt):  # a diffusers folder: its JSON mapped onto a diffcli config, no weights read yet
+        file, stored = ckpt, folder_config(ckpt)[0]
     else:
-        file = find_ema(cfg.ckpt)
+        file = find_ema(ckpt)
         stored = stored_config(read_metadata(file), file)  # its errors name the file already
     try:
         check_names(stored, cfg.get("net_class"))
@@ -193,8 +198,17 @@ def _edit(cfg) -> None:
     run_edit(cfg, _run_dir())
 
 
+@_user_errors_exit
+def _distill(cfg) -> None:
+    preflight("distill", cfg)
+    from .distill import run_distill
+
+    run_distill(cfg, _run_dir())
+
+
 # subcommand -> (primary config, task function); Hydra is imported only once one is chosen
-COMMANDS = {"train": ("train", _train), "sample": ("sample", _sample), "eval": ("eval", _eval), "edit": ("edit", _edit)}
+COMMANDS = {"train": ("train", _train), "sample": ("sample", _sample), "eval": ("eval", _eval), "edit": ("edit", _edit),
+            "distill": ("distill", _distill)}
 
 
 def _run_dir() -> str:

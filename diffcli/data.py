@@ -115,6 +115,30 @@ def _epoch_seed(seed, epoch):
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1  # a Python int: NumPy 1.x refuses uint64 >> int
 
 
+class EpochOrder:
+    """The order in which a training set of n items is served: a fresh permutation per epoch, a function of (seed,
+    epoch) only, so a resumed run reads what the uninterrupted run read."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perm = n, seed, (None, None)  # (epoch, permutation) of the last epoch used
+
+    def _permutation(self, epoch):
+        if self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1]
+
+    def indices(self, step, batch_size):
+        """Indices of batch `step`: positions step*B .. step*B+B-1 of the epoch stream."""
+        n, pos, end, parts = self.n, step * batch_size, (step + 1) * batch_size, []
+        while pos < end:  # a batch may straddle one (or, for B > N, several) epoch boundaries
+            epoch, offset = divmod(pos, n)
+            take = min(n - offset, end - pos)
+            parts.append(self._permutation(epoch)[offset : offset + take])
+            pos += take
+        return torch.cat(parts)
+
+
 class ImageData:
     """A whole image set as uint8 (N, C, H, W) on the device, served in seeded epoch order."""
 
@@ -133,27 +157,14 @@ class ImageData:
                 raise DiffcliError(f"{name}: labels must lie in [0, {self.n_classes}); got {int(self.labels.min())}"
                                    f" to {int(self.labels.max())}; fix the labels")
         self.shape = tuple(self.images.shape[1:])
-        self._perm = (None, None)  # (epoch, permutation) of the last epoch used
+        self.order = EpochOrder(len(self), seed)
 
     def __len__(self):
         return self.images.shape[0]
 
-    def _permutation(self, epoch):
-        """The order of epoch `epoch`: a function of (seed, epoch) only."""
-        if self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
-            self._perm = (epoch, torch.randperm(len(self), generator=g))
-        return self._perm[1]
-
     def indices(self, step, batch_size):
-        """Dataset indices of batch `step`: positions step*B .. step*B+B-1 of the epoch stream."""
-        n, pos, end, parts = len(self), step * batch_size, (step + 1) * batch_size, []
-        while pos < end:  # a batch may straddle one (or, for B > N, several) epoch boundaries
-            epoch, offset = divmod(pos, n)
-            take = min(n - offset, end - pos)
-            parts.append(self._permutation(epoch)[offset : offset + take])
-            pos += take
-        return torch.cat(parts)
+        """Dataset indices of batch `step` (EpochOrder)."""
+        return self.order.indices(step, batch_size)
 
     def batch(self, step, batch_size, generator):
         """Batch `step` as float32 in [-1, 1]; a random half mirrored when hflip is on."""

@@ -21,7 +21,7 @@ from .plots import PICTURE_IMAGES, save_picture
 from .runs import fmt, progress, write_text
 from .sampling import Plan, SampleResult, collect, given_conditions, plan
 from .schema import check_ranges
-from .scoring import LIKELIHOODS, ImageScores, nll_2d, resolve_names, toy_agreement, toy_metrics
+from .scoring import MODEL_METRICS, ImageScores, nll_2d, resolve_names, straightness_score, toy_agreement, toy_metrics
 
 log = logging.getLogger("diffcli")
 
@@ -45,7 +45,7 @@ def _eval(cfg: DictConfig, out_dir: Path, world) -> dict | None:
     model = load_model(cfg.ckpt, device, cfg.get("net_class"))
     train_cfg, is_image = model.config, model.kind == "images"
     data_cfg, data, names = _data_and_names(cfg, model)
-    sampling = bool(set(names) - LIKELIHOODS)
+    sampling = bool(set(names) - MODEL_METRICS)
     if not sampling and given_conditions(cfg):  # a likelihood of real data under the bare model: nothing to steer
         raise DiffcliError(f"metric={'/'.join(names)} scores real data under the unconditional model, so "
                            f"{' '.join(given_conditions(cfg))} would be ignored: drop it, or add a sample metric")
@@ -67,15 +67,17 @@ def _eval(cfg: DictConfig, out_dir: Path, world) -> dict | None:
         if run.labels is not None or given_conditions(cfg):  # autoguidance of an unconditional model too
             record |= {"guidance": shown.guidance, "classifier_scale": shown.classifier_scale,
                        "labels": None if run.labels is None else sorted(set(run.labels.tolist()))}
+    if "straightness" in names:  # first: a consistency model is refused before minutes of sampling are scored
+        metrics |= straightness_score(model.denoiser, model.shape, mc, cfg.seed)
     if is_image:
-        metrics = scores.scores(model.denoiser)
+        metrics |= scores.scores(model.denoiser)
         if shown is not None:
             save_picture(shown.samples, out_dir / "samples.png", labels=shown.labels)
     else:
         if shown is not None:
             samples, labels = shown.samples, shown.labels
             reference = data.sample(cfg.n, torch.Generator().manual_seed(cfg.seed + 1))  # as sample's reference
-            metrics = toy_metrics(samples, reference, data, names)
+            metrics |= toy_metrics(samples, reference, data, names)
             if labels is not None:
                 metrics |= toy_agreement(train_cfg.data, samples, labels)
             save_picture(samples, out_dir / "samples.png", reference, labels)

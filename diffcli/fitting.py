@@ -16,8 +16,9 @@ from omegaconf import DictConfig
 
 from . import DiffcliError, distributed
 from .build import build_path
-from .checkpoint import prune, remove_temporaries, save_ema, save_state
+from .checkpoint import load_weights, prune, remove_temporaries, save_ema, save_state
 from .data import config_kind
+from .distilling import ConsistencyObjective, load_teacher, pair_data
 from .loading import model_denoiser, pick_device
 from .plots import plot_loss, save_picture
 from .runs import Logger, Silent, StopFlag, claim_run_dir, release_run_dir, write_text
@@ -30,8 +31,10 @@ from .training import (Tally, TrainState, build_model, build_state, check_train_
 log = logging.getLogger("diffcli")
 
 
-def fit(cfg: DictConfig, out_dir, saved: dict | None = None, user_class: str | None = None) -> dict:
-    """Train the run `cfg` describes into out_dir (from the training state `saved`, if resumed)."""
+def fit(cfg: DictConfig, out_dir, saved: dict | None = None, user_class: str | None = None,
+        init: dict | None = None) -> dict:
+    """Train the run `cfg` describes into out_dir (from the training state `saved`, if resumed; else from the
+    weights `init`, a distilled student's teacher's, if given)."""
     out_dir = Path(out_dir)
     path = build_path(cfg.model.path)
     check_train_config(cfg, path)
@@ -43,7 +46,7 @@ def fit(cfg: DictConfig, out_dir, saved: dict | None = None, user_class: str | N
     world = distributed.setup(pick_device(cfg.device))
     out_dir = Path(distributed.shared(world, str(out_dir)))
     try:
-        out = _train(cfg, out_dir, saved, path, world, user_class)
+        out = _train(cfg, out_dir, saved, path, world, user_class, init)
     except BaseException:
         distributed.teardown(world, wait=False)  # no barrier: the other ranks may never reach it
         raise
@@ -53,7 +56,7 @@ def fit(cfg: DictConfig, out_dir, saved: dict | None = None, user_class: str | N
     return out
 
 
-def _train(cfg: DictConfig, out_dir: Path, saved: dict | None, path, world, user_class=None) -> dict:
+def _train(cfg: DictConfig, out_dir: Path, saved: dict | None, path, world, user_class=None, init=None) -> dict:
     """Set up the run's folder and state, then the loop; a network with nothing to fit is saved as it is."""
     tc, ckpt_dir = cfg.train, out_dir / "checkpoints"
     micro = distributed.micro_batch(world, tc.batch_size, tc.grad_accum)
@@ -61,7 +64,11 @@ def _train(cfg: DictConfig, out_dir: Path, saved: dict | None, path, world, user
         claim_run_dir(out_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         remove_temporaries(ckpt_dir)
-    data, net = build_model(cfg, world.device, user_class, fits=saved["net"] if saved else None)
+    method = cfg.distill.method if cfg.get("distill") else None
+    data = pair_data(cfg, world.device) if method == "reflow" else None
+    data, net = build_model(cfg, world.device, user_class, fits=saved["net"] if saved else None, data=data)
+    if init is not None and saved is None:
+        load_weights(net, init, "the teacher's weights")
     if tc.get("eval_every") and data.is_image and data.labels is None:
         raise DiffcliError(f"train.eval_every={tc.eval_every} scores samples by classifier-FID, which needs labelled "
                            f"images; {cfg.data.name} has none: set train.eval_every=0 and run diffcli eval on checkpoints")
@@ -71,6 +78,10 @@ def _train(cfg: DictConfig, out_dir: Path, saved: dict | None, path, world, user
         log.info("%s has no trainable parameters: wrote %s, nothing to train", cfg.net._target_, ckpt_dir)
         return {"out_dir": str(out_dir), "steps": 0, "loss_curve": None}
     s = build_state(cfg, out_dir, path, world, data, net, micro, saved)
+    if method == "consistency":
+        s.objective = ConsistencyObjective(cfg, s.net, path, load_teacher(cfg, world.device, user_class))
+        if saved and saved["target"]:
+            load_weights(s.objective.target_net, saved["target"], "its target network")
     log.info("%s: %s on %s, net %s (%.2fM parameters), device %s x %d, %d steps, batch %d (%d per pass), %s%s%s",
              out_dir, cfg.model.name, cfg.data.name, cfg.net._target_.rsplit(".", 1)[-1],
              sum(p.numel() for p in net.parameters()) / 1e6, world.device, world.size, tc.steps, tc.batch_size, micro,
@@ -95,9 +106,11 @@ def training_loop(s: TrainState, tally: Tally) -> None:
         s.model.train()
         for step in range(s.start, tc.steps):
             g = step_generator(s.cfg.seed, step, world.device)
-            x0, y = s.batch(step, g)
+            x0, y, x1 = s.batch(step, g)
             loss, grad_norm, finite = train_step(s.model, s.path, s.cfg.model, x0, g, s.opt, s.scaler, s.autocast,
-                                                 tc.grad_clip, s.micro, world, y, s.classify)
+                                                 tc.grad_clip, s.micro, world, y, s.classify, x1, s.objective)
+            if s.objective is not None:
+                s.objective.after_step(s.net)  # the target network follows the student (its own EMA)
             s.sched.step()
             s.ema.update(s.net, step)
             tally.add(loss, finite)  # stays on the device: no host sync until the log line
@@ -162,7 +175,8 @@ def checkpoint(s: TrainState, step: int) -> None:
     ckpt_dir, shape = s.out_dir / "checkpoints", s.data.shape
     save_ema(ckpt_dir / f"ema_{step}.safetensors", s.ema.net.state_dict(), s.cfg, step, shape)
     save_state(ckpt_dir / f"state_{step}.safetensors", net=s.net, ema_net=s.ema.net, optimizer=s.opt,
-               scaler=s.scaler if s.scaler.is_enabled() else None, step=step, cfg=s.cfg, shape=shape)
+               scaler=s.scaler if s.scaler.is_enabled() else None, step=step, cfg=s.cfg, shape=shape,
+               target_net=None if s.objective is None else s.objective.target_net)
     prune(ckpt_dir, s.cfg.train.keep_last)
 
 

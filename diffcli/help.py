@@ -18,6 +18,7 @@ COMMANDS = {
     "sample": "draw samples from a trained checkpoint; its data, model, net and train settings come from it",
     "eval": "sample a checkpoint and score the samples against fresh data (metrics.json)",
     "edit": "inpaint, colorize, SDEdit, encode/decode/interpolate or solve y = A x0 + n with a checkpoint (edited.npz)",
+    "distill": "a few-step student of a teacher (reflow or consistency distillation), written as a training run",
 }
 
 # group -> (what it chooses, {key below it: one line}); a key ending in `.*` stands for a class's own arguments
@@ -68,9 +69,11 @@ GROUPS = {
         "resume": "a run folder to continue, in that folder",
     }),
     "metric": ("what eval scores: auto picks the usual metrics for the data", {
-        "names": "a metric or a list: sliced_wasserstein, mmd, energy, modes, nll (2D); fid, kid, cfid, bpd (images)",
+        "names": "a metric or a list: sliced_wasserstein, mmd, energy, modes, nll (2D); fid, kid, cfid, bpd (images); "
+                 "straightness (both)",
         "n_reference": "real images in the reference set (null: all)",
         "nll_n": "data points (2D) or held-out images whose likelihood is computed",
+        "straightness_n": "straightness: trajectories from the prior, each by straightness_steps Euler steps",
         "inception_weights": "a local Inception file for FID/KID (null: torch hub's cache)",
         "cache_dir": "where reference features and classifiers are cached",
     }),
@@ -98,9 +101,9 @@ KEYS = {
     "classifier_scale": "classifier guidance scale s (1: Bayes' conditional score)",
     "sample.save_trajectory": "keep the visited states (samples.npz trajectory) and draw trajectories.png",
     "sample.plot_field": "2D: draw the learned score or velocity as arrows (field.png)",
-    "data.root": "eval: where torchvision datasets live ($DIFFCLI_DATA, else ~/.cache/diffcli); never the checkpoint's",
-    "data.path": "eval of a data=npz/folder model: the .npz file or image folder to score against (required there)",
-    "data.download": "eval: fetch missing torchvision files (false: a missing file is an error)",
+    "data.root": "eval, distill: where torchvision datasets live ($DIFFCLI_DATA, else ~/.cache/diffcli); never the checkpoint's",
+    "data.path": "eval (distill) of a data=npz/folder model: the .npz file or image folder to score against (required there)",
+    "data.download": "eval, distill: fetch missing torchvision files (false: a missing file is an error)",
     "task": "edit: inpaint | colorize | sdedit | encode | decode | interpolate | dps",
     "method": "edit task=inpaint: replace (score_sde) | repaint (RePaint's resampling) | dps",
     "input": "edit: an image file or folder, an .npz (images, samples, results, noise) or .npy; 2D: NaN = unknown",
@@ -112,6 +115,19 @@ KEYS = {
     "sigma_y": "edit task=dps: the measurement noise",
     "scale": "edit task=dps: the step size (the DPS reference: 0.3 to 1.0)",
     "frames": "edit task=interpolate: points per pair, both ends included",
+    "teacher": "distill: the teacher, a training run folder, an ema_<step>.safetensors or a diffusers folder",
+    "sample_steps": "distill: the student's default sampling steps (1-4)",
+    "init": "distill: auto | teacher | random: the student's first weights (auto: the teacher's, same network)",
+    "reflow.pairs": "distill method=reflow: a pair folder to reuse or continue (null: <run>/pairs)",
+    "reflow.n": "distill method=reflow: (noise, teacher sample) pairs drawn and trained on",
+    "reflow.part_size": "distill method=reflow: pairs per file (the most a killed draw loses)",
+    "consistency.N": "distill method=consistency: levels of the teacher's ODE (18 in Song et al. 2023)",
+    "consistency.mu": "distill method=consistency: the target network's EMA decay",
+    "consistency.solver": "distill method=consistency: euler | heun, the teacher's ODE step",
+    "consistency.distance": "distill method=consistency: l2 | pseudo_huber",
+    **{f"train.{k}": f"distill: the student's train.{k} (null: the teacher's)" for k in (
+        "steps", "batch_size", "lr", "warmup", "lr_schedule", "grad_clip", "ema", "precision", "compile",
+        "channels_last", "log_every", "sample_every", "n_samples", "eval_every", "eval_n", "ckpt_every", "keep_last")},
 }
 
 
@@ -134,6 +150,8 @@ def top_keys(command: str) -> dict[str, object]:
         if key in groups:
             continue
         value = cfg._get_node(key)
+        if isinstance(value, DictConfig) and value._is_none():  # written by a command (train's `distill`), not set
+            continue
         if isinstance(value, DictConfig):
             out |= {f"{key}.{k}": v for k, v in OmegaConf.to_container(value, resolve=False).items()}
         else:

@@ -64,15 +64,17 @@ def check_coupling(coupling: str) -> str:
 
 
 def draw(path: ProbabilityPath, x0: torch.Tensor, generator: torch.Generator | None, coupling: str = "independent",
-         times=None):
+         times=None, x1: torch.Tensor | None = None):
     """(x0, x1, t) of one training batch: t ~ the path's training times (`times`: model.times, dist, mean and
-    std; None: uniform), x1 ~ the prior, paired by `coupling`.
+    std; None: uniform), x1 ~ the prior, paired by `coupling`; or the given x1, already paired with x0 (reflow's
+    pairs, Liu et al. 2023, sec. 2.2).
 
     Drawn for the whole global batch before it is split among GPUs and accumulation steps, so a
     run's randomness does not depend on how its batch is split.
     """
     t = path.sample_t(x0.shape[0], generator, x0.device, **(times or {}))
-    x1 = COUPLINGS[coupling](x0, path.sample_prior(x0.shape, generator, x0.device))
+    if x1 is None:
+        x1 = COUPLINGS[coupling](x0, path.sample_prior(x0.shape, generator, x0.device))
     return x0, x1, t
 
 

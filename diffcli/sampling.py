@@ -47,6 +47,7 @@ class SampleResult:
     guidance: float = 1.0
     classifier_scale: float | None = None
     trajectory: torch.Tensor | None = None
+    noise: torch.Tensor | None = None  # the unit noise x1 each sample started from (x_init = sigma(1) x1)
 
     @property
     def steps(self) -> int:
@@ -72,12 +73,16 @@ def sampler_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
         raise DiffcliError(f"model.sampler={model_cfg.sampler} is not a diffcli sampler; choose one of "
                            f"{', '.join(SAMPLER_NAMES)}")
     node = OmegaConf.load(files("diffcli.configs").joinpath("sampler", f"{model_cfg.sampler}.yaml"))
+    own = model_cfg.get("sampler_options") or {}  # a distilled model's few-step grid and steps (diffcli distill)
+    for key in (k for k in OWN_DEFAULTS if k in own):  # replaced, not merged: the grid's arguments are its own
+        node[key] = own[key]
     if chosen is not None:  # sampler.steps=... given without sampler=...: it applies to the default sampler
         given = OmegaConf.to_container(chosen, resolve=True, throw_on_missing=False)
         node = OmegaConf.merge(node, {k: v for k, v in given.items() if v not in (None, "???")})
     return OmegaConf.create({"steps": cfg.get("steps"), "eta": cfg.get("eta", 0.0), "sampler": node}).sampler
 
 
+OWN_DEFAULTS = ("grid", "default_steps")  # what a model's sampler_options may set in its own default sampler
 GRID_OPTIONS = ("spacing", "steps_offset", "set_alpha_to_one")  # a DDIM grid's settings a model may carry
 
 
@@ -292,7 +297,7 @@ def _one_batch(denoiser, sampler, grid, start, b, shape, seed, device, labels, t
     extra = {} if visited is None else {"trajectory": visited}
     x0 = sampler(counted, denoiser.path, x1 * denoiser.path.sigma(grid[0]), grid, generator=g, **extra).cpu()
     return SampleResult(x0, None if labels is None else labels[start : start + b], counted.nfe, grid,
-                        trajectory=torch.stack(visited).cpu() if trajectory else None)
+                        trajectory=torch.stack(visited).cpu() if trajectory else None, noise=x1.cpu())
 
 
 def collect(batches: Iterable[SampleResult]) -> SampleResult:
@@ -303,7 +308,8 @@ def collect(batches: Iterable[SampleResult]) -> SampleResult:
         first, samples=torch.cat([b.samples for b in batches]),
         labels=None if first.labels is None else torch.cat([b.labels for b in batches]),
         nfe=sum(b.nfe for b in batches) // len(batches),
-        trajectory=None if first.trajectory is None else torch.cat([b.trajectory for b in batches], dim=1))
+        trajectory=None if first.trajectory is None else torch.cat([b.trajectory for b in batches], dim=1),
+        noise=None if first.noise is None else torch.cat([b.noise for b in batches]))
 
 
 def generate(denoiser, sampler, grid, n: int, shape, *, batch_size: int, seed: int, device: torch.device,

@@ -109,6 +109,25 @@ class SamplerConfig:
 
 
 @dataclass
+class DistillRecord:
+    """What a distilled run was distilled from, stored with it (diffcli distill): the loop reads its method, and the
+    teacher, its pairs or ODE steps, so that train.resume continues it."""
+
+    method: str = MISSING             # reflow | consistency
+    teacher: str = MISSING            # the teacher's checkpoint file or diffusers folder
+    teacher_step: int = 0
+    sampler: str = ""                 # what drew the pairs / stepped the ODE (the teacher's sampler, its grid)
+    nfe: Optional[int] = None         # the teacher's NFE per pair
+    guidance: float = 1.0             # the classifier-free guidance weight distilled in
+    pairs: Optional[str] = None       # reflow: the pair folder
+    n_pairs: Optional[int] = None     # reflow: the pairs trained on
+    N: Optional[int] = None           # consistency: the discretization levels
+    mu: Optional[float] = None        # consistency: the target network's EMA decay
+    solver: Optional[str] = None      # consistency: the teacher's ODE step (euler | heun)
+    distance: Optional[str] = None    # consistency: l2 | pseudo_huber
+
+
+@dataclass
 class TrainApp:
     net: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -119,6 +138,7 @@ class TrainApp:
     device: str = "auto"
     steps: Optional[int] = None
     eta: float = 0.0
+    distill: Optional[DistillRecord] = None  # a student of diffcli distill: its teacher and method
 
 
 @dataclass
@@ -140,6 +160,8 @@ class MetricConfig:
     classifier_epochs: Optional[int] = None
     nll_n: int = MISSING
     probes: int = MISSING
+    straightness_n: int = 500         # straightness: trajectories from the prior
+    straightness_steps: int = 100     # straightness: Euler steps along each
     rtol: float = MISSING
     atol: float = MISSING
 
@@ -205,7 +227,70 @@ class EditApp(SamplingOptions):
     frames: int = 8                   # interpolate: the points between and at each pair's ends
 
 
-SCHEMAS = {"train_schema": TrainApp, "sample_schema": SampleApp, "eval_schema": EvalApp, "edit_schema": EditApp}
+@dataclass
+class DistillTrain:
+    """The student's training settings; null takes the teacher's own."""
+
+    @dataclass
+    class EMA:
+        decay: Optional[float] = None
+        warmup: Optional[int] = None
+
+    steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    warmup: Optional[int] = None
+    lr_schedule: Optional[str] = None
+    grad_clip: Optional[float] = None
+    ema: EMA = field(default_factory=EMA)
+    precision: Optional[str] = None
+    compile: Any = None
+    channels_last: Any = None
+    log_every: Optional[int] = None
+    sample_every: Optional[int] = None
+    n_samples: Optional[int] = None
+    eval_every: Optional[int] = None
+    eval_n: Optional[int] = None
+    ckpt_every: Optional[int] = None
+    keep_last: Optional[int] = None
+
+
+@dataclass
+class ReflowConfig:
+    pairs: Optional[str] = None       # a pair folder to reuse or continue; null: <run>/pairs
+    n: int = MISSING                  # pairs drawn from the teacher (and trained on)
+    part_size: int = MISSING          # pairs per file: what a killed draw loses at most
+
+
+@dataclass
+class ConsistencyConfig:
+    N: int = MISSING                  # discretization levels of the teacher's ODE (Song et al. 2023: 18 on CIFAR-10)
+    mu: float = MISSING               # the target network's EMA decay
+    solver: str = MISSING             # euler | heun: the teacher's ODE step
+    distance: str = MISSING           # l2 | pseudo_huber
+
+
+@dataclass
+class DistillApp:
+    teacher: Optional[str] = None     # a training run folder, an ema_<step>.safetensors, or a diffusers folder
+    net_class: Optional[str] = None
+    method: str = MISSING             # reflow | consistency
+    sampler: Optional[SamplerConfig] = None
+    steps: Optional[int] = None
+    eta: float = 0.0
+    guidance: float = 1.0             # a conditional teacher's classifier-free guidance weight, distilled in
+    sample_steps: int = MISSING       # the student's default sampling steps
+    init: str = MISSING               # auto | teacher | random: the student's first weights
+    net: Any = None                   # the student's network (null: the teacher's)
+    reflow: ReflowConfig = field(default_factory=ReflowConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    train: DistillTrain = field(default_factory=DistillTrain)
+    data: EvalApp.Data = field(default_factory=EvalApp.Data)
+    seed: int = 0
+    device: str = "auto"
+
+
+SCHEMAS = {"distill_schema": DistillApp, "train_schema": TrainApp, "sample_schema": SampleApp, "eval_schema": EvalApp, "edit_schema": EditApp}
 
 
 def register() -> None:
@@ -405,6 +490,13 @@ RANGES = {
     "data.sigma_max": (lambda v: v is None or v > 0, "a positive number (the data's largest pairwise distance)"),
     "model.sigma_data": (lambda v: v > 0, "a positive number (the data's standard deviation)"),
     "model.snr_gamma": (lambda v: v > 0, "a positive number"),
+    "metric.straightness_n": (lambda v: 0 < v <= MAX_N, f"a positive integer <= {MAX_N}"),
+    "metric.straightness_steps": (lambda v: 0 < v <= 100_000, "a positive integer"),
+    "sample_steps": (lambda v: 0 < v <= 1000, "a positive integer (1-4 for a distilled model)"),
+    "reflow.n": (lambda v: 0 < v <= MAX_N, f"a positive integer <= {MAX_N}"),
+    "reflow.part_size": (lambda v: 0 < v <= MAX_BATCH, f"a positive integer <= {MAX_BATCH}"),
+    "consistency.N": (lambda v: 2 <= v <= 10_000, "an integer >= 2 (the levels of the teacher's ODE)"),
+    "consistency.mu": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "model.sigma_min": (lambda v: v is None or v >= 0, "a number >= 0 (the consistency model's boundary noise level)"),
     "model.times.mean": (lambda v: True, "a finite number or null"),
     "model.times.std": (lambda v: v is None or v > 0, "a positive number or null"),
@@ -459,3 +551,11 @@ def check_ranges(cfg: DictConfig) -> None:
         finite = all(not isinstance(v, float) or math.isfinite(v) for v in numbers)
         if not (finite and ok(value)):
             raise DiffcliError(f"{key}={value} must be {what}")
+
+
+def check_distill_ranges(cfg: DictConfig) -> None:
+    """check_ranges of a distill command line: its `method` is not edit's, and its `train` keys (null: the
+    teacher's) are checked on the student's config, once merged."""
+    from omegaconf import OmegaConf
+
+    check_ranges(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("method", "train")]))

@@ -23,9 +23,10 @@ log = logging.getLogger("diffcli")
 # 2D sample-vs-data distances: metric name -> (key in metrics.json, function of (samples, reference))
 POINT_DISTANCES = {"sliced_wasserstein": ("sliced_wasserstein", sliced_wasserstein), "mmd": ("mmd", mmd_rbf),
                    "energy": ("energy_distance", energy_distance)}
-TOY_METRICS = (*POINT_DISTANCES, "modes", "nll")
-IMAGE_METRICS = ("fid", "kid", "cfid", "bpd")
+TOY_METRICS = (*POINT_DISTANCES, "modes", "nll", "straightness")
+IMAGE_METRICS = ("fid", "kid", "cfid", "bpd", "straightness")
 LIKELIHOODS = {"nll", "bpd"}  # scored on real data: no sampling needed
+MODEL_METRICS = LIKELIHOODS | {"straightness"}  # of the model itself, not of its samples
 
 
 def mode_coverage(x: torch.Tensor, modes: torch.Tensor, std: float, min_share: float = 0.25) -> dict:
@@ -71,7 +72,7 @@ def resolve_names(names, is_image: bool, data) -> list[str]:
     """The metric names to compute: `auto` picks the usual ones for the data; unknown names are errors."""
     if names == "auto" or names == ["auto"]:
         if not is_image:
-            return [name for name in TOY_METRICS if name not in LIKELIHOODS]
+            return [name for name in TOY_METRICS if name not in MODEL_METRICS]
         return ["cfid"] if data.labels is not None and data.shape[0] == 1 else ["fid", "kid"]
     names = [names] if isinstance(names, str) else list(names)
     valid = IMAGE_METRICS if is_image else TOY_METRICS
@@ -195,6 +196,25 @@ def nll_2d(denoiser, data, data_cfg, mc, seed) -> dict:
     if truth is not None:  # E[-log p_data] on the same points: no model can go below it on average
         metrics["nll_data"] = -truth.mean().item()
     return metrics
+
+
+def straightness_score(denoiser, shape, mc, seed: int) -> dict:
+    """The straightness of the model's probability-flow ODE (Liu et al. 2023, eq. 3), averaged over
+    metric.straightness_n trajectories from the prior, each by Euler on metric.straightness_steps steps; per
+    trajectory it sums over the dimensions, and `straightness_per_dim` divides by their number."""
+    from .likelihood import straightness
+
+    if denoiser.prediction == "consistency":
+        raise DiffcliError("metric=straightness measures a probability-flow ODE, and a consistency model has none "
+                           "(it maps to the data in one evaluation): score the teacher, or a reflowed student")
+    g = torch.Generator().manual_seed(seed + 3)
+    x1 = denoiser.path.sample_prior((mc.straightness_n, *shape), g, "cpu")
+    with torch.inference_mode():
+        s = torch.cat([straightness(denoiser, batch.to(denoiser.device), mc.straightness_steps).cpu()
+                       for batch in x1.split(mc.batch_size)])
+    dims = math.prod(shape)
+    return {"straightness": s.mean().item(), "straightness_sem": _sem(s), "straightness_per_dim": s.mean().item() / dims,
+            "straightness_nfe": int(mc.straightness_steps)}
 
 
 def _sem(v: torch.Tensor) -> float:

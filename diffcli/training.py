@@ -81,12 +81,14 @@ def schedule_warnings(tc: DictConfig) -> list[str]:
     return out
 
 
-def build_model(cfg: DictConfig, device: torch.device, user_class: str | None = None, fits: dict | None = None):
-    """Data and network of a run (the network from diffcli's classes, or `user_class` named on the command line);
+def build_model(cfg: DictConfig, device: torch.device, user_class: str | None = None, fits: dict | None = None,
+                data=None):
+    """Data (cfg.data's, unless `data` is given: reflow's pairs) and network of a run (the network from diffcli's
+    classes, or `user_class` named on the command line);
     model.cond=class, or a classifier net, gives the network the data's classes and records them in cfg.model (so
     in checkpoints)."""
     torch.manual_seed(cfg.seed)  # initialisation (and Fourier features); dropout after it
-    data = build_data(cfg.data, device, seed=cfg.seed)
+    data = build_data(cfg.data, device, seed=cfg.seed) if data is None else data
     n_classes = 0
     if is_classifier(cfg) and cfg.model.get("cond", "none") == "class":
         raise DiffcliError(f"net={cfg.net._target_.rsplit('.', 1)[-1]} is a classifier of x_t, not a class-conditional "
@@ -189,15 +191,18 @@ def restore(state: dict, net, ema: EMA, opt, scaler, device: torch.device) -> in
 
 
 def train_step(model, path, model_cfg, x0, g, opt, scaler, autocast, grad_clip, micro: int, world,
-               y: torch.Tensor | None = None, classify: bool = False) -> tuple:
-    """One optimizer step on the global batch x0 (labels y, already dropped to "no label" where drawn), this
-    rank's share of it in micro-batches of `micro`; `classify`: the cross-entropy of a noise-conditional classifier
-    of y instead of the denoising loss.
+               y: torch.Tensor | None = None, classify: bool = False, x1: torch.Tensor | None = None,
+               objective=None) -> tuple:
+    """One optimizer step on the global batch x0 (labels y, already dropped to "no label" where drawn; x1 the noise
+    paired with each x0, else drawn), this rank's share of it in micro-batches of `micro`; `classify`: the
+    cross-entropy of a noise-conditional classifier of y instead of the denoising loss; `objective`: a loss of its
+    own (consistency distillation), called as objective(model, x0, x1, t, y) on each micro-batch.
 
     Returns (loss, grad_norm, finite) as device tensors; a step whose loss or gradient is not finite
     leaves weights and optimizer state untouched (decided on the device: no host sync).
     """
-    x0, x1, t = draw(path, x0, g, model_cfg.get("coupling") or "independent", model_cfg.times)  # the global batch
+    x0, x1, t = draw(path, x0, g, model_cfg.get("coupling") or "independent", model_cfg.times, x1)  # the global batch
+    t = t if objective is None else objective.draw(len(x0), g)
     accum = x0.shape[0] // (micro * world.size)
     opt.zero_grad(set_to_none=True)
     loss = torch.zeros((), device=x0.device)
@@ -206,7 +211,9 @@ def train_step(model, path, model_cfg, x0, g, opt, scaler, autocast, grad_clip, 
         sync = k == accum - 1 or world.size == 1  # DDP: all-reduce gradients on the last micro-batch only
         inputs = dict(precond=model_cfg.precond, sigma_data=model_cfg.sigma_data)
         with (nullcontext() if sync else model.no_sync()), autocast:
-            if classify:
+            if objective is not None:
+                micro_loss = objective(model, x0[part], x1[part], t[part], None if y is None else y[part]) / accum
+            elif classify:
                 micro_loss = classifier_loss(model, path, x0[part], x1[part], t[part], y[part], **inputs) / accum
             else:
                 micro_loss = pair_loss(model, path, model_cfg.prediction, x0[part], x1[part], t[part],
@@ -274,18 +281,23 @@ class TrainState:
     start: int
     classify: bool  # a noise-conditional classifier p_t(y | x_t): cross-entropy, no samples
     conditional: bool  # a class-conditional model (model.cond=class)
+    objective: object = None  # a loss of its own (distilling.ConsistencyObjective), else the denoising loss
 
     def batch(self, step: int, g: torch.Generator):
-        """The global batch of `step` (x0 and, for a conditional model, its labels after dropout; for a classifier
-        its labels as they are), in the run's memory format."""
-        tc, n_classes = self.cfg.train, self.cfg.model.get("n_classes") or 0
-        if self.conditional or self.classify:
+        """The global batch of `step`: x0 and, for a conditional model, its labels after dropout (for a classifier
+        its labels as they are), in the run's memory format; and x1, the noise paired with each x0 (reflow's pairs:
+        pairs.PairData), or None where the step draws it."""
+        tc, n_classes, x1 = self.cfg.train, self.cfg.model.get("n_classes") or 0, None
+        if hasattr(self.data, "pair_batch"):
+            x0, x1, y = self.data.pair_batch(step, tc.batch_size)
+            y = y if self.conditional else None
+        elif self.conditional or self.classify:
             x0, y = self.data.labelled_batch(step, tc.batch_size, g)
         else:
             x0, y = self.data.batch(step, tc.batch_size, g), None
         if self.nhwc:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        return x0, y if y is None or self.classify else drop_labels(y, n_classes, tc.p_uncond, g)
+            x0, x1 = (None if x is None else x.contiguous(memory_format=torch.channels_last) for x in (x0, x1))
+        return x0, y if y is None or self.classify else drop_labels(y, n_classes, tc.p_uncond, g), x1
 
 
 def build_state(cfg: DictConfig, out_dir: Path, path, world, data, net, micro: int, saved: dict | None) -> TrainState:

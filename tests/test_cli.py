@@ -26,7 +26,7 @@ def test_bare_help_and_version(tmp_path):
 
 
 def test_unknown_subcommand(tmp_path):
-    assert_one_line_error(run_cli("trian", cwd=tmp_path), "trian", "train, sample, eval, edit, summary")
+    assert_one_line_error(run_cli("trian", cwd=tmp_path), "trian", "train, sample, eval, edit, distill, summary")
 
 
 @pytest.mark.parametrize("command, groups", [("train", ["data=", "model=", "net=", "sampler=", "train="]),

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "diffcli"
-COMMANDS = {"train", "sample", "evaluate", "summary", "edit", "convert"}
+COMMANDS = {"train", "sample", "evaluate", "summary", "edit", "convert", "distill"}
 APPLICATION = {"loading", "sampling", "scoring", "training", "plots", "runs", "schema", "build", "checkpoint", "help",
-               "distributed", "allocator", "cli", "inputs", "diffusers_format", "fitting"}
+               "distributed", "allocator", "cli", "inputs", "diffusers_format", "fitting", "distilling", "pairs"}
 MATHS = {"paths", "prediction", "guidance", "losses", "nets", "oracle", "likelihood", "metrics", "samplers", "editing",
          "toys", "diffusers_net", "diffusers_map", "consistency"}
 

@@ -14,7 +14,7 @@ Configs and checkpoints name samplers `diffcli.samplers.<name>`: every one stays
 """
 
 from .grids import (GRIDS, SPACINGS, ddim_grid, ddim_timesteps, ends_grid, karras_grid, karras_levels, levels_grid,
-                    log_snr, logsnr_grid, quadratic_grid, t_from_lambda, uniform_grid)
+                    linear_grid, log_snr, logsnr_grid, quadratic_grid, t_from_lambda, uniform_grid)
 from .ode import dopri5, dpmpp_2m, euler, heun, midpoint, rk4, unipc
 from .core import DETERMINISTIC, NEEDS, REQUIREMENTS, check_sampler, is_deterministic
 from .sde import (PREDICTORS, ancestral, consistency, ddim, dpmpp_2m_sde, dpmpp_3m_sde, euler_maruyama, langevin,

@@ -66,6 +66,15 @@ def uniform_grid(path: ProbabilityPath, steps: int, t_min: float = 1e-3) -> torc
     return _then_zero(torch.linspace(1, t_min, steps, dtype=torch.float64))
 
 
+def linear_grid(path: ProbabilityPath, steps: int, t_max: float = 1.0) -> torch.Tensor:
+    """`steps` equal intervals from t_max (a consistency model's largest trained level) to t = 0: the few-step grid
+    of a distilled model (a 2-rectified flow's Euler steps, Liu et al. 2023, sec. 2.2; multistep consistency
+    sampling, Song et al. 2023, Alg. 1)."""
+    if not 0 < t_max <= 1:
+        raise DiffcliError(f"sampler.grid.t_max={t_max} must lie in (0, 1]")
+    return torch.linspace(t_max, 0, steps + 1, dtype=torch.float64)
+
+
 def quadratic_grid(path: ProbabilityPath, steps: int, t_min: float = 1e-3) -> torch.Tensor:
     """t_i = t_min + (1 - t_min) (1 - i / (N - 1))^2 for i = 0..N-1 (N = steps: from 1 to t_min, dense near
     the data), then a last step to t = 0 (the quadratic DDIM schedule of Song et al. 2021a, App. D.2, in t)."""
@@ -149,5 +158,5 @@ def levels_grid(path: ProbabilityPath, steps: int | None = None, sigma_min: floa
     return _grid_from_lambdas(path, lam)[:-1]  # Langevin visits levels; no final step to t = 0
 
 
-GRIDS = {"ddim": ddim_grid, "uniform": uniform_grid, "quadratic": quadratic_grid, "karras": karras_grid,
+GRIDS = {"ddim": ddim_grid, "uniform": uniform_grid, "linear": linear_grid, "quadratic": quadratic_grid, "karras": karras_grid,
          "logsnr": logsnr_grid, "ends": ends_grid, "levels": levels_grid}
