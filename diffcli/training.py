@@ -60,6 +60,9 @@ def check_train_config(cfg: DictConfig, path) -> None:
         raise DiffcliError(f"model.prior={cfg.model.prior}: {cfg.model.name}'s path has a Gaussian prior only; "
                            "other priors need model=flow")
     check_prediction(cfg.model.prediction, path)
+    if cfg.model.prediction == "consistency" and (cfg.get("distill") or {}).get("method") != "consistency":
+        raise DiffcliError("model.prediction=consistency is a consistency model's, which diffcli distill "
+                           "method=consistency trains from a teacher; choose another prediction")
     check_precond(cfg.model.precond)
     check_times(cfg.model.times.dist, path, cfg.model.times.mean, cfg.model.times.std)
     check_weighting(cfg.model.weighting, path)
