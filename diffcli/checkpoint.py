@@ -83,7 +83,7 @@ def read_metadata(path: Path) -> dict:
     return meta
 
 
-def _open(path: Path):
+def read_tensors(path: Path):
     """Tensors and metadata of a diffcli checkpoint."""
     meta = read_metadata(path)
     try:
@@ -195,7 +195,7 @@ def stored_config(meta: dict, path: Path) -> DictConfig:
 
 def load_ema(path: Path):
     """(state_dict, config, step, shape) from an EMA checkpoint."""
-    tensors, meta = _open(path)
+    tensors, meta = read_tensors(path)
     if meta.get("kind") != "ema":
         raise DiffcliError(f"{path} is a training-state checkpoint; give an ema_<step>.safetensors file or the run dir")
     return tensors, stored_config(meta, path), *_step_and_shape(meta, path)
@@ -257,7 +257,7 @@ def save_state(path: Path, *, net, ema_net, optimizer, scaler, step: int, cfg: D
 
 def load_state(path: Path) -> dict:
     """The pieces written by save_state, as plain dicts."""
-    tensors, meta = _open(path)
+    tensors, meta = read_tensors(path)
     if meta.get("kind") != "state":
         raise DiffcliError(f"{path} is not a training-state checkpoint (state_<step>.safetensors)")
     part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731

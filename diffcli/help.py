@@ -50,7 +50,7 @@ GROUPS = {
         "steps": "sampling steps (null: the sampler's default; top-level steps= sets it too)",
         "fn.*": "the sampler's options (eta, s_churn, n_steps, rtol, ...), checked against its signature",
         "fn.clip_x0": "ddim, ancestral: auto | static | dynamic | none (auto: x0_hat clamped to [-1, 1] for images only)",
-        "grid.*": "the time grid (name: uniform | quadratic | karras | logsnr | ddim | levels | ends; spacing, ...)",
+        "grid.*": "the time grid (name: uniform | linear | quadratic | karras | logsnr | ddim | levels | ends; spacing, ...)",
     }),
     "train": ("the training preset: default (images, DDPM's 100k-step recipe), quick (images in minutes) or toy "
               "(2D, about a minute on a CPU)", {
@@ -105,7 +105,7 @@ KEYS = {
     "data.path": "eval (distill) of a data=npz/folder model: the .npz file or image folder to score against (required there)",
     "data.download": "eval, distill: fetch missing torchvision files (false: a missing file is an error)",
     "task": "edit: inpaint | colorize | sdedit | encode | decode | interpolate | dps",
-    "method": "edit task=inpaint: replace (score_sde) | repaint (RePaint's resampling) | dps",
+    "method": "edit task=inpaint: replace (score_sde) | repaint (RePaint's resampling) | dps; distill: reflow | consistency",
     "input": "edit: an image file or folder, an .npz (images, samples, results, noise) or .npy; 2D: NaN = unknown",
     "mask": "edit: the pixels to fill: bottom | top | left | right, [x0,y0,x1,y1], all, none or a mask image (white)",
     "strength": "edit task=sdedit: the time the inputs are noised to (0: unchanged, 1: a fresh sample)",

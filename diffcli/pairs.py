@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import DiffcliError, short
-from .checkpoint import FORMAT, _open, save_atomic
+from .checkpoint import FORMAT, read_tensors, save_atomic
 from .data import EpochOrder, shape_kind, to_uint8
 from .runs import progress
 from .sampling import batch_seed, generate
@@ -107,7 +107,7 @@ def read_pairs(folder, n: int, shape=None) -> tuple[torch.Tensor, torch.Tensor, 
     for file in files:
         if count >= n:
             break
-        tensors, _ = _open(file)
+        tensors, _ = read_tensors(file)
         part = [tensors.get(k) for k in ("x0", "x1", "y")]
         shape = tuple(part[0].shape[1:]) if shape is None and part[0] is not None else shape
         if part[0] is None or part[1] is None or tuple(part[0].shape[1:]) != tuple(shape) or \

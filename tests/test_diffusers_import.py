@@ -286,3 +286,26 @@ def test_a_folder_serves_edit_and_autoguidance(tmp_path):
     assert torch.allclose(torch.as_tensor(out["results"])[..., :4, :], torch.from_numpy(digits)[..., :4, :])
     guided = diffcli_run(folder, ["steps=5", f"guide={weaker}", "guidance=2"])
     assert torch.isfinite(guided).all() and not torch.equal(guided, diffcli_run(folder, ["steps=5"]))
+
+
+def test_a_folder_teaches_a_reflow_student(tmp_path):
+    """diffcli distill with a diffusers folder as teacher: its DDIM ODE draws the pairs (its net, its scheduler's
+    path), and the student, a flow on the same UNet2DModel started from its weights, samples."""
+    from diffcli.distill import run_distill
+    from diffcli.pairs import read_pairs
+
+    folder = save_folder(tmp_path, random_unet(), DDIMScheduler(num_train_timesteps=50))
+    args = [f"teacher={folder}", "sampler=ddim", "steps=4", "reflow.n=8", "reflow.part_size=4", "train.steps=2",
+            "train.batch_size=4", "train.warmup=0", "train.sample_every=0", "train.ckpt_every=2", "device=cpu"]
+    out = run_distill(compose_config("distill", args), tmp_path / "student")
+    student = load_model(out["out_dir"], CPU)
+    x0, x1, _, settings = read_pairs(student.config.distill.pairs, 8)
+    teacher = load_model(str(folder), CPU)
+    run = plan(sample_cfg(folder, "sampler=ddim", "steps=4", "n=4"), teacher, CPU)
+    with torch.no_grad():
+        expected = run.sampler(teacher.denoiser, teacher.denoiser.path, x1[:4] * teacher.denoiser.path.sigma(
+            run.grid[0]).float(), run.grid)
+        samples = student.denoiser(torch.randn(2, 1, 8, 8), torch.tensor(1.0))
+    assert torch.allclose(x0[:4], expected, atol=1e-5) and settings["nfe"] == 4
+    assert student.config.net._target_ == "diffcli.diffusers_net.DiffusersUNet2D"
+    assert student.config.model.name == "flow" and torch.isfinite(samples).all()
