@@ -194,8 +194,9 @@ class Denoiser(nn.Module):
 
     @property
     def n_classes(self) -> int:
-        """The classes the net was trained on (0: unconditional); class n_classes is "no label"."""
-        return int(getattr(self.net, "n_classes", 0))
+        """The classes the net was trained on (0: unconditional); class n_classes is "no label". A DDP-wrapped net
+        (consistency distillation's student under torchrun) keeps them on its .module."""
+        return int(getattr(self.net, "n_classes", getattr(getattr(self.net, "module", None), "n_classes", 0)))
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None):
         """(x0_hat, x1_hat) of one forward of the net at (x_t, t), given labels (ignored by an unconditional net)."""

@@ -89,7 +89,7 @@ HOSTILE = [
     ("the oracle with a bogus path", {"net": {"_target_": "diffcli.oracle.Oracle", "path": {"_target_": f"{BOGUS}.P"}}},
      f"net.path._target_={BOGUS}.P is not a diffcli path"),
     ("os.system as the sampler", {"sampler": {"fn": {"_target_": "os.system", "_partial_": True, "command": "x"}}},
-     "sampler.fn._target_=os.system is not a diffcli sampler; choose one of ancestral, ddim"),
+     "sampler.fn._target_=os.system is not a diffcli sampler; choose one of ancestral, consistency, ddim"),
     ("a diffcli module's non-sampler as the sampler", {"sampler": {"fn": {"_target_": "diffcli.samplers.sde.ddim"}}},
      "sampler.fn._target_=diffcli.samplers.sde.ddim is not a diffcli sampler"),
     ("a bogus sampler", {"sampler": {"fn": {"_target_": f"{BOGUS}.fn"}}},

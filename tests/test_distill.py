@@ -239,3 +239,18 @@ def test_classifier_free_guidance_is_distilled_in(tmp_path):
     mse = lambda a, b: (a - b).pow(2).sum(1).mean().item()  # noqa: E731
     assert mse(one_step, guided) <= 0.05 * variance, (mse(one_step, guided), variance)
     assert mse(guided, unguided) > 2 * mse(one_step, guided), (mse(guided, unguided), mse(one_step, guided))
+
+
+def test_a_ddp_wrapped_student_keeps_its_classes():
+    """Under torchrun the consistency objective's student is the DDP-wrapped net, which keeps the network's
+    attributes on .module: the Denoiser still sees its classes, so the loss does not drop the labels."""
+    from torch import nn
+
+    from diffcli.nets import MLP
+    from diffcli.paths import FlowPath
+    from diffcli.prediction import Denoiser
+
+    net = MLP((2,), n_classes=3)
+    wrapped = nn.Module()
+    wrapped.module = net
+    assert net.n_classes == 3 and Denoiser(wrapped, FlowPath(), "velocity").n_classes == 3
