@@ -16,7 +16,7 @@ from . import DiffcliError
 from .consistency import DISTANCES, SOLVERS, cd_times, consistency_loss
 from .data import located
 from .guidance import condition
-from .loading import LoadedModel, load_model, model_denoiser
+from .loading import LoadedModel, model_denoiser
 from .pairs import PairData, read_pairs
 from .paths import FlowPath
 from .samplers import is_deterministic
@@ -120,7 +120,7 @@ class ConsistencyObjective:
     example, the teacher's ODE step between t_{n+1} and t_n, and a target network that follows the student as an EMA
     of decay mu (theta^- <- mu theta^- + (1 - mu) theta)."""
 
-    def __init__(self, cfg: DictConfig, net: torch.nn.Module, path, teacher, user_class: str | None = None):
+    def __init__(self, cfg: DictConfig, net: torch.nn.Module, path, teacher: LoadedModel):
         d, model = cfg.distill, cfg.model
         self.path, self.model_cfg, self.d = path, model, d
         self.times, _ = cd_times(teacher.denoiser.path, d.N)
@@ -142,11 +142,6 @@ class ConsistencyObjective:
     def after_step(self, net: torch.nn.Module) -> None:
         for p_target, p in zip(self.target_net.parameters(), net.parameters()):
             p_target.lerp_(p.detach(), 1 - self.d.mu)
-
-
-def load_teacher(cfg: DictConfig, device, user_class: str | None = None) -> LoadedModel:
-    """The teacher a distilled run names (train.resume reads it again)."""
-    return load_model(cfg.distill.teacher, device, user_class)
 
 
 def student_init(cfg: DictConfig, teacher: LoadedModel, student: DictConfig) -> dict | None:

@@ -18,8 +18,8 @@ from . import DiffcliError, distributed
 from .build import build_path
 from .checkpoint import load_weights, prune, remove_temporaries, save_ema, save_state
 from .data import config_kind
-from .distilling import ConsistencyObjective, load_teacher, pair_data
-from .loading import model_denoiser, pick_device
+from .distilling import ConsistencyObjective, pair_data
+from .loading import load_model, model_denoiser, pick_device
 from .plots import plot_loss, save_picture
 from .runs import Logger, Silent, StopFlag, claim_run_dir, release_run_dir, write_text
 from .sampling import (at_speed, even_labels, generate, inference_speed, sampler_config, sampler_description,
@@ -79,7 +79,8 @@ def _train(cfg: DictConfig, out_dir: Path, saved: dict | None, path, world, user
         return {"out_dir": str(out_dir), "steps": 0, "loss_curve": None}
     s = build_state(cfg, out_dir, path, world, data, net, micro, saved)
     if method == "consistency":
-        s.objective = ConsistencyObjective(cfg, s.net, path, load_teacher(cfg, world.device, user_class))
+        teacher = load_model(cfg.distill.teacher, world.device, user_class)  # train.resume reads it again
+        s.objective = ConsistencyObjective(cfg, s.net, path, teacher)
         if saved and saved["target"]:
             load_weights(s.objective.target_net, saved["target"], "its target network")
     log.info("%s: %s on %s, net %s (%.2fM parameters), device %s x %d, %d steps, batch %d (%d per pass), %s%s%s",

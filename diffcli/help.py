@@ -11,7 +11,7 @@ from importlib.resources import files
 
 from omegaconf import DictConfig, OmegaConf
 
-from .schema import SCHEMAS, all_groups, command_groups
+from .schema import DISTILL_TRAIN_KEYS, SCHEMAS, all_groups, command_groups
 
 COMMANDS = {
     "train": "fit a formulation (model=) on a dataset (data=) with a network (net=)",
@@ -125,9 +125,7 @@ KEYS = {
     "consistency.mu": "distill method=consistency: the target network's EMA decay",
     "consistency.solver": "distill method=consistency: euler | heun, the teacher's ODE step",
     "consistency.distance": "distill method=consistency: l2 | pseudo_huber",
-    **{f"train.{k}": f"distill: the student's train.{k} (null: the teacher's)" for k in (
-        "steps", "batch_size", "lr", "warmup", "lr_schedule", "grad_clip", "ema", "precision", "compile",
-        "channels_last", "log_every", "sample_every", "n_samples", "eval_every", "eval_n", "ckpt_every", "keep_last")},
+    **{f"train.{k}": f"distill: the student's train.{k} (null: the teacher's)" for k in DISTILL_TRAIN_KEYS},
 }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import DiffcliError, short
-from .checkpoint import FORMAT, read_tensors, save_atomic
+from .checkpoint import FORMAT, read_metadata, read_tensors, save_atomic
 from .data import EpochOrder, shape_kind, to_uint8
 from .runs import progress
 from .sampling import batch_seed, generate
@@ -81,8 +81,7 @@ def _existing(folder: Path, settings: dict) -> int:
 
 
 def _read_settings(file: Path) -> dict:
-    from .checkpoint import read_metadata
-
+    """The settings a part was drawn with (its `pairs` metadata), or a one-line refusal."""
     meta = read_metadata(file)
     try:
         settings = json.loads(meta["pairs"]) if meta.get("kind") == "pairs" else None

@@ -227,32 +227,29 @@ class EditApp(SamplingOptions):
     frames: int = 8                   # interpolate: the points between and at each pair's ends
 
 
-@dataclass
-class DistillTrain:
-    """The student's training settings; null takes the teacher's own."""
+def _optional(node: type, name: str, keys=None) -> type:
+    """A dataclass of `node`'s fields `keys` (all: None), each optional with default None (nested ones likewise):
+    a command line's changes to a stored config, where None keeps the stored value."""
+    import dataclasses
+    import typing
 
-    @dataclass
-    class EMA:
-        decay: Optional[float] = None
-        warmup: Optional[int] = None
+    hints = typing.get_type_hints(node)
+    made = []
+    for key in keys or [f.name for f in dataclasses.fields(node)]:
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            sub = _optional(hint, f"{name}{key.title()}")
+            made.append((key, sub, field(default_factory=sub)))
+        else:
+            made.append((key, Optional[hint], field(default=None)))
+    return dataclasses.make_dataclass(name, made)
 
-    steps: Optional[int] = None
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    warmup: Optional[int] = None
-    lr_schedule: Optional[str] = None
-    grad_clip: Optional[float] = None
-    ema: EMA = field(default_factory=EMA)
-    precision: Optional[str] = None
-    compile: Any = None
-    channels_last: Any = None
-    log_every: Optional[int] = None
-    sample_every: Optional[int] = None
-    n_samples: Optional[int] = None
-    eval_every: Optional[int] = None
-    eval_n: Optional[int] = None
-    ckpt_every: Optional[int] = None
-    keep_last: Optional[int] = None
+
+# the student's training settings that diffcli distill may change; null takes the teacher's own
+DISTILL_TRAIN_KEYS = ("steps", "batch_size", "lr", "warmup", "lr_schedule", "grad_clip", "ema", "precision", "compile",
+                      "channels_last", "log_every", "sample_every", "n_samples", "eval_every", "eval_n", "ckpt_every",
+                      "keep_last")
+DistillTrain = _optional(TrainConfig, "DistillTrain", DISTILL_TRAIN_KEYS)
 
 
 @dataclass
