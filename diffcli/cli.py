@@ -49,7 +49,7 @@ def _user_errors_exit(task):
         if _multirun():  # a sweep's job folder is made for this job alone (the sweep's folder is new): a failed
             CREATED.setdefault(os.path.abspath(_run_dir()), [])  # job leaves none behind either
         try:
-            task(cfg)
+            return task(cfg)  # train's objective: the value Hydra's sweeper (hydra/sweeper=optuna) optimizes
         except KeyboardInterrupt as e:
             _remove_unused()
             sys.exit(_fail(*(("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else
@@ -132,6 +132,29 @@ def _run_folder_overrides(command: str, rest: list[str]) -> list[str]:
     return [f"hydra.run.dir='{quoted}'", "hydra.output_subdir=null"]
 
 
+# a Hydra sweeper diffcli knows -> (the modules it needs, the extra that installs them)
+SWEEPERS = {"optuna": (("optuna", "hydra_plugins.hydra_optuna_sweeper"), "optuna")}
+
+
+def _sweeper_overrides(rest: list[str]) -> list[str]:
+    """hydra/sweeper=optuna: refused in one line when its plugin is missing; its study's direction follows
+    objective.direction (auto: the metric's own) unless the command line sets hydra.sweeper.direction."""
+    from .loggers import installed
+    from .schema import parse_overrides
+
+    values = {o.key_or_group: o.value() for o in parse_overrides(rest)}
+    name = values.get("hydra/sweeper")
+    if name not in SWEEPERS:
+        return []
+    modules, extra = SWEEPERS[name]
+    if not all(installed(m) for m in modules):
+        raise DiffcliError(f"hydra/sweeper={name} needs Hydra's {name} sweeper, which is not installed: "
+                           f"pip install 'diffcli[{extra}]'")
+    if "hydra.sweeper.direction" in values:
+        return []
+    return ["hydra.sweeper.direction='${diffcli.direction:${objective.metric},${objective.direction}}'"]
+
+
 def preflight(command: str, cfg) -> None:
     """What can be refused on text alone, before torch is imported (a second instead of four): the
     config's keys, types and ranges, and for sample/eval the checkpoint's metadata and the classes its
@@ -141,8 +164,11 @@ def preflight(command: str, cfg) -> None:
     from .diffusers_format import folder_config, is_folder
     from .schema import SCHEMAS, check_distill_ranges, check_ranges, resume_overrides, validate
 
+    from .loggers import check_installed
+
     cfg = validate(cfg, SCHEMAS[f"{command}_schema"], f"diffcli {command}")
     (check_distill_ranges if command == "distill" else check_ranges)(cfg)
+    check_installed(cfg.get("logger"))
     if command == "train" and not cfg.train.get("resume"):
         check_names(cfg, user_class=cfg.net.get("_target_"))  # the command line's own choice
         return
@@ -167,11 +193,31 @@ def preflight(command: str, cfg) -> None:
 
 
 @_user_errors_exit
-def _train(cfg) -> None:
+def _train(cfg) -> float | None:
     preflight("train", cfg)
+    _check_search(cfg)
     from .train import run_train
 
-    run_train(cfg, _run_dir(), overrides=_overrides())
+    return run_train(cfg, _run_dir(), overrides=_overrides(), sweep=_sweep()).get("objective")
+
+
+def _check_search(cfg) -> None:
+    """Under an Optuna sweep a job must return its objective.metric, in the direction the study optimizes."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .schema import objective_direction
+
+    sweeper = HydraConfig.get().sweeper
+    if "optuna" not in str(sweeper.get("_target_", "")).lower():
+        return
+    metric = cfg.objective.metric
+    if metric is None:
+        raise DiffcliError("hydra/sweeper=optuna tunes a value each run returns: set objective.metric, e.g. "
+                           "objective.metric=sliced_wasserstein (2D) or objective.metric=cfid (labelled images)")
+    ours = objective_direction(metric, cfg.objective.direction)
+    if str(sweeper.get("direction")).lower().split(".")[-1] != ours:
+        raise DiffcliError(f"hydra.sweeper.direction={sweeper.get('direction')} but objective.metric={metric} is "
+                           f"to {ours}: drop hydra.sweeper.direction (it follows objective.direction) or set both")
 
 
 @_user_errors_exit
@@ -187,7 +233,7 @@ def _eval(cfg) -> None:
     preflight("eval", cfg)
     from .evaluate import run_eval
 
-    run_eval(cfg, _run_dir())
+    run_eval(cfg, _run_dir(), overrides=_overrides(), sweep=_sweep())
 
 
 @_user_errors_exit
@@ -215,6 +261,13 @@ def _run_dir() -> str:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().runtime.output_dir
+
+
+def _sweep() -> str | None:
+    """A multirun job's sweep folder (its trackers' experiment or group); None for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().sweep.dir) if _multirun() else None
 
 
 def _overrides() -> list[str]:
@@ -266,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         from .schema import check_overrides
 
         check_overrides(command, rest)
+        rest = [*rest, *_sweeper_overrides(rest)]
         if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks write no folder of their own (below)
             rest = [*rest, *_run_folder_overrides(command, rest)]
     except DiffcliError as e:

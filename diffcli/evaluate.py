@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import DiffcliError, distributed
 from .data import build_data, located
 from .loading import load_model, pick_device
+from .loggers import RunInfo, Trackers, check_installed
 from .plots import PICTURE_IMAGES, save_picture
 from .runs import fmt, progress, write_text
 from .sampling import Plan, SampleResult, collect, given_conditions, plan
@@ -26,10 +27,12 @@ from .scoring import MODEL_METRICS, ImageScores, nll_2d, resolve_names, straight
 log = logging.getLogger("diffcli")
 
 
-def run_eval(cfg: DictConfig, out_dir) -> dict | None:
+def run_eval(cfg: DictConfig, out_dir, overrides=(), sweep: str | None = None) -> dict | None:
     """Writes metrics.json and samples.png into out_dir and prints the metrics as a table (rank 0 under torchrun,
-    the ranks splitting the sampling: sampling.sample_batches; the other ranks return None)."""
+    the ranks splitting the sampling: sampling.sample_batches; the other ranks return None); logger=... hands the
+    metrics to the trackers, joining the training run's own tracker run where there is one."""
     check_ranges(cfg)
+    check_installed(cfg.get("logger"))
     world = distributed.setup(pick_device(cfg.device))
     try:
         record = _eval(cfg, Path(distributed.shared(world, str(out_dir))), world)
@@ -37,7 +40,24 @@ def run_eval(cfg: DictConfig, out_dir) -> dict | None:
         distributed.teardown(world, wait=False)
         raise
     distributed.teardown(world)
+    if record is not None:
+        _track(cfg, Path(out_dir), record, list(overrides), sweep)
     return record
+
+
+def _track(cfg: DictConfig, out_dir: Path, record: dict, overrides: list, sweep: str | None) -> None:
+    """The evaluation's metrics at its checkpoint's step (eval/<name>), its picture and metrics.json, to the
+    trackers; the training run's folder (a checkpoint under <run>/checkpoints/) names the tracker run to join."""
+    run_dir = Path(record["ckpt"]).parent.parent
+    joins = run_dir if (run_dir / "log.jsonl").exists() else None
+    trackers = Trackers(cfg.get("logger"), RunInfo(out_dir, "eval", OmegaConf.to_container(cfg, resolve=True),
+                                                   overrides, sweep, joins=joins))
+    step = record["step"] or 0
+    trackers.scalars(step, {f"eval/{k}": v for k, v in record["metrics"].items()})
+    for file in (out_dir / "samples.png", out_dir / "metrics.json"):
+        if file.exists():
+            (trackers.picture(step, "eval_samples", file) if file.suffix == ".png" else trackers.artifact(file))
+    trackers.close()
 
 
 def _eval(cfg: DictConfig, out_dir: Path, world) -> dict | None:

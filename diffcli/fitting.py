@@ -5,6 +5,7 @@ training_loop)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import DiffcliError, distributed
 from .build import build_path
@@ -20,11 +21,13 @@ from .checkpoint import load_weights, prune, remove_temporaries, save_ema, save_
 from .data import config_kind
 from .distilling import ConsistencyObjective, pair_data
 from .loading import load_model, model_denoiser, pick_device
+from .loggers import RunInfo, Trackers, check_installed
 from .plots import plot_loss, save_picture
-from .runs import Logger, Silent, StopFlag, claim_run_dir, release_run_dir, write_text
+from .runs import Logger, Silent, StopFlag, claim_run_dir, read_jsonl, release_run_dir, write_text
 from .sampling import (at_speed, even_labels, generate, inference_speed, sampler_config, sampler_description,
                        sampler_from_config)
-from .scoring import quick_metric
+from .schema import objective_direction
+from .scoring import check_objective, final_metrics, quick_metric
 from .training import (Tally, TrainState, build_model, build_state, check_train_config, noisy_accuracy,
                        schedule_warnings, step_generator, train_step)
 
@@ -32,12 +35,13 @@ log = logging.getLogger("diffcli")
 
 
 def fit(cfg: DictConfig, out_dir, saved: dict | None = None, user_class: str | None = None,
-        init: dict | None = None) -> dict:
+        init: dict | None = None, overrides=(), sweep: str | None = None) -> dict:
     """Train the run `cfg` describes into out_dir (from the training state `saved`, if resumed; else from the
-    weights `init`, a distilled student's teacher's, if given)."""
+    weights `init`, a distilled student's teacher's, if given); `overrides` and `sweep` name it to the trackers."""
     out_dir = Path(out_dir)
     path = build_path(cfg.model.path)
     check_train_config(cfg, path)
+    check_installed(cfg.get("logger"))
     for line in schedule_warnings(cfg.train):
         log.warning(line)
     # an invalid sampler would stop the run at its first sample_every, after the work: refuse it now
@@ -46,7 +50,8 @@ def fit(cfg: DictConfig, out_dir, saved: dict | None = None, user_class: str | N
     world = distributed.setup(pick_device(cfg.device))
     out_dir = Path(distributed.shared(world, str(out_dir)))
     try:
-        out = _train(cfg, out_dir, saved, path, world, user_class, init)
+        out = _train(cfg, out_dir, saved, path, world, user_class, init, RunInfo(
+            out_dir, "train", OmegaConf.to_container(cfg, resolve=True), list(overrides), sweep))
     except BaseException:
         distributed.teardown(world, wait=False)  # no barrier: the other ranks may never reach it
         raise
@@ -56,7 +61,8 @@ def fit(cfg: DictConfig, out_dir, saved: dict | None = None, user_class: str | N
     return out
 
 
-def _train(cfg: DictConfig, out_dir: Path, saved: dict | None, path, world, user_class=None, init=None) -> dict:
+def _train(cfg: DictConfig, out_dir: Path, saved: dict | None, path, world, user_class=None, init=None,
+           run: RunInfo | None = None) -> dict:
     """Set up the run's folder and state, then the loop; a network with nothing to fit is saved as it is."""
     tc, ckpt_dir = cfg.train, out_dir / "checkpoints"
     micro = distributed.micro_batch(world, tc.batch_size, tc.grad_accum)
@@ -69,6 +75,7 @@ def _train(cfg: DictConfig, out_dir: Path, saved: dict | None, path, world, user
     data, net = build_model(cfg, world.device, user_class, fits=saved["net"] if saved else None, data=data)
     if init is not None and saved is None:
         load_weights(net, init, "the teacher's weights")
+    check_objective(cfg.get("objective"), data)
     if tc.get("eval_every") and data.is_image and data.labels is None:
         raise DiffcliError(f"train.eval_every={tc.eval_every} scores samples by classifier-FID, which needs labelled "
                            f"images; {cfg.data.name} has none: set train.eval_every=0 and run diffcli eval on checkpoints")
@@ -87,22 +94,70 @@ def _train(cfg: DictConfig, out_dir: Path, saved: dict | None, path, world, user
              out_dir, cfg.model.name, cfg.data.name, cfg.net._target_.rsplit(".", 1)[-1],
              sum(p.numel() for p in net.parameters()) / 1e6, world.device, world.size, tc.steps, tc.batch_size, micro,
              s.precision, ", compiled" if s.compiled else "", ", channels-last" if s.nhwc else "")
-    tally = Tally(world.device)
+    s.trackers = Trackers(cfg.get("logger") if world.main else None, dataclasses.replace(run, start=s.start))
+    try:
+        out = _loop_and_finish(s)
+    except BaseException as e:
+        s.trackers.close("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
+    s.trackers.close()
+    return out
+
+
+def _loop_and_finish(s: TrainState) -> dict:
+    """The loop, then (rank 0) the loss curve, the final evaluation of objective.metric and the trackers' files."""
+    cfg, out_dir, tally = s.cfg, s.out_dir, Tally(s.world.device)
     training_loop(s, tally)
-    if not world.main:
-        return {"out_dir": str(out_dir), "steps": tc.steps, "loss_curve": None}
+    if not s.world.main:
+        return {"out_dir": str(out_dir), "steps": cfg.train.steps, "loss_curve": None}
     skipped = int(tally.skipped.item())
     if s.classify:
         return _classifier_done(s, skipped)
     picture = plot_loss(out_dir, f"{cfg.model.name} ({cfg.model.prediction}) on {cfg.data.name}")
-    log.info("done: %s, %s (%d non-finite steps skipped)", ckpt_dir, picture, skipped)
-    return {"out_dir": str(out_dir), "steps": tc.steps, "loss_curve": str(picture), "skipped": skipped}
+    record = final_evaluation(s)
+    _hand_over(s, picture, record)
+    log.info("done: %s, %s (%d non-finite steps skipped)", out_dir / "checkpoints", picture, skipped)
+    return {"out_dir": str(out_dir), "steps": cfg.train.steps, "loss_curve": str(picture), "skipped": skipped,
+            "objective": record["objective"]["value"] if record else None}
+
+
+def final_evaluation(s: TrainState) -> dict | None:
+    """metrics.json of a run with an objective.metric: train.eval_n EMA samples scored by scoring.final_metrics (the
+    record of diffcli eval, plus the objective's value, which diffcli train returns to Hydra's sweeper)."""
+    cfg = s.cfg
+    metric = (cfg.get("objective") or {}).get("metric")
+    if metric is None:
+        return None
+    samples, how = ema_samples(s, cfg.train.eval_n)
+    metrics = final_metrics(samples, s.data, cfg.data, cfg.seed, s.world.device)
+    value = float(metrics[metric])
+    record = {"ckpt": str(s.out_dir / "checkpoints" / f"ema_{cfg.train.steps}.safetensors"), "step": cfg.train.steps,
+              "data": cfg.data.name, "model": cfg.model.name, "sampler": how, "n": cfg.train.eval_n, "seed": cfg.seed,
+              "metrics": metrics, "objective": {"metric": metric, "value": value,
+                                                "direction": objective_direction(metric, cfg.objective.direction)}}
+    write_text(s.out_dir / "metrics.json", json.dumps(record, indent=2))
+    log.info("objective %s = %.6g (%s, %d EMA samples): %s", metric, value, record["objective"]["direction"],
+             cfg.train.eval_n, s.out_dir / "metrics.json")
+    return record
+
+
+def _hand_over(s: TrainState, picture: Path, record: dict | None) -> None:
+    """The trackers' end of a run: its final metrics, loss curve, logs, metrics.json and newest EMA checkpoint."""
+    rows = read_jsonl(s.out_dir / "log.jsonl")
+    evals = read_jsonl(s.out_dir / "eval.jsonl")
+    final = {"loss": rows[-1]["loss"]} if rows and rows[-1].get("loss") is not None else {}
+    final |= {k: v for k, v in (evals[-1] if evals else {}).items() if k != "step"}
+    s.trackers.finish(final | (record["metrics"] if record else {}))
+    newest = s.out_dir / "checkpoints" / f"ema_{s.cfg.train.steps}.safetensors"
+    for file in (picture, s.out_dir / "log.jsonl", s.out_dir / "metrics.json", newest):
+        if file.exists():
+            s.trackers.artifact(file)
 
 
 def training_loop(s: TrainState, tally: Tally) -> None:
     """Steps s.start .. train.steps; a signal stops it after the current step, with a checkpoint."""
     tc, world = s.cfg.train, s.world
-    logger, stop = Logger(s.out_dir, tc.steps, s.start) if world.main else Silent(), StopFlag()
+    logger, stop = Logger(s.out_dir, tc.steps, s.start, s.trackers) if world.main else Silent(), StopFlag()
     try:
         s.model.train()
         for step in range(s.start, tc.steps):
@@ -200,8 +255,10 @@ def sample_grid(s: TrainState, step: int) -> None:
     ref = None if data.is_image else data.sample(n, torch.Generator(s.world.device).manual_seed(cfg.seed))
     samples, how = ema_samples(s, n)
     title = f"{cfg.model.name} ({cfg.model.prediction}) on {cfg.data.name}: EMA at step {step}\n{how}"
-    save_picture(samples, s.out_dir / f"samples_{step:07d}.png", ref,
-                 even_labels(n, cfg.model.get("n_classes") or 0), title)
+    file = save_picture(samples, s.out_dir / f"samples_{step:07d}.png", ref,
+                        even_labels(n, cfg.model.get("n_classes") or 0), title)
+    if s.trackers is not None:
+        s.trackers.picture(step, "samples", file)
 
 
 def stopped(s: TrainState, signum: int, done: int) -> None:

@@ -219,6 +219,23 @@ _AXES = {"nfe": ("NFE per sample", "log", "NFE"), "guidance": ("guidance weight 
          "classifier_scale": ("classifier scale s", "linear", "s")}
 
 
+def plot_search(rows, best_value, file: Path) -> Path:
+    """An Optuna sweep: each trial's objective in job order, the best so far as a line (the direction read off
+    the best value: the smallest or the largest)."""
+    plt = pyplot()
+    pts = [(k, r["objective"]) for k, r in enumerate(rows) if isinstance(r.get("objective"), float)]
+    jobs, values = zip(*pts)
+    better = max if best_value is not None and best_value == max(values) != min(values) else min
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(jobs, values, "o", label="trial")
+    ax.plot(jobs, [better(values[: i + 1]) for i in range(len(values))], "-", label="best so far")
+    ax.set(xlabel="trial (job)", ylabel="objective", title=f"Optuna search: {len(values)} trials")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, file)
+
+
 def plot_against(rows, metrics, key: str, file: Path) -> Path:
     """quality_figure, saved to `file`."""
     return save_figure(quality_figure(rows, metrics, key), file)

@@ -124,7 +124,8 @@ class StopFlag:
 class Logger:
     """Loss, LR, gradient norm and throughput to log.jsonl; a progress bar or plain log lines."""
 
-    def __init__(self, out_dir: Path, total: int, start: int):
+    def __init__(self, out_dir: Path, total: int, start: int, trackers=None):
+        self.trackers = trackers  # loggers.Trackers: the same rows, handed to TensorBoard, MLflow, ...
         for name in ("log.jsonl", "eval.jsonl"):  # a resumed run: drop rows logged after its checkpoint
             truncate(out_dir / name, start)
         self.file = open(out_dir / "log.jsonl", "a")
@@ -146,6 +147,8 @@ class Logger:
     def __call__(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.trackers is not None:
+            self.trackers.scalars(record["step"], {f"train/{k}": v for k, v in record.items() if k != "step"})
         loss = "n/a (every step skipped)" if record["loss"] is None else f"{record['loss']:.4f}"
         info = f"loss {loss}  lr {record['lr']:.2e}  {record['it_per_s']:.1f} it/s"
         if self.bar:
@@ -157,6 +160,8 @@ class Logger:
         """An evaluation of the EMA weights (train.eval_every) to eval.jsonl."""
         with open(self.eval_file, "a") as fh:
             fh.write(json.dumps({"step": step} | metrics) + "\n")
+        if self.trackers is not None:
+            self.trackers.scalars(step, {f"ema/{k}": v for k, v in metrics.items()})
         text = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
         (self.bar.console.log if self.bar else log.info)(f"eval at step {step}: {text}")
 

@@ -128,6 +128,50 @@ class DistillRecord:
 
 
 @dataclass
+class TensorBoardLogger:
+    images: bool = True               # sample grids and 2D scatters as images
+
+
+@dataclass
+class MLflowLogger:
+    tracking_uri: str = "sqlite:///outputs/mlflow.db"  # a local SQLite store, artifacts beside it; or a server
+    experiment: Optional[str] = None  # null: the sweep's folder (multirun), else "diffcli <command>"
+    checkpoint: bool = True           # the final EMA checkpoint as an artifact
+
+
+@dataclass
+class WandbLogger:
+    project: str = "diffcli"
+    entity: Optional[str] = None
+    mode: str = "offline"             # offline | online | disabled
+    images: bool = True
+
+
+@dataclass
+class CsvLogger:
+    pass
+
+
+@dataclass
+class LoggerConfig:
+    """logger=tensorboard|mlflow|wandb|csv (several: logger=[a,b]); an unchosen tracker stays null (loggers.py)."""
+
+    tensorboard: Optional[TensorBoardLogger] = None
+    mlflow: Optional[MLflowLogger] = None
+    wandb: Optional[WandbLogger] = None
+    csv: Optional[CsvLogger] = None
+    flush_timeout: float = 30.0       # seconds the end of a run waits for the trackers to write what is queued
+
+
+@dataclass
+class Objective:
+    """What diffcli train returns to Hydra's sweeper (hydra/sweeper=optuna): a metric of its EMA samples at the end."""
+
+    metric: Optional[str] = None      # null: none; scoring.OBJECTIVES lists the names (sliced_wasserstein, cfid, ...)
+    direction: str = "auto"           # auto (the metric's own) | minimize | maximize
+
+
+@dataclass
 class TrainApp:
     net: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -139,6 +183,8 @@ class TrainApp:
     steps: Optional[int] = None
     eta: float = 0.0
     distill: Optional[DistillRecord] = None  # a student of diffcli distill: its teacher and method
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    objective: Objective = field(default_factory=Objective)
 
 
 @dataclass
@@ -209,6 +255,7 @@ class EvalApp(SamplingOptions):
     n: int = MISSING
     metric: MetricConfig = field(default_factory=MetricConfig)
     data: Data = field(default_factory=Data)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 @dataclass
@@ -301,6 +348,7 @@ def register() -> None:
     from .runs import new_dir
 
     OmegaConf.register_new_resolver("diffcli.new_dir", new_dir, replace=True)
+    OmegaConf.register_new_resolver("diffcli.direction", objective_direction, replace=True)  # Optuna's, cli.py
 
 
 def validate(cfg, schema: type, source: str) -> DictConfig:
@@ -403,7 +451,7 @@ def _fixed_by_checkpoint(command: str) -> str:
 
 
 # what a resumed run may change: its training schedule, where it runs, Hydra's own settings
-RESUMABLE = ("train.", "hydra.", "hydra/", "device")
+RESUMABLE = ("train.", "hydra.", "hydra/", "device", "logger", "objective")
 
 
 def resume_overrides(cfg: DictConfig, stored: DictConfig, overrides, run_dir) -> tuple[DictConfig, str | None]:
@@ -435,6 +483,9 @@ def resume_overrides(cfg: DictConfig, stored: DictConfig, overrides, run_dir) ->
                 raise DiffcliError(f"train.resume continues {run_dir} as it was trained: {where} there is {there!r}, "
                                    f"here {here!r}; drop {culprit.input_line} or start a new run")
             user_class = o.value() if key == "net._target_" else user_class
+    for key in ("logger", "objective"):  # how this attempt is tracked and scored: this command line's choice
+        if key in cfg:
+            resumed[key] = OmegaConf.to_container(cfg[key], resolve=True)
     return validate(resumed, TrainApp, f"train.resume={run_dir}"), user_class
 
 
@@ -459,6 +510,18 @@ def _plain_at(cfg: DictConfig, key: str):
 MAX_STEPS, MAX_N, MAX_BATCH = 10**6, 10**7, 2**20
 EDIT_TASKS = ("inpaint", "colorize", "sdedit", "encode", "decode", "interpolate", "dps")
 MAX_CLASSES = 10_000  # a class count sizes the label embedding, and 10,000 names take 2 s to validate
+# objective.metric -> (the data it needs, its direction): what diffcli train can score its EMA samples by at the end
+OBJECTIVES = {"sliced_wasserstein": ("2D", "minimize"), "mmd": ("2D", "minimize"), "energy_distance": ("2D", "minimize"),
+              "modes_covered": ("2D mixture", "maximize"), "in_modes": ("2D mixture", "maximize"),
+              "cfid": ("labelled images", "minimize"), "confidence": ("labelled images", "maximize"),
+              "class_entropy": ("labelled images", "maximize")}
+
+
+def objective_direction(metric, direction: str) -> str:
+    """minimize or maximize: objective.direction, or with `auto` the metric's own (minimize with no metric)."""
+    return direction if direction != "auto" else OBJECTIVES.get(metric, ("", "minimize"))[1]
+
+
 # key -> (test, what it must be); checked on the composed config (and on a checkpoint's stored one) before any work
 RANGES = {
     "train.steps": (lambda v: v > 0, "a positive integer"),
@@ -532,6 +595,10 @@ RANGES = {
     "metric.atol": (lambda v: v > 0, "a positive number"),
     "metric.n_reference": (lambda v: v is None or v > 0, "a positive integer or null (all)"),
     "metric.classifier_epochs": (lambda v: v is None or v > 0, "a positive integer or null"),
+    "objective.metric": (lambda v: v is None or v in OBJECTIVES, f"null or one of {', '.join(OBJECTIVES)}"),
+    "objective.direction": (lambda v: v in ("auto", "minimize", "maximize"), "auto, minimize or maximize"),
+    "logger.flush_timeout": (lambda v: v >= 0, "a number of seconds >= 0"),
+    "logger.wandb.mode": (lambda v: v in ("offline", "online", "disabled"), "offline, online or disabled"),
 }
 
 

@@ -236,3 +236,29 @@ def quick_metric(samples: torch.Tensor, data, data_cfg: DictConfig, seed: int, d
     classifier, _ = classifier_for(data_cfg, cache_dir=default_cache_dir(), device=device, seed=seed, log=log)
     scores = classifier_fid(classifier, samples, to_float(data.images.cpu()))
     return {k: v for k, v in scores.items() if isinstance(v, float)}
+
+
+def final_metrics(samples: torch.Tensor, data, data_cfg: DictConfig, seed: int, device) -> dict:
+    """The metrics of a training run's end (objective.metric, metrics.json): eval's distances and mode coverage
+    against fresh data of the same size for 2D points, classifier-FID with class balance for labelled images."""
+    if data.is_image:
+        return quick_metric(samples, data, data_cfg, seed, device)
+    reference = data.sample(len(samples), torch.Generator(data.device).manual_seed(seed + 1)).cpu()
+    scores = toy_metrics(samples.cpu(), reference, data, (*POINT_DISTANCES, "modes"))
+    return {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+
+
+def check_objective(objective, data) -> None:
+    """objective.metric must be one that train's end computes for this data (schema.OBJECTIVES)."""
+    from .schema import OBJECTIVES
+
+    metric = objective.get("metric") if objective is not None else None
+    if metric is None:
+        return
+    needs = OBJECTIVES[metric][0]
+    fits = {"2D": not data.is_image, "2D mixture": getattr(data, "modes", None) is not None,
+            "labelled images": data.is_image and getattr(data, "labels", None) is not None}[needs]
+    if not fits:
+        usable = [m for m, (kind, _) in OBJECTIVES.items() if kind == ("labelled images" if data.is_image else "2D")]
+        raise DiffcliError(f"objective.metric={metric} needs {needs} data; for this data choose one of "
+                           f"{', '.join(usable) if usable else 'none (images without labels have no quick metric)'}")

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from . import DiffcliError
-from .plots import contact_sheet, plot_against
+from .plots import contact_sheet, plot_against, plot_search
 from .runs import atomic_file, fmt, read_jsonl
 
 # the settings of a run (not its metrics): shared ones go into the table's title
@@ -143,6 +143,8 @@ def collect(root, notes: list | None = None) -> list[dict]:
     skipped, with a line saying why added to `notes`."""
     root, rows, notes = Path(root), [], [] if notes is None else notes
     for f in _in_job_order(root.rglob("metrics.json")):
+        if (f.parent / "log.jsonl").exists():  # a training run's final evaluation (objective.metric): its row's
+            continue
         try:
             rows.append(_eval_row(f, root, notes))
         except Damaged as e:
@@ -191,7 +193,56 @@ def _training_row(f: Path, root: Path, notes: list) -> dict:
             "step": logged[-1]["step"] if logged else None,
             "loss": _number(logged[-1]["loss"]) if logged else None,
             **{f"{k} (step {last['step']})": v for k, v in _metrics(last).items() if isinstance(v, float)},
+            **_final_metrics(run, root, notes),
             "picture": pictures[-1].name if pictures else None}
+
+
+def _final_metrics(run: Path, root: Path, notes: list) -> dict:
+    """The metrics of a training run's final evaluation (its metrics.json, written with an objective.metric)."""
+    file = run / "metrics.json"
+    if not file.exists():
+        return {}
+    try:
+        record = _json(file)
+        if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
+            raise Damaged("not a metrics record (no 'metrics' object)")
+        objective = record.get("objective")
+        value = _number(objective.get("value")) if isinstance(objective, dict) else None
+        return _metrics(record["metrics"]) | ({"objective": float(value)} if value is not None else {})
+    except Damaged as e:
+        notes.append(f"{_name(file, root)}: {e}; its final metrics are left out")
+        return {}
+
+
+def _holds(overrides: str, params: dict) -> bool:
+    """Whether a job's overrides set every parameter to its value (compared as YAML values: 1e-3 == 0.001)."""
+    import yaml
+
+    given = dict(o.split("=", 1) for o in overrides.split() if "=" in o)
+    try:
+        return all(k in given and yaml.safe_load(given[k]) == v for k, v in params.items())
+    except yaml.YAMLError:
+        return False
+
+
+def search_result(root: Path, rows: list, notes: list) -> dict | None:
+    """An Optuna sweep's optimization_results.yaml (written by Hydra's Optuna sweeper): its best value and
+    parameters, and the job that reached it (its overrides hold every best parameter); each row gets a `best` mark."""
+    file = root / "optimization_results.yaml"
+    if not file.exists():
+        return None
+    try:
+        result = _yaml(file)
+        if not isinstance(result, dict) or not isinstance(result.get("best_params"), dict):
+            raise Damaged("no best_params")
+    except Damaged as e:
+        notes.append(f"{_name(file, root)}: {e}; the search's best trial is not marked")
+        return None
+    value, params = _number(result.get("best_value")), result["best_params"]
+    best = next((r["run"] for r in rows if _holds(r["overrides"], params)), None)
+    for r in rows:
+        r["best"] = "best" if r["run"] == best else ""
+    return {"best_value": value, "best_params": params, "best_run": best}
 
 
 def collect_training(root, notes: list | None = None) -> list[dict]:
@@ -288,10 +339,18 @@ def summarize(root) -> dict:
     if not rows:
         raise DiffcliError(f"no metrics.json or log.jsonl under {root}; point diffcli summary at an eval or training "
                            f"run or sweep folder (e.g. outputs/multirun/eval/<date>_<time>)")
+    search = search_result(root, rows, notes) if training else None
     columns = list(dict.fromkeys(k for row in rows for k in row))
     _write_csv(rows, columns, root / "summary.csv")
     _print_summary(rows, columns, root, "training runs" if training else "evaluations")
     out = {"rows": rows, "csv": str(root / "summary.csv"), "notes": notes}
+    if search is not None:
+        out["search"] = search
+        print(f"optuna: best value {fmt(search['best_value'])} in run {search['best_run']} with "
+              + " ".join(f"{k}={fmt(v)}" for k, v in search["best_params"].items()))
+        if any(isinstance(r.get("objective"), float) for r in rows):
+            with _writing(root / "search.png"):
+                out["search_plot"] = str(plot_search(rows, search["best_value"], root / "search.png"))
     if training:
         panels = _sheet_panels(rows, root, notes)
         if panels:

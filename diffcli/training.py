@@ -285,6 +285,7 @@ class TrainState:
     classify: bool  # a noise-conditional classifier p_t(y | x_t): cross-entropy, no samples
     conditional: bool  # a class-conditional model (model.cond=class)
     objective: object = None  # a loss of its own (distilling.ConsistencyObjective), else the denoising loss
+    trackers: object = None  # the run's experiment trackers (loggers.Trackers; none chosen: it does nothing)
 
     def batch(self, step: int, g: torch.Generator):
         """The global batch of `step`: x0 and, for a conditional model, its labels after dropout (for a classifier

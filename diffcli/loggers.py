@@ -1,0 +1,420 @@
+"""Experiment trackers (`logger=tensorboard|mlflow|wandb|csv`, several at once): a run's scalars, pictures, config
+and final metrics handed to the ecosystem's tools, beside diffcli's own log.jsonl.
+
+The step loop only puts a record on a queue; one background thread opens the trackers and writes to them, so a
+slow or unreachable server never delays a step. A tracker that fails (a server down, a full disk) is dropped with a
+warning and the run goes on; a full queue drops records (counted, warned) instead of waiting.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from . import DiffcliError
+
+log = logging.getLogger("diffcli")
+
+QUEUE = 10_000  # records waiting for the thread: a log row every log_every steps never comes near it
+# logger -> (the module it needs, the extra that installs it)
+NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb"),
+         "csv": (None, None)}
+RECORD = "loggers.json"  # in the run folder: the tracker runs it was logged to (resume and eval continue them)
+
+
+@dataclass
+class RunInfo:
+    """What a tracker names a run by: its folder, its name, the sweep it belongs to, its config and overrides."""
+
+    out_dir: Path
+    command: str                       # train | eval
+    config: dict                       # the resolved config, plain data
+    overrides: list = field(default_factory=list)
+    sweep: str | None = None           # the multirun sweep's folder: one MLflow experiment, one W&B group
+    start: int = 0                     # a resumed run's first step: later rows of an earlier attempt are dropped
+    joins: Path | None = None          # eval: the training run whose tracker runs its metrics join
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.overrides) or self.out_dir.name
+
+
+def chosen(settings) -> list[str]:
+    """The loggers a `logger` node selects, in NEEDS's order."""
+    return [name for name in NEEDS if settings is not None and settings.get(name) is not None]
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported (a package blocked in sys.modules counts as missing)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError, AttributeError):
+        return False
+
+
+def check_installed(settings) -> None:
+    """A chosen logger whose library is missing is refused before any work, naming the pip install."""
+    for name in chosen(settings):
+        module, extra = NEEDS[name]
+        if module is not None and not installed(module):
+            raise DiffcliError(f"logger={name} needs the {module} package, which is not installed: "
+                               f"pip install 'diffcli[{extra}]'")
+
+
+def flat(config, prefix: str = "") -> dict:
+    """A nested config as {"train.lr": 0.001, ...}: lists and None as text (what every tracker's params accept)."""
+    out = {}
+    for key, value in (config or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= flat(value, f"{name}.")
+        else:
+            out[name] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return out
+
+
+class Trackers:
+    """The chosen trackers, each behind its own writer thread (a hung server holds up only its own tracker); every
+    method returns at once."""
+
+    def __init__(self, settings, run: RunInfo):
+        self.names = chosen(settings)
+        self.flush_timeout = float(settings.get("flush_timeout", 30.0)) if settings is not None else 0.0
+        self.workers = [Worker(BACKENDS[name](settings[name], run)) for name in self.names]
+
+    def _put(self, *call) -> None:
+        for worker in self.workers:
+            worker.put(call)
+
+    def scalars(self, step: int, values: dict) -> None:
+        """Numbers at a step (None and non-numbers are left out)."""
+        values = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if values:
+            self._put("scalars", step, values)
+
+    def picture(self, step: int, tag: str, file: Path) -> None:
+        self._put("picture", step, tag, Path(file))
+
+    def artifact(self, file: Path) -> None:
+        self._put("artifact", Path(file))
+
+    def finish(self, metrics: dict) -> None:
+        """The run's final metrics (TensorBoard's hparams, W&B's summary)."""
+        self._put("finish", {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Write what is queued (at most logger.flush_timeout seconds in all) and end the tracker runs."""
+        deadline = time.monotonic() + self.flush_timeout
+        for worker in self.workers:
+            worker.put(("close", status))
+        for worker in self.workers:
+            worker.thread.join(max(0.0, deadline - time.monotonic()))
+            if worker.thread.is_alive():
+                log.warning("logger %s: still writing after logger.flush_timeout=%gs (%d records waiting); left "
+                            "behind", worker.backend.name, self.flush_timeout, worker.queue.qsize())
+            if worker.dropped:
+                log.warning("logger %s: %d records dropped (it fell behind)", worker.backend.name, worker.dropped)
+
+
+class Worker:
+    """One tracker and the thread that opens it and writes to it from a queue; a failure drops the tracker."""
+
+    def __init__(self, backend):
+        self.backend, self.dropped, self.queue = backend, 0, queue.Queue(QUEUE)
+        self.thread = threading.Thread(target=self._work, name=f"diffcli-{backend.name}", daemon=True)
+        self.thread.start()
+
+    def put(self, call: tuple) -> None:
+        if not self.thread.is_alive():
+            return
+        try:
+            self.queue.put_nowait(call)
+        except queue.Full:  # never wait: the step loop goes on, the record is counted as lost
+            self.dropped += 1
+
+    def _work(self) -> None:
+        alive = _safely(self.backend, "open")
+        while True:
+            call = self.queue.get()
+            if alive:
+                alive = _safely(self.backend, *call)
+            if call[0] == "close":
+                return
+
+
+def _safely(backend, method: str, *args) -> bool:
+    """Call a tracker; a failure is a warning and the tracker is dropped (False)."""
+    try:
+        getattr(backend, method)(*args)
+        return True
+    except Exception as e:  # a tracker's errors are many (network, disk, its own checks): none stops the run
+        text = " ".join(str(e).split())[:300] or type(e).__name__
+        log.warning("logger %s failed (%s: %s); the run goes on without it", backend.name, type(e).__name__, text)
+        if method != "close":
+            try:
+                backend.close("FAILED")
+            except Exception:
+                pass
+        return False
+
+
+def read_record(run_dir: Path) -> dict:
+    """The tracker runs a run folder was logged to (loggers.json), {} if none or unreadable."""
+    try:
+        record = json.loads((Path(run_dir) / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+_RECORD_LOCK = threading.Lock()
+
+
+def _remember(run_dir: Path, name: str, value: dict) -> None:
+    """Add one tracker's run to loggers.json."""
+    from .runs import write_text
+
+    with _RECORD_LOCK:
+        write_text(run_dir / RECORD, json.dumps(read_record(run_dir) | {name: value}, indent=2))
+
+
+class TensorBoard:
+    """Event files in the run folder (`tensorboard --logdir outputs/` compares every run)."""
+
+    name = "tensorboard"
+
+    def __init__(self, settings, run: RunInfo):
+        self.settings, self.run, self.writer = settings, run, None
+
+    def open(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: TensorBoard hides what an earlier attempt of a resumed run logged after its checkpoint
+        self.writer = SummaryWriter(str(self.run.out_dir), purge_step=self.run.start or None, flush_secs=10)
+        text = json.dumps(self.run.config, indent=2)
+        self.writer.add_text("config", "\n".join(f"    {line}" for line in text.splitlines()), self.run.start)
+
+    def scalars(self, step: int, values: dict) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def picture(self, step: int, tag: str, file: Path) -> None:
+        if self.settings.get("images", True):
+            self.writer.add_image(tag, _pixels(file), step, dataformats="HWC")
+
+    def artifact(self, file: Path) -> None:
+        pass  # the files are in the run folder already
+
+    def finish(self, metrics: dict) -> None:
+        """The config as hyperparameters against the final metrics (TensorBoard's HPARAMS tab)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        params = {k: v for k, v in flat(self.run.config).items() if not k.startswith(("logger.", "hydra."))}
+        for summary in hparams(params, {f"final/{k}": v for k, v in metrics.items()}):
+            self.writer.file_writer.add_summary(summary)
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"final/{key}", value, 0)
+
+    def close(self, status: str) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _pixels(file: Path):
+    """A PNG as an HxWx3 uint8 array."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(file) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+class MLflow:
+    """One MLflow run per diffcli run (a sweep: one experiment, a run per job) in a tracking store."""
+
+    name = "mlflow"
+
+    def __init__(self, settings, run: RunInfo):
+        self.settings, self.run, self.client, self.run_id = settings, run, None, None
+
+    def open(self) -> None:
+        uri = tracking_uri(self.settings.tracking_uri)
+        from mlflow.tracking import MlflowClient
+
+        for name in ("mlflow", "alembic"):  # their INFO lines (store migrations) would crowd the run's log
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+        self.client = MlflowClient(uri)
+        self.run_id = self._joined(uri) or self._new_run(uri)
+        _remember(self.run.out_dir, "mlflow", {"tracking_uri": uri, "run_id": self.run_id})
+
+    def _joined(self, uri: str) -> str | None:
+        """The tracker run to continue: a resumed run's own, or for eval the training run's, in this store."""
+        source = self.run.joins or (self.run.out_dir if self.run.start else None)
+        record = read_record(source).get("mlflow", {}) if source is not None else {}
+        if record.get("tracking_uri") != uri or not isinstance(record.get("run_id"), str):
+            return None
+        self.client.update_run(record["run_id"], status="RUNNING") if not self.run.joins else None
+        return record["run_id"]
+
+    def _new_run(self, uri: str) -> str:
+        from mlflow.entities import Param
+
+        name = self.settings.get("experiment") or (self.run.sweep or f"diffcli {self.run.command}")
+        found = self.client.get_experiment_by_name(name)
+        experiment = found.experiment_id if found else self.client.create_experiment(name, _artifacts_beside(uri))
+        tags = {"diffcli.run_dir": str(self.run.out_dir), "diffcli.command": self.run.command,
+                "diffcli.overrides": " ".join(self.run.overrides)}
+        run_id = self.client.create_run(experiment, run_name=self.run.name, tags=tags).info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in flat(self.run.config).items() if not k.startswith("hydra.")]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(run_id, params=params[i:i + 100])
+        return run_id
+
+    def scalars(self, step: int, values: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+
+    def picture(self, step: int, tag: str, file: Path) -> None:
+        self.client.log_artifact(self.run_id, str(file), artifact_path=self._folder(tag))
+
+    def artifact(self, file: Path) -> None:
+        if file.suffix != ".safetensors" or self.settings.get("checkpoint", True):
+            self.client.log_artifact(self.run_id, str(file), artifact_path=self._folder(None))
+
+    def _folder(self, tag: str | None) -> str | None:
+        """Where a file goes among the run's artifacts: an evaluation's under eval/<its folder>/."""
+        where = [f"eval/{self.run.out_dir.name}"] if self.run.joins else []
+        return "/".join([*where, *([tag] if tag else [])]) or None
+
+    def finish(self, metrics: dict) -> None:
+        self.scalars(0, {f"final/{k}": v for k, v in metrics.items()})
+
+    def close(self, status: str) -> None:
+        if self.run_id is not None and not self.run.joins:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def tracking_uri(uri: str) -> str:
+    """A tracking URI as MLflow should see it: a relative SQLite file made absolute (with its folder created), a
+    server checked for a listener first (an unreachable one fails in seconds, not after MLflow's minutes of retries)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite" and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        file = Path(uri[len("sqlite:///"):]).resolve()
+        file.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{file}"
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        with socket.create_connection((parsed.hostname, port), timeout=5):
+            pass
+    return uri
+
+
+def _artifacts_beside(uri: str) -> str | None:
+    """A local SQLite store keeps its artifacts in mlartifacts/ beside the database (None: the store's default)."""
+    if uri.startswith("sqlite:////"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
+class Wandb:
+    """A Weights & Biases run, offline by default (logger.wandb.mode): `wandb sync <run>/wandb/offline-run-*`."""
+
+    name = "wandb"
+
+    def __init__(self, settings, run: RunInfo):
+        self.settings, self.run, self.wandb_run = settings, run, None
+
+    def open(self) -> None:
+        os.environ.setdefault("WANDB_SILENT", "true")  # its banner and warnings would land on the run's console
+        import wandb
+
+        record = read_record(self.run.out_dir).get("wandb", {}) if self.run.start else {}
+        group = self.run.sweep or (str(self.run.joins) if self.run.joins else None)
+        self.wandb_run = wandb.init(
+            project=self.settings.project, entity=self.settings.get("entity"), mode=self.settings.mode,
+            dir=str(self.run.out_dir), name=self.run.name, group=group, job_type=self.run.command,
+            config=self.run.config, id=record.get("id"), resume="allow" if record.get("id") else None,
+            settings=wandb.Settings(silent=True, console="off"))
+        _remember(self.run.out_dir, "wandb", {"id": self.wandb_run.id, "dir": str(self.wandb_run.dir)})
+
+    def scalars(self, step: int, values: dict) -> None:
+        self.wandb_run.log(values, step=step)
+
+    def picture(self, step: int, tag: str, file: Path) -> None:
+        import wandb
+
+        if self.settings.get("images", True):
+            self.wandb_run.log({tag: wandb.Image(str(file))}, step=step)
+
+    def artifact(self, file: Path) -> None:
+        if file.suffix != ".safetensors":
+            self.wandb_run.save(str(file), base_path=str(file.parent), policy="now")
+
+    def finish(self, metrics: dict) -> None:
+        self.wandb_run.summary.update({f"final/{k}": v for k, v in metrics.items()})
+
+    def close(self, status: str) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=0 if status == "FINISHED" else 1)
+
+
+class Csv:
+    """metrics.csv in the run folder: a row per step, a column per scalar (a new scalar rewrites the header)."""
+
+    name = "csv"
+
+    def __init__(self, settings, run: RunInfo):
+        self.file = run.out_dir / "metrics.csv"
+        self.start, self.rows, self.columns = run.start, [], ["step"]
+
+    def open(self) -> None:
+        if self.start and self.file.exists():  # a resumed run keeps the rows up to its checkpoint
+            with open(self.file, newline="") as fh:
+                self.rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= self.start]
+            self.columns = list(dict.fromkeys(k for r in [{"step": 0}, *self.rows] for k in r))
+        self._write()
+
+    def scalars(self, step: int, values: dict) -> None:
+        self.rows.append({"step": step} | values)
+        if set(values) - set(self.columns):
+            self.columns += [k for k in values if k not in self.columns]
+            self._write()
+        else:
+            with open(self.file, "a", newline="") as fh:
+                csv.DictWriter(fh, self.columns).writerow(self.rows[-1])
+
+    def _write(self) -> None:
+        from .runs import atomic_file
+
+        with atomic_file(self.file) as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, self.columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def picture(self, step: int, tag: str, file: Path) -> None:
+        pass
+
+    def artifact(self, file: Path) -> None:
+        pass
+
+    def finish(self, metrics: dict) -> None:
+        pass
+
+    def close(self, status: str) -> None:
+        pass
+
+
+BACKENDS = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": Wandb, "csv": Csv}
