@@ -150,6 +150,8 @@ def _sweeper_overrides(rest: list[str]) -> list[str]:
     if not all(installed(m) for m in modules):
         raise DiffcliError(f"hydra/sweeper={name} needs Hydra's {name} sweeper, which is not installed: "
                            f"pip install 'diffcli[{extra}]'")
+    _check_objective(values.get("objective.metric"), values.get("objective.direction", "auto"),
+                     values.get("hydra.sweeper.direction"))
     if "hydra.sweeper.direction" in values:
         return []
     return ["hydra.sweeper.direction='${diffcli.direction:${objective.metric},${objective.direction}}'"]
@@ -205,19 +207,22 @@ def _check_search(cfg) -> None:
     """Under an Optuna sweep a job must return its objective.metric, in the direction the study optimizes."""
     from hydra.core.hydra_config import HydraConfig
 
-    from .schema import objective_direction
-
     sweeper = HydraConfig.get().sweeper
-    if "optuna" not in str(sweeper.get("_target_", "")).lower():
-        return
-    metric = cfg.objective.metric
+    if "optuna" in str(sweeper.get("_target_", "")).lower():
+        _check_objective(cfg.objective.metric, cfg.objective.direction, str(sweeper.get("direction")))
+
+
+def _check_objective(metric, direction, study) -> None:
+    """An Optuna study needs objective.metric, and optimizes it in its own direction (`study`, if set)."""
+    from .schema import OBJECTIVES, objective_direction
+
     if metric is None:
         raise DiffcliError("hydra/sweeper=optuna tunes a value each run returns: set objective.metric, e.g. "
                            "objective.metric=sliced_wasserstein (2D) or objective.metric=cfid (labelled images)")
-    ours = objective_direction(metric, cfg.objective.direction)
-    if str(sweeper.get("direction")).lower().split(".")[-1] != ours:
-        raise DiffcliError(f"hydra.sweeper.direction={sweeper.get('direction')} but objective.metric={metric} is "
-                           f"to {ours}: drop hydra.sweeper.direction (it follows objective.direction) or set both")
+    ours = objective_direction(metric, direction)
+    if metric in OBJECTIVES and study is not None and str(study).lower().split(".")[-1] != ours:
+        raise DiffcliError(f"hydra.sweeper.direction={study} but objective.metric={metric} is to {ours}: drop "
+                           "hydra.sweeper.direction (it follows objective.direction) or set both alike")
 
 
 @_user_errors_exit

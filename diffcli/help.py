@@ -77,6 +77,17 @@ GROUPS = {
         "inception_weights": "a local Inception file for FID/KID (null: torch hub's cache)",
         "cache_dir": "where reference features and classifiers are cached",
     }),
+    "logger": ("experiment trackers beside log.jsonl: tensorboard, mlflow, wandb, csv; several: logger=[tensorboard,mlflow]"
+               " (eval: the metrics join the training run's)", {
+        "tensorboard.images": "the sample pictures as TensorBoard images",
+        "mlflow.tracking_uri": "the tracking store (default sqlite:///outputs/mlflow.db, artifacts beside it) or a "
+                               "team's server (http://host:5000)",
+        "mlflow.experiment": "null: the sweep's folder for a multirun (a run per job), else 'diffcli <command>'",
+        "mlflow.checkpoint": "the final EMA checkpoint as an artifact",
+        "wandb.mode": "offline (default; wandb sync uploads <run>/wandb/) | online | disabled",
+        "wandb.project": "the W&B project (wandb.entity: your team or user)",
+        "flush_timeout": "seconds the end of a run waits for the trackers (a hung server is left behind, warned)",
+    }),
 }
 
 # top-level keys (and the `sample.` options) -> one line
@@ -126,6 +137,10 @@ KEYS = {
     "consistency.solver": "distill method=consistency: euler | heun, the teacher's ODE step",
     "consistency.distance": "distill method=consistency: l2 | pseudo_huber",
     **{f"train.{k}": f"distill: the student's train.{k} (null: the teacher's)" for k in DISTILL_TRAIN_KEYS},
+    "objective.metric": "train: score train.eval_n EMA samples at the end (metrics.json) and return it to Hydra's sweeper"
+                        ": sliced_wasserstein, mmd, energy_distance, modes_covered, in_modes (2D); cfid, confidence, "
+                        "class_entropy (labelled images)",
+    "objective.direction": "train: auto (the metric's own) | minimize | maximize; hydra/sweeper=optuna follows it",
 }
 
 

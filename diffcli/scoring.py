@@ -255,10 +255,10 @@ def check_objective(objective, data) -> None:
     metric = objective.get("metric") if objective is not None else None
     if metric is None:
         return
-    needs = OBJECTIVES[metric][0]
     fits = {"2D": not data.is_image, "2D mixture": getattr(data, "modes", None) is not None,
-            "labelled images": data.is_image and getattr(data, "labels", None) is not None}[needs]
-    if not fits:
-        usable = [m for m, (kind, _) in OBJECTIVES.items() if kind == ("labelled images" if data.is_image else "2D")]
+            "labelled images": data.is_image and getattr(data, "labels", None) is not None}
+    needs = OBJECTIVES[metric][0]
+    if not fits[needs]:
+        usable = [m for m, (kind, _) in OBJECTIVES.items() if fits[kind]]
         raise DiffcliError(f"objective.metric={metric} needs {needs} data; for this data choose one of "
                            f"{', '.join(usable) if usable else 'none (images without labels have no quick metric)'}")

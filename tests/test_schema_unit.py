@@ -163,6 +163,8 @@ RANGE_CASES = {
     "metric.classifier_epochs": (0, None), "task": ("paint", "inpaint"), "method": ("blend", "repaint"),
     "strength": (1.5, 0.5), "jump_length": (0, 10), "jump_n_sample": (0, 10), "sigma_y": (-0.1, 0.05),
     "scale": (-1.0, 0.3), "frames": (1, 8),
+    "objective.metric": ("fid", "sliced_wasserstein"), "objective.direction": ("lower", "maximize"),
+    "logger.flush_timeout": (-1.0, 30.0), "logger.wandb.mode": ("shared", "offline"),
 }
 # keys whose value is a list: NaN and infinity go inside it
 AS_LIST = {"train.betas": lambda x: [0.9, x], "labels": lambda x: [x], "guidance_interval": lambda x: [0.5, x]}
@@ -215,14 +217,14 @@ def test_check_ranges_reports_the_first_bad_key_of_a_composed_config():
 
 
 def test_command_groups_are_the_groups_of_each_primary_config():
-    assert command_groups("train") == ["net", "model", "train", "data", "sampler"]
+    assert command_groups("train") == ["net", "model", "train", "data", "sampler", "logger"]
     assert command_groups("sample") == ["sampler"]
-    assert command_groups("eval") == ["sampler", "metric"]
+    assert command_groups("eval") == ["sampler", "metric", "logger"]
 
 
 def test_all_groups_are_the_shipped_config_folders():
     assert all_groups() == sorted(p.name for p in (ROOT / "configs").iterdir() if p.is_dir() and p.name[0] != "_")
-    assert all_groups() == ["data", "metric", "model", "net", "sampler", "train"]
+    assert all_groups() == ["data", "logger", "metric", "model", "net", "sampler", "train"]
 
 
 @pytest.mark.parametrize("command", list(APPS))

@@ -1,0 +1,86 @@
+"""What the experiment trackers cost the training loop: the same toy run with logger=none and with every tracker
+at once (tensorboard, mlflow, wandb offline, csv), alternated in one process, and the cost of one hand-off.
+
+    python scripts/logging_overhead.py [--steps 3000] [--log-every 10] [--repeats 3]
+
+The loop's time is the sum of its log windows (log.jsonl's it_per_s: every step, log row and hand-off to the
+trackers inside them); a log row every 10 steps is ten times the default toy preset's rate, so the overhead
+shown is an upper bound. Prints the CPU (lscpu) next to the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+
+from diffcli.loggers import RunInfo, Trackers
+from diffcli.runs import read_jsonl
+from diffcli.train import run_train
+
+ALL = "logger=[tensorboard,mlflow,wandb,csv]"
+
+
+def cpu() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+    flags = next((line for line in out.splitlines() if line.startswith("Flags")), "")
+    return f"{name} ({'AMX' if 'amx_bf16' in flags else 'no AMX'}, {'AVX-512' if 'avx512f' in flags else 'AVX2'})"
+
+
+def loop_seconds(folder: Path, steps: int, log_every: int, loggers: str) -> float:
+    """One toy run; the seconds its step loop took (the sum of its log windows)."""
+    overrides = ["data=eight_gaussians", f"train.steps={steps}", f"train.log_every={log_every}", "train.sample_every=0",
+                 "train.eval_every=0", f"train.ckpt_every={steps}", "device=cpu", loggers,
+                 f"logger.mlflow.tracking_uri=sqlite:///{folder.parent / 'mlflow.db'}" if "mlflow" in loggers else ""]
+    with initialize_config_module(config_module="diffcli.configs", version_base=None):
+        cfg = compose("train", [o for o in overrides if o])
+    run_train(cfg, folder)
+    return sum(log_every / row["it_per_s"] for row in read_jsonl(folder / "log.jsonl"))
+
+
+def hand_off_us(root: Path, calls: int = 20_000) -> float:
+    """Microseconds the step loop spends handing one log row to four trackers (the rest is their threads')."""
+    with initialize_config_module(config_module="diffcli.configs", version_base=None):
+        settings = compose("train", [ALL, f"logger.mlflow.tracking_uri=sqlite:///{root / 'hand_off.db'}"]).logger
+    trackers = Trackers(settings, RunInfo(root / "hand_off", "train", {}))
+    (root / "hand_off").mkdir()
+    row = {"train/loss": 0.5, "train/lr": 1e-3, "train/grad_norm": 0.3, "train/it_per_s": 100.0}
+    t0 = time.perf_counter()
+    for step in range(calls):
+        trackers.scalars(step, row)
+    per_call = (time.perf_counter() - t0) / calls * 1e6
+    trackers.close()
+    return per_call
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"CPU: {cpu()}; {args.steps} steps of eight_gaussians (net=mlp, batch 512), a log row every "
+          f"{args.log_every} steps")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        loop_seconds(root / "warm", 200, args.log_every, "logger=none")  # first-call costs out of the figures
+        times = {"none": [], "all": []}
+        for k in range(args.repeats):  # alternated: drift of the machine falls on both alike
+            for name, loggers in (("none", "logger=none"), ("all", ALL)):
+                times[name].append(loop_seconds(root / f"{name}_{k}", args.steps, args.log_every, loggers))
+                print(f"  repeat {k}: logger={name:<4} loop {times[name][-1]:.2f} s")
+        none, every = statistics.median(times["none"]), statistics.median(times["all"])
+        spread = (max(times["none"]) - min(times["none"])) / none
+        print(f"median loop: logger=none {none:.2f} s, all four trackers {every:.2f} s: ratio {every / none:.3f} "
+              f"({(every - none) / args.steps * 1e3:+.3f} ms a step; logger=none's own spread {spread:.1%})")
+        print(f"hand-off of one log row to four trackers: {hand_off_us(root):.1f} us on the step loop's thread")
+
+
+if __name__ == "__main__":
+    main()
