@@ -151,7 +151,7 @@ def _targets_only_at(node, allowed, where: str = "") -> None:
 def _check_classes(model, path: Path) -> None:
     """A stored class count and class-name list are bounded, and agree, before the schema reads them (a list of a
     million names takes minutes to validate)."""
-    from .schema import MAX_CLASSES
+    from .ranges import MAX_CLASSES
 
     model = model if isinstance(model, dict) else {}
     k, names = model.get("n_classes"), model.get("class_names")
@@ -171,7 +171,8 @@ def stored_config(meta: dict, path: Path) -> DictConfig:
     picks a config file.
     """
     from .build import SAMPLER_NAMES, plain
-    from .schema import TrainApp, check_ranges, validate
+    from .ranges import check_ranges
+    from .schema import TrainApp, validate
 
     config = _field(meta, "config", path)
     if not isinstance(config, dict):

@@ -164,7 +164,8 @@ def preflight(command: str, cfg) -> None:
     from .build import check_names
     from .checkpoint import find_ema, newest_state, read_metadata, stored_config
     from .diffusers_format import folder_config, is_folder
-    from .schema import SCHEMAS, check_distill_ranges, check_ranges, resume_overrides, validate
+    from .ranges import check_distill_ranges, check_ranges
+    from .schema import SCHEMAS, resume_overrides, validate
 
     from .loggers import check_installed
 
@@ -214,7 +215,7 @@ def _check_search(cfg) -> None:
 
 def _check_objective(metric, direction, study) -> None:
     """An Optuna study needs objective.metric, and optimizes it in its own direction (`study`, if set)."""
-    from .schema import OBJECTIVES, objective_direction
+    from .ranges import OBJECTIVES, objective_direction
 
     if metric is None:
         raise DiffcliError("hydra/sweeper=optuna tunes a value each run returns: set objective.metric, e.g. "

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diffcli import DiffcliError, short
-from diffcli.schema import MAX_CLASSES
+from diffcli.ranges import MAX_CLASSES
 from diffcli.toys import MIXTURES, TOYS, draw_integers, draw_uniform, mixture_modes
 
 def shape_kind(shape) -> str:

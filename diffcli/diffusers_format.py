@@ -142,7 +142,7 @@ def model_node(file: Path) -> dict:
 def net_node(file: Path, T: int, null_class=None) -> tuple[dict, tuple, int]:
     """(DiffusersUNet2D's net node, the data shape, the class count) of a UNet2DModel config."""
     from .checkpoint import MAX_SAMPLE_NUMEL
-    from .schema import MAX_CLASSES
+    from .ranges import MAX_CLASSES
 
     config = read_json(file)
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":

@@ -22,7 +22,8 @@ from .loading import load_model, pick_device
 from .pairs import draw_pairs
 from .runs import claim_run_dir, release_run_dir
 from .sampling import sampler_config, sampler_description, sampler_from_config
-from .schema import DistillApp, check_distill_ranges, validate
+from .ranges import check_distill_ranges
+from .schema import DistillApp, validate
 
 log = logging.getLogger("diffcli")
 

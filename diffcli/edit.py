@@ -20,7 +20,7 @@ from .plots import save_edit_picture
 from .runs import progress, write_npz
 from .sampling import Plan, batch_seed, plan
 from .samplers import is_deterministic
-from .schema import check_ranges
+from .ranges import check_ranges
 
 log = logging.getLogger("diffcli")
 

@@ -21,7 +21,7 @@ from .loggers import RunInfo, Trackers, check_installed
 from .plots import PICTURE_IMAGES, save_picture
 from .runs import fmt, progress, write_text
 from .sampling import Plan, SampleResult, collect, given_conditions, plan
-from .schema import check_ranges
+from .ranges import check_ranges
 from .scoring import MODEL_METRICS, ImageScores, nll_2d, resolve_names, straightness_score, toy_agreement, toy_metrics
 
 log = logging.getLogger("diffcli")

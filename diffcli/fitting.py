@@ -26,7 +26,7 @@ from .plots import plot_loss, save_picture
 from .runs import Logger, Silent, StopFlag, claim_run_dir, read_jsonl, release_run_dir, write_text
 from .sampling import (at_speed, even_labels, generate, inference_speed, sampler_config, sampler_description,
                        sampler_from_config)
-from .schema import objective_direction
+from .ranges import objective_direction
 from .scoring import check_objective, final_metrics, quick_metric
 from .training import (Tally, TrainState, build_model, build_state, check_train_config, noisy_accuracy,
                        schedule_warnings, step_generator, train_step)
@@ -95,6 +95,7 @@ def _train(cfg: DictConfig, out_dir: Path, saved: dict | None, path, world, user
              sum(p.numel() for p in net.parameters()) / 1e6, world.device, world.size, tc.steps, tc.batch_size, micro,
              s.precision, ", compiled" if s.compiled else "", ", channels-last" if s.nhwc else "")
     s.trackers = Trackers(cfg.get("logger") if world.main else None, dataclasses.replace(run, start=s.start))
+    s.trackers.wait_open()
     try:
         out = _loop_and_finish(s)
     except BaseException as e:

@@ -26,6 +26,8 @@ from . import DiffcliError
 log = logging.getLogger("diffcli")
 
 QUEUE = 10_000  # records waiting for the thread: a log row every log_every steps never comes near it
+PACE = 1.0  # seconds a tracker's thread rests between writes: what queued meanwhile goes in one batch, and the
+# step loop's thread is not kept waiting for the GIL by a busy writer (each torch op releases and retakes it)
 # logger -> (the module it needs, the extra that installs it)
 NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb"),
          "csv": (None, None)}
@@ -92,6 +94,18 @@ class Trackers:
         self.flush_timeout = float(settings.get("flush_timeout", 30.0)) if settings is not None else 0.0
         self.workers = [Worker(BACKENDS[name](settings[name], run)) for name in self.names]
 
+    def wait_open(self) -> None:
+        """Wait (at most logger.flush_timeout seconds) until every tracker has started or failed: importing and
+        opening them (MLflow's database, W&B's service) is seconds of Python that would otherwise run beside the
+        first steps and slow them."""
+        t0 = time.monotonic()
+        for worker in self.workers:
+            if not worker.opened.wait(max(0.0, t0 + self.flush_timeout - time.monotonic())):
+                log.warning("logger %s: not started after logger.flush_timeout=%gs; training goes on, it catches up "
+                            "if it can", worker.backend.name, self.flush_timeout)
+        if self.workers:
+            log.info("logger: %s started in %.1f s", ", ".join(self.names), time.monotonic() - t0)
+
     def _put(self, *call) -> None:
         for worker in self.workers:
             worker.put(call)
@@ -100,7 +114,7 @@ class Trackers:
         """Numbers at a step (None and non-numbers are left out)."""
         values = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if values:
-            self._put("scalars", step, values)
+            self._put("scalars", [(step, values)])
 
     def picture(self, step: int, tag: str, file: Path) -> None:
         self._put("picture", step, tag, Path(file))
@@ -130,7 +144,7 @@ class Worker:
     """One tracker and the thread that opens it and writes to it from a queue; a failure drops the tracker."""
 
     def __init__(self, backend):
-        self.backend, self.dropped, self.queue = backend, 0, queue.Queue(QUEUE)
+        self.backend, self.dropped, self.queue, self.opened = backend, 0, queue.Queue(QUEUE), threading.Event()
         self.thread = threading.Thread(target=self._work, name=f"diffcli-{backend.name}", daemon=True)
         self.thread.start()
 
@@ -144,12 +158,30 @@ class Worker:
 
     def _work(self) -> None:
         alive = _safely(self.backend, "open")
+        self.opened.set()
         while True:
-            call = self.queue.get()
-            if alive:
-                alive = _safely(self.backend, *call)
-            if call[0] == "close":
-                return
+            calls = [self.queue.get()]
+            while len(calls) < QUEUE:
+                try:
+                    calls.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            for call in _merged(calls):
+                alive = alive and _safely(self.backend, *call)
+                if call[0] == "close":
+                    return
+            time.sleep(PACE)
+
+
+def _merged(calls: list) -> list:
+    """Consecutive `scalars` calls as one (their rows in order): one batch for the tracker."""
+    out = []
+    for call in calls:
+        if call[0] == "scalars" and out and out[-1][0] == "scalars":
+            out[-1] = ("scalars", out[-1][1] + call[1])
+        else:
+            out.append(call)
+    return out
 
 
 def _safely(backend, method: str, *args) -> bool:
@@ -204,9 +236,10 @@ class TensorBoard:
         text = json.dumps(self.run.config, indent=2)
         self.writer.add_text("config", "\n".join(f"    {line}" for line in text.splitlines()), self.run.start)
 
-    def scalars(self, step: int, values: dict) -> None:
-        for key, value in values.items():
-            self.writer.add_scalar(key, value, step)
+    def scalars(self, rows: list) -> None:
+        for step, values in rows:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
 
     def picture(self, step: int, tag: str, file: Path) -> None:
         if self.settings.get("images", True):
@@ -222,8 +255,7 @@ class TensorBoard:
         params = {k: v for k, v in flat(self.run.config).items() if not k.startswith(("logger.", "hydra."))}
         for summary in hparams(params, {f"final/{k}": v for k, v in metrics.items()}):
             self.writer.file_writer.add_summary(summary)
-        for key, value in metrics.items():
-            self.writer.add_scalar(f"final/{key}", value, 0)
+        self.scalars([(0, {f"final/{k}": v for k, v in metrics.items()})])
 
     def close(self, status: str) -> None:
         if self.writer is not None:
@@ -281,11 +313,13 @@ class MLflow:
             self.client.log_batch(run_id, params=params[i:i + 100])
         return run_id
 
-    def scalars(self, step: int, values: dict) -> None:
+    def scalars(self, rows: list) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        metrics = [Metric(k, v, now, step) for step, values in rows for k, v in values.items()]
+        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
     def picture(self, step: int, tag: str, file: Path) -> None:
         self.client.log_artifact(self.run_id, str(file), artifact_path=self._folder(tag))
@@ -300,7 +334,7 @@ class MLflow:
         return "/".join([*where, *([tag] if tag else [])]) or None
 
     def finish(self, metrics: dict) -> None:
-        self.scalars(0, {f"final/{k}": v for k, v in metrics.items()})
+        self.scalars([(0, {f"final/{k}": v for k, v in metrics.items()})])
 
     def close(self, status: str) -> None:
         if self.run_id is not None and not self.run.joins:
@@ -350,8 +384,9 @@ class Wandb:
             settings=wandb.Settings(silent=True, console="off"))
         _remember(self.run.out_dir, "wandb", {"id": self.wandb_run.id, "dir": str(self.wandb_run.dir)})
 
-    def scalars(self, step: int, values: dict) -> None:
-        self.wandb_run.log(values, step=step)
+    def scalars(self, rows: list) -> None:
+        for step, values in rows:
+            self.wandb_run.log(values, step=step)
 
     def picture(self, step: int, tag: str, file: Path) -> None:
         import wandb
@@ -387,14 +422,16 @@ class Csv:
             self.columns = list(dict.fromkeys(k for r in [{"step": 0}, *self.rows] for k in r))
         self._write()
 
-    def scalars(self, step: int, values: dict) -> None:
-        self.rows.append({"step": step} | values)
-        if set(values) - set(self.columns):
-            self.columns += [k for k in values if k not in self.columns]
+    def scalars(self, rows: list) -> None:
+        new = [{"step": step} | values for step, values in rows]
+        self.rows += new
+        added = [k for row in new for k in row if k not in self.columns]
+        if added:
+            self.columns += list(dict.fromkeys(added))
             self._write()
         else:
             with open(self.file, "a", newline="") as fh:
-                csv.DictWriter(fh, self.columns).writerow(self.rows[-1])
+                csv.DictWriter(fh, self.columns).writerows(new)
 
     def _write(self) -> None:
         from .runs import atomic_file

@@ -16,7 +16,7 @@ from .loading import load_model, pick_device
 from .plots import PICTURE_IMAGES, save_field_picture, save_picture, save_trajectory_picture
 from .runs import StreamedNpz, progress
 from .sampling import Plan, SampleResult, collect, plan
-from .schema import check_ranges
+from .ranges import check_ranges
 
 log = logging.getLogger("diffcli")
 

@@ -250,7 +250,7 @@ def final_metrics(samples: torch.Tensor, data, data_cfg: DictConfig, seed: int, 
 
 def check_objective(objective, data) -> None:
     """objective.metric must be one that train's end computes for this data (schema.OBJECTIVES)."""
-    from .schema import OBJECTIVES
+    from .ranges import OBJECTIVES
 
     metric = objective.get("metric") if objective is not None else None
     if metric is None:

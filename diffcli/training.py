@@ -28,7 +28,8 @@ from .hardware import PRECISIONS, bf16_pays
 from .losses import check_coupling, check_weighting, classifier_loss, draw, pair_loss
 from .paths import check_times
 from .prediction import check_precond, check_prediction
-from .schema import check_ranges, resume_overrides
+from .ranges import check_ranges
+from .schema import resume_overrides
 
 COMPILE_STEPS = 1000  # compile=auto: runs this long repay the one-off compile (about a minute on 2 CPU cores)
 

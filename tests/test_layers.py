@@ -10,7 +10,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "diffcli"
 COMMANDS = {"train", "sample", "evaluate", "summary", "edit", "convert", "distill"}
 APPLICATION = {"loading", "sampling", "scoring", "training", "plots", "runs", "schema", "build", "checkpoint", "help",
-               "distributed", "allocator", "cli", "inputs", "diffusers_format", "fitting", "distilling", "pairs"}
+               "distributed", "allocator", "cli", "inputs", "diffusers_format", "fitting", "distilling", "pairs",
+               "loggers", "ranges"}
 MATHS = {"paths", "prediction", "guidance", "losses", "nets", "oracle", "likelihood", "metrics", "samplers", "editing",
          "toys", "diffusers_net", "diffusers_map", "consistency"}
 

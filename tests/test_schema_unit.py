@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from conftest import ROOT, compose_config
 from diffcli import DiffcliError
-from diffcli.schema import (RANGES, SCHEMAS, EvalApp, SampleApp, TrainApp, all_groups, check_overrides, check_ranges,
-                            command_groups, config_error, parse_overrides, validate)
+from diffcli.ranges import RANGES, check_ranges
+from diffcli.schema import (SCHEMAS, EvalApp, SampleApp, TrainApp, all_groups, check_overrides, command_groups,
+                            config_error, parse_overrides, validate)
 
 APPS = {"train": TrainApp, "sample": SampleApp, "eval": EvalApp}
 

@@ -3,6 +3,7 @@ Hydra is its metrics.json objective, and `diffcli summary` reads the sweep."""
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -18,9 +19,11 @@ SHORT = ["data=moons", "model=flow", "train.steps=30", "train.batch_size=64", "t
 @pytest.mark.slow
 def test_a_three_trial_optuna_sweep_returns_each_jobs_metrics_json_and_summary_marks_the_best(tmp_path):
     sweep = tmp_path / "sweep"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     r = run_cli("train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=1",
-                "train.lr=interval(1e-4,3e-3)", "train.ema.decay=choice(0.9,0.99)",
-                "objective.metric=sliced_wasserstein", f"hydra.sweep.dir={sweep}", *SHORT, cwd=tmp_path)
+                "train.lr=interval(1e-4,3e-3)", "train.ema.decay=choice(0.9,0.99)", "logger=mlflow",
+                f"logger.mlflow.tracking_uri={uri}", "objective.metric=sliced_wasserstein", f"hydra.sweep.dir={sweep}",
+                *SHORT, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
@@ -33,6 +36,13 @@ def test_a_three_trial_optuna_sweep_returns_each_jobs_metrics_json_and_summary_m
     best = min(values, key=values.get)
     overrides = yaml.safe_load((sweep / best / ".hydra" / "overrides.yaml").read_text())
     assert f"train.lr={result['best_params']['train.lr']}" in overrides
+
+    from mlflow.tracking import MlflowClient  # the sweep is one MLflow experiment, a run per job
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(str(sweep)).experiment_id])
+    assert sorted(Path(r.data.tags["diffcli.run_dir"]).name for r in runs) == [p.name for p in jobs]
+    assert {Path(r.data.tags["diffcli.run_dir"]).name: r.data.metrics["final/sliced_wasserstein"] for r in runs} == values
 
     out = summarize(sweep)
     assert out["search"]["best_run"] == best and out["search"]["best_value"] == values[best]
