@@ -201,7 +201,7 @@ def _train(cfg) -> float | None:
     _check_search(cfg)
     from .train import run_train
 
-    return run_train(cfg, _run_dir(), overrides=_overrides(), sweep=_sweep()).get("objective")
+    return run_train(cfg, _run_dir(), overrides=_overrides(), sweep=_sweep(), swept=_swept()).get("objective")
 
 
 def _check_search(cfg) -> None:
@@ -239,7 +239,7 @@ def _eval(cfg) -> None:
     preflight("eval", cfg)
     from .evaluate import run_eval
 
-    run_eval(cfg, _run_dir(), overrides=_overrides(), sweep=_sweep())
+    run_eval(cfg, _run_dir(), overrides=_overrides(), sweep=_sweep(), swept=_swept())
 
 
 @_user_errors_exit
@@ -274,6 +274,13 @@ def _sweep() -> str | None:
     from hydra.core.hydra_config import HydraConfig
 
     return str(HydraConfig.get().sweep.dir) if _multirun() else None
+
+
+def _swept() -> tuple:
+    """The keys a sweep's command line varies (model=ddpm,flow; train.lr=interval(...)): they name its jobs."""
+    from .schema import parse_overrides
+
+    return tuple(o.key_or_group for o in parse_overrides(sys.argv[1:]) if o.is_sweep_override()) if _multirun() else ()
 
 
 def _overrides() -> list[str]:

@@ -27,7 +27,7 @@ from .scoring import MODEL_METRICS, ImageScores, nll_2d, resolve_names, straight
 log = logging.getLogger("diffcli")
 
 
-def run_eval(cfg: DictConfig, out_dir, overrides=(), sweep: str | None = None) -> dict | None:
+def run_eval(cfg: DictConfig, out_dir, overrides=(), sweep: str | None = None, swept=()) -> dict | None:
     """Writes metrics.json and samples.png into out_dir and prints the metrics as a table (rank 0 under torchrun,
     the ranks splitting the sampling: sampling.sample_batches; the other ranks return None); logger=... hands the
     metrics to the trackers, joining the training run's own tracker run where there is one."""
@@ -41,17 +41,17 @@ def run_eval(cfg: DictConfig, out_dir, overrides=(), sweep: str | None = None) -
         raise
     distributed.teardown(world)
     if record is not None:
-        _track(cfg, Path(out_dir), record, list(overrides), sweep)
+        _track(cfg, Path(out_dir), record, list(overrides), sweep, tuple(swept))
     return record
 
 
-def _track(cfg: DictConfig, out_dir: Path, record: dict, overrides: list, sweep: str | None) -> None:
+def _track(cfg: DictConfig, out_dir: Path, record: dict, overrides: list, sweep: str | None, swept: tuple) -> None:
     """The evaluation's metrics at its checkpoint's step (eval/<name>), its picture and metrics.json, to the
     trackers; the training run's folder (a checkpoint under <run>/checkpoints/) names the tracker run to join."""
     run_dir = Path(record["ckpt"]).parent.parent
     joins = run_dir if (run_dir / "log.jsonl").exists() else None
     trackers = Trackers(cfg.get("logger"), RunInfo(out_dir, "eval", OmegaConf.to_container(cfg, resolve=True),
-                                                   overrides, sweep, joins=joins))
+                                                   overrides, sweep, swept, joins=joins))
     step = record["step"] or 0
     trackers.scalars(step, {f"eval/{k}": v for k, v in record["metrics"].items()})
     for file in (out_dir / "samples.png", out_dir / "metrics.json"):

@@ -43,11 +43,16 @@ class RunInfo:
     config: dict                       # the resolved config, plain data
     overrides: list = field(default_factory=list)
     sweep: str | None = None           # the multirun sweep's folder: one MLflow experiment, one W&B group
+    swept: tuple = ()                  # the keys the sweep varies: a job is named by its values of them
     start: int = 0                     # a resumed run's first step: later rows of an earlier attempt are dropped
     joins: Path | None = None          # eval: the training run whose tracker runs its metrics join
 
     @property
     def name(self) -> str:
+        """A sweep's job: its number and the values it tries; a single run: its overrides (or its folder)."""
+        if self.sweep is not None:
+            tried = [o for o in self.overrides if o.split("=", 1)[0].lstrip("+~") in self.swept]
+            return " ".join([f"{self.out_dir.name}:", *tried])
         return " ".join(self.overrides) or self.out_dir.name
 
 

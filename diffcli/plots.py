@@ -219,19 +219,32 @@ _AXES = {"nfe": ("NFE per sample", "log", "NFE"), "guidance": ("guidance weight 
          "classifier_scale": ("classifier scale s", "linear", "s")}
 
 
-def plot_search(rows, best_value, file: Path) -> Path:
-    """An Optuna sweep: each trial's objective in job order, the best so far as a line (the direction read off
-    the best value: the smallest or the largest)."""
+def plot_search(rows, best_value, params: dict, file: Path) -> Path:
+    """An Optuna sweep: each trial's objective in job order with the best so far (the direction read off the best
+    value: the smallest or the largest), then the objective against each numeric searched parameter (`params`:
+    name -> each row's value), the best trial starred."""
     plt = pyplot()
     pts = [(k, r["objective"]) for k, r in enumerate(rows) if isinstance(r.get("objective"), float)]
     jobs, values = zip(*pts)
     better = max if best_value is not None and best_value == max(values) != min(values) else min
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    numeric = [name for name, xs in params.items() if all(isinstance(x, (int, float)) for x in xs)]
+    fig, axes = plt.subplots(1, 1 + len(numeric), figsize=(5 * (1 + len(numeric)), 3.8), squeeze=False)
+    ax = axes[0][0]
     ax.plot(jobs, values, "o", label="trial")
     ax.plot(jobs, [better(values[: i + 1]) for i in range(len(values))], "-", label="best so far")
     ax.set(xlabel="trial (job)", ylabel="objective", title=f"Optuna search: {len(values)} trials")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    for ax, name in zip(axes[0][1:], numeric):
+        found = [(x, r["objective"], r.get("best")) for x, r in zip(params[name], rows)
+                 if isinstance(r.get("objective"), float)]
+        ax.plot([x for x, _, _ in found], [v for _, v, _ in found], "o")
+        ax.plot([x for x, _, b in found if b], [v for _, v, b in found if b], "*", ms=14, label="best")
+        spread = [x for x, _, _ in found if x > 0]
+        ax.set(xlabel=name, ylabel="objective", title=f"objective against {name}",
+               xscale="log" if spread and len(spread) == len(found) and max(spread) > 10 * min(spread) else "linear")
+        ax.legend(fontsize=8)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, file)
 

@@ -214,15 +214,18 @@ def _final_metrics(run: Path, root: Path, notes: list) -> dict:
         return {}
 
 
-def _holds(overrides: str, params: dict) -> bool:
-    """Whether a job's overrides set every parameter to its value (compared as YAML values: 1e-3 == 0.001)."""
+def _values(overrides: str) -> dict:
+    """A job's overrides as {key: value}, each value read as YAML (1e-3 -> 0.001; text that is not YAML stays text)."""
     import yaml
 
-    given = dict(o.split("=", 1) for o in overrides.split() if "=" in o)
-    try:
-        return all(k in given and yaml.safe_load(given[k]) == v for k, v in params.items())
-    except yaml.YAMLError:
-        return False
+    out = {}
+    for o in overrides.split():
+        key, _, text = o.partition("=")
+        try:
+            out[key] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            out[key] = text
+    return out
 
 
 def search_result(root: Path, rows: list, notes: list) -> dict | None:
@@ -239,10 +242,12 @@ def search_result(root: Path, rows: list, notes: list) -> dict | None:
         notes.append(f"{_name(file, root)}: {e}; the search's best trial is not marked")
         return None
     value, params = _number(result.get("best_value")), result["best_params"]
-    best = next((r["run"] for r in rows if _holds(r["overrides"], params)), None)
+    tried = [_values(r["overrides"]) for r in rows]
+    best = next((r["run"] for r, t in zip(rows, tried) if all(t.get(k) == v for k, v in params.items())), None)
     for r in rows:
         r["best"] = "best" if r["run"] == best else ""
-    return {"best_value": value, "best_params": params, "best_run": best}
+    return {"best_value": value, "best_params": params, "best_run": best,
+            "tried": {k: [t.get(k) for t in tried] for k in params}}
 
 
 def collect_training(root, notes: list | None = None) -> list[dict]:
@@ -350,7 +355,8 @@ def summarize(root) -> dict:
               + " ".join(f"{k}={fmt(v)}" for k, v in search["best_params"].items()))
         if any(isinstance(r.get("objective"), float) for r in rows):
             with _writing(root / "search.png"):
-                out["search_plot"] = str(plot_search(rows, search["best_value"], root / "search.png"))
+                out["search_plot"] = str(plot_search(rows, search["best_value"], search["tried"],
+                                                     root / "search.png"))
     if training:
         panels = _sheet_panels(rows, root, notes)
         if panels:

@@ -132,8 +132,8 @@ def test_wandb_offline_run_records_the_history_config_and_summary(tmp_path):
             items = {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
             history.setdefault(int(json.loads(items.get("_step", "0"))), {}).update(items)
     logged = [(step, json.loads(h["train/loss"])) for step, h in sorted(history.items()) if "train/loss" in h]
-    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-12)) for r in rows]
-    assert [step for step, h in sorted(history.items()) if "samples/path" in h] == [10, 20]  # the image's record
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-12)) for r in rows], history
+    assert [step for step, h in sorted(history.items()) if "samples/path" in h] == [10, 20], history  # the images
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     values = {i.key: json.loads(i.value_json) for i in run.config.update}
     assert values["train"]["lr"] == 0.002 and values["model"]["name"] == "flow"

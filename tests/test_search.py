@@ -43,6 +43,11 @@ def test_a_three_trial_optuna_sweep_returns_each_jobs_metrics_json_and_summary_m
     runs = client.search_runs([client.get_experiment_by_name(str(sweep)).experiment_id])
     assert sorted(Path(r.data.tags["diffcli.run_dir"]).name for r in runs) == [p.name for p in jobs]
     assert {Path(r.data.tags["diffcli.run_dir"]).name: r.data.metrics["final/sliced_wasserstein"] for r in runs} == values
+    for r in runs:  # a job is named by its number and the values it tries
+        job = Path(r.data.tags["diffcli.run_dir"]).name
+        tried = [o for o in yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text())
+                 if o.startswith(("train.lr=", "train.ema.decay="))]
+        assert r.info.run_name == " ".join([f"{job}:", *tried])
 
     out = summarize(sweep)
     assert out["search"]["best_run"] == best and out["search"]["best_value"] == values[best]
