@@ -1,11 +1,11 @@
 """What the experiment trackers cost the training loop: the same toy run with logger=none and with every tracker
 at once (tensorboard, mlflow, wandb offline, csv), alternated in one process, and the cost of one hand-off.
 
-    python scripts/logging_overhead.py [--steps 3000] [--log-every 10] [--repeats 3]
+    python scripts/logging_overhead.py [--steps 3000] [--log-every 10] [--repeats 3] [--each]
 
 The loop's time is the sum of its log windows (log.jsonl's it_per_s: every step, log row and hand-off to the
 trackers inside them); a log row every 10 steps is ten times the default toy preset's rate, so the overhead
-shown is an upper bound. Prints the CPU (lscpu) next to the figures.
+shown is an upper bound. --each measures every tracker alone too. Prints the CPU (lscpu) next to the figures.
 """
 
 from __future__ import annotations
@@ -65,21 +65,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--each", action="store_true", help="also each tracker alone")
     args = parser.parse_args()
     print(f"CPU: {cpu()}; {args.steps} steps of eight_gaussians (net=mlp, batch 512), a log row every "
           f"{args.log_every} steps")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         loop_seconds(root / "warm", 200, args.log_every, "logger=none")  # first-call costs out of the figures
-        times = {"none": [], "all": []}
-        for k in range(args.repeats):  # alternated: drift of the machine falls on both alike
-            for name, loggers in (("none", "logger=none"), ("all", ALL)):
+        runs = {"none": "logger=none", "all": ALL}
+        runs |= {name: f"logger={name}" for name in ("tensorboard", "mlflow", "wandb", "csv")} if args.each else {}
+        times = {name: [] for name in runs}
+        for k in range(args.repeats):  # alternated: drift of the machine falls on all alike
+            for name, loggers in runs.items():
                 times[name].append(loop_seconds(root / f"{name}_{k}", args.steps, args.log_every, loggers))
-                print(f"  repeat {k}: logger={name:<4} loop {times[name][-1]:.2f} s")
-        none, every = statistics.median(times["none"]), statistics.median(times["all"])
+                print(f"  repeat {k}: logger={name:<11} loop {times[name][-1]:.2f} s")
+        none = statistics.median(times["none"])
         spread = (max(times["none"]) - min(times["none"])) / none
-        print(f"median loop: logger=none {none:.2f} s, all four trackers {every:.2f} s: ratio {every / none:.3f} "
-              f"({(every - none) / args.steps * 1e3:+.3f} ms a step; logger=none's own spread {spread:.1%})")
+        print(f"median loop with logger=none: {none:.2f} s (its own spread between repeats {spread:.1%})")
+        for name in list(runs)[1:]:
+            t = statistics.median(times[name])
+            print(f"  logger={name:<11} {t:.2f} s: ratio {t / none:.3f} ({(t - none) / args.steps * 1e3:+.3f} ms a step)")
         print(f"hand-off of one log row to four trackers: {hand_off_us(root):.1f} us on the step loop's thread")
 
 

@@ -71,12 +71,13 @@ def mlflow_table(db: Path, sweep: Path) -> str:
     client = MlflowClient(f"sqlite:///{db}")
     experiment = client.get_experiment_by_name(str(sweep))
     runs = client.search_runs([experiment.experiment_id], order_by=["metrics.`final/sliced_wasserstein` ASC"])
-    rows = ["| run (MLflow run name) | model.name | train.steps | final/loss | final/sliced_wasserstein | status |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| run (MLflow run name) | model.name | train.steps | final/loss | final/sliced_wasserstein | "
+            "final/in_modes | status |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         m = r.data.metrics
         rows.append(f"| {r.info.run_name} | {r.data.params['model.name']} | {r.data.params['train.steps']} | "
-                    f"{m['final/loss']:.4f} | {m['final/sliced_wasserstein']:.4f} | {r.info.status} |")
+                    f"{m['final/loss']:.4f} | {m['final/sliced_wasserstein']:.4f} | {m['final/in_modes']:.3f} | "
+                    f"{r.info.status} |")
     return f"experiment `{experiment.name}`\n\n" + "\n".join(rows)
 
 

@@ -7,6 +7,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,9 @@ def test_mlflow_store_holds_params_metric_history_and_artifacts_and_eval_joins_t
     cfg = compose_config("eval", [f"ckpt={run_dir}", "n=300", "sampler=euler", "sampler.steps=8", "device=cpu",
                                   "logger=mlflow", f"logger.mlflow.tracking_uri={uri}"])
     evaluation = run_eval(cfg, tmp_path / "eval")
+    # the same n, seed and sampler: diffcli eval reproduces the run's final evaluation exactly
+    assert evaluation["metrics"]["sliced_wasserstein"] == pytest.approx(record["metrics"]["sliced_wasserstein"],
+                                                                        rel=1e-12)
     (joined,) = client.search_runs([experiment.experiment_id])  # no second run: the evaluation joined it
     assert joined.info.run_id == run.info.run_id
     (point,) = client.get_metric_history(run.info.run_id, "eval/sliced_wasserstein")
@@ -123,9 +127,20 @@ def wandb_records(run_dir: Path) -> list:
     return records
 
 
+def finished_wandb_records(run_dir: Path, timeout: float = 60.0) -> list:
+    """wandb_records once W&B's own process has written the run's exit record (it writes the file after the run
+    returns from finish())."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(run_dir)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
 def test_wandb_offline_run_records_the_history_config_and_summary(tmp_path):
     run_dir, rows, record = train(tmp_path, "logger=wandb", "train.lr=0.002")
-    records = wandb_records(run_dir)
+    records = finished_wandb_records(run_dir)
     history = {}
     for r in records:
         if r.WhichOneof("record_type") == "history":
