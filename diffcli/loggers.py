@@ -1,9 +1,10 @@
 """Experiment trackers (`logger=tensorboard|mlflow|wandb|csv`, several at once): a run's scalars, pictures, config
 and final metrics handed to the ecosystem's tools, beside diffcli's own log.jsonl.
 
-The step loop only puts a record on a queue; one background thread opens the trackers and writes to them, so a
-slow or unreachable server never delays a step. A tracker that fails (a server down, a full disk) is dropped with a
-warning and the run goes on; a full queue drops records (counted, warned) instead of waiting.
+The step loop only puts a record on each tracker's queue; each tracker has a thread of its own that opens it (before
+the first step) and writes to it in batches, so a slow or unreachable server never delays a step nor another
+tracker. A tracker that fails (a server down, a full disk) is dropped with a warning and the run goes on; a full
+queue drops records (counted, warned) instead of waiting.
 """
 
 from __future__ import annotations
