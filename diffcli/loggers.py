@@ -302,7 +302,8 @@ class MLflow:
         record = read_record(source).get("mlflow", {}) if source is not None else {}
         if record.get("tracking_uri") != uri or not isinstance(record.get("run_id"), str):
             return None
-        self.client.update_run(record["run_id"], status="RUNNING") if not self.run.joins else None
+        if not self.run.joins:  # a resumed run's own: running again (an evaluation leaves the run's status alone)
+            self.client.update_run(record["run_id"], status="RUNNING")
         return record["run_id"]
 
     def _new_run(self, uri: str) -> str:
