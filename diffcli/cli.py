@@ -255,7 +255,7 @@ def _distill(cfg) -> None:
     preflight("distill", cfg)
     from .distill import run_distill
 
-    run_distill(cfg, _run_dir())
+    run_distill(cfg, _run_dir(), overrides=_overrides(), sweep=_sweep(), swept=_swept())
 
 
 # subcommand -> (primary config, task function); Hydra is imported only once one is chosen

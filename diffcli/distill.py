@@ -28,8 +28,9 @@ from .schema import DistillApp, validate
 log = logging.getLogger("diffcli")
 
 
-def run_distill(cfg: DictConfig, out_dir) -> dict:
-    """Distil cfg.teacher by cfg.method into out_dir; returns fit's summary with the student's config."""
+def run_distill(cfg: DictConfig, out_dir, overrides=(), sweep: str | None = None, swept=()) -> dict:
+    """Distil cfg.teacher by cfg.method into out_dir; returns fit's summary with the student's config (`overrides`,
+    `sweep` and `swept` name the run to its trackers, logger=...)."""
     cfg = validate(cfg, DistillApp, "diffcli distill")
     check_distill_ranges(cfg)
     out_dir = Path(out_dir)
@@ -42,7 +43,8 @@ def run_distill(cfg: DictConfig, out_dir) -> dict:
     log.info("distilling %s (step %d, %s) by %s into %s", teacher.file, teacher.step, teacher.config.model.name,
              cfg.method, out_dir)
     init = student_init(cfg, teacher, student)
-    out = fit(student, out_dir, None, user_class=cfg.net_class, init=init)
+    out = fit(student, out_dir, None, user_class=cfg.net_class, init=init, overrides=overrides, sweep=sweep,
+              swept=swept, command="distill")
     return out | {"config": student}
 
 

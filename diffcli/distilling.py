@@ -70,7 +70,10 @@ def student_config(cfg: DictConfig, teacher: LoadedModel, record: dict) -> DictC
     plain = OmegaConf.to_container(teacher.config, resolve=True)
     given = _given(cfg.train)
     plain["train"] = OmegaConf.to_container(OmegaConf.merge(plain["train"], given)) | {"resume": None}
-    plain |= {"seed": cfg.seed, "device": cfg.device, "sampler": None, "steps": None, "eta": 0.0, "distill": record}
+    plain |= {"seed": cfg.seed, "device": cfg.device, "sampler": None, "steps": None, "eta": 0.0, "distill": record,
+              # how the student is tracked and scored is this command's choice: a teacher's stored tracking URI
+              # would otherwise send the student's params and checkpoint wherever that file says
+              "logger": OmegaConf.to_container(cfg.logger, resolve=True) if "logger" in cfg else {}, "objective": {}}
     if cfg.get("net") is not None:  # the command line's own choice of network
         plain["net"] = OmegaConf.to_container(cfg.net, resolve=True)
     plain["model"] = (reflow_model if cfg.method == "reflow" else consistency_model)(plain["model"], cfg, teacher)

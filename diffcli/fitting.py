@@ -35,10 +35,10 @@ log = logging.getLogger("diffcli")
 
 
 def fit(cfg: DictConfig, out_dir, saved: dict | None = None, user_class: str | None = None,
-        init: dict | None = None, overrides=(), sweep: str | None = None, swept=()) -> dict:
+        init: dict | None = None, overrides=(), sweep: str | None = None, swept=(), command: str = "train") -> dict:
     """Train the run `cfg` describes into out_dir (from the training state `saved`, if resumed; else from the
-    weights `init`, a distilled student's teacher's, if given); `overrides`, `sweep` and the keys it varies
-    (`swept`) name it to the trackers."""
+    weights `init`, a distilled student's teacher's, if given); the `command` that asks, its `overrides`, `sweep`
+    and the keys it varies (`swept`) name it to the trackers."""
     out_dir = Path(out_dir)
     path = build_path(cfg.model.path)
     check_train_config(cfg, path)
@@ -52,7 +52,7 @@ def fit(cfg: DictConfig, out_dir, saved: dict | None = None, user_class: str | N
     out_dir = Path(distributed.shared(world, str(out_dir)))
     try:
         out = _train(cfg, out_dir, saved, path, world, user_class, init, RunInfo(
-            out_dir, "train", OmegaConf.to_container(cfg, resolve=True), list(overrides), sweep, tuple(swept)))
+            out_dir, command, OmegaConf.to_container(cfg, resolve=True), list(overrides), sweep, tuple(swept)))
     except BaseException:
         distributed.teardown(world, wait=False)  # no barrier: the other ranks may never reach it
         raise

@@ -40,7 +40,7 @@ class RunInfo:
     """What a tracker names a run by: its folder, its name, the sweep it belongs to, its config and overrides."""
 
     out_dir: Path
-    command: str                       # train | eval
+    command: str                       # train | eval | distill
     config: dict                       # the resolved config, plain data
     overrides: list = field(default_factory=list)
     sweep: str | None = None           # the multirun sweep's folder: one MLflow experiment, one W&B group

@@ -331,6 +331,7 @@ class DistillApp:
     data: EvalApp.Data = field(default_factory=EvalApp.Data)
     seed: int = 0
     device: str = "auto"
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # the student's trackers (never the teacher's)
 
 
 SCHEMAS = {"distill_schema": DistillApp, "train_schema": TrainApp, "sample_schema": SampleApp, "eval_schema": EvalApp, "edit_schema": EditApp}

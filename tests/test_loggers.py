@@ -220,3 +220,22 @@ def test_a_tracker_that_cannot_write_is_dropped_with_a_warning(tmp_path, caplog)
     assert rows[-1]["step"] == 20
     assert any("logger csv failed" in r.message for r in caplog.records)
     assert list(run_dir.glob("events.out.tfevents.*"))  # the other tracker went on
+
+
+def test_a_student_is_tracked_as_distill_says_never_as_its_teacher_was(tmp_path):
+    """A teacher's stored logger (here csv; a tracking URI would be a server) is not the student's: only the distill
+    command line chooses the student's trackers."""
+    from diffcli.distill import run_distill
+    from diffcli.loading import load_model
+
+    run_train(compose_config("train", ["data=eight_gaussians", "model=flow", "net=oracle", "device=cpu",
+                                       "logger=csv"]), tmp_path / "teacher")
+    assert load_model(str(tmp_path / "teacher"), "cpu").config.logger.csv is not None  # stored with the teacher
+    common = [f"teacher={tmp_path / 'teacher'}", "net=mlp", "method=reflow", "sampler=euler", "steps=8",
+              "reflow.n=200", "reflow.part_size=100", "train.steps=10", "train.log_every=5", "train.sample_every=0",
+              "train.eval_every=0", "train.batch_size=64", "device=cpu"]
+    quiet = run_distill(compose_config("distill", common), tmp_path / "quiet")
+    assert quiet["config"].logger.csv is None and not (tmp_path / "quiet" / "metrics.csv").exists()
+    run_distill(compose_config("distill", [*common, "logger=csv"]), tmp_path / "tracked")
+    with open(tmp_path / "tracked" / "metrics.csv", newline="") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == [5, 10]
