@@ -109,9 +109,9 @@ def _run_folder_overrides(command: str, rest: list[str]) -> list[str]:
     run fails before doing any work.
     """
     from .runs import CREATED, missing_folders
-    from .schema import parse_overrides
+    from .schema import override_values
 
-    values = {o.key_or_group: o.value() for o in parse_overrides(rest)}  # the last of a repeated key, as Hydra
+    values = override_values(rest)
     given, sweep, resume = (values.get(k) for k in ("hydra.run.dir", "hydra.sweep.dir", "train.resume"))
     multirun = bool({"-m", "--multirun"} & set(rest))
     for key, folder in (("hydra.sweep.dir", sweep if multirun else None), ("hydra.run.dir", None if multirun else given)):
@@ -140,9 +140,9 @@ def _sweeper_overrides(rest: list[str]) -> list[str]:
     """hydra/sweeper=optuna: refused in one line when its plugin is missing; its study's direction follows
     objective.direction (auto: the metric's own) unless the command line sets hydra.sweeper.direction."""
     from .loggers import installed
-    from .schema import parse_overrides
+    from .schema import override_values
 
-    values = {o.key_or_group: o.value() for o in parse_overrides(rest)}
+    values = override_values(rest)
     name = values.get("hydra/sweeper")
     if name not in SWEEPERS:
         return []
@@ -155,6 +155,19 @@ def _sweeper_overrides(rest: list[str]) -> list[str]:
     if "hydra.sweeper.direction" in values:
         return []
     return ["hydra.sweeper.direction='${diffcli.direction:${objective.metric},${objective.direction}}'"]
+
+
+def _check_objective(metric, direction, study) -> None:
+    """An Optuna study needs objective.metric, and optimizes it in its own direction (`study`, if set)."""
+    from .ranges import OBJECTIVES, objective_direction
+
+    if metric is None:
+        raise DiffcliError("hydra/sweeper=optuna tunes a value each run returns: set objective.metric, e.g. "
+                           "objective.metric=sliced_wasserstein (2D) or objective.metric=cfid (labelled images)")
+    ours = objective_direction(metric, direction)
+    if metric in OBJECTIVES and study is not None and study != ours:
+        raise DiffcliError(f"hydra.sweeper.direction={study} but objective.metric={metric} is to {ours}: drop "
+                           "hydra.sweeper.direction (it follows objective.direction) or set both alike")
 
 
 def preflight(command: str, cfg) -> None:
@@ -198,32 +211,9 @@ def preflight(command: str, cfg) -> None:
 @_user_errors_exit
 def _train(cfg) -> float | None:
     preflight("train", cfg)
-    _check_search(cfg)
     from .train import run_train
 
-    return run_train(cfg, _run_dir(), overrides=_overrides(), sweep=_sweep(), swept=_swept()).get("objective")
-
-
-def _check_search(cfg) -> None:
-    """Under an Optuna sweep a job must return its objective.metric, in the direction the study optimizes."""
-    from hydra.core.hydra_config import HydraConfig
-
-    sweeper = HydraConfig.get().sweeper
-    if "optuna" in str(sweeper.get("_target_", "")).lower():
-        _check_objective(cfg.objective.metric, cfg.objective.direction, str(sweeper.get("direction")))
-
-
-def _check_objective(metric, direction, study) -> None:
-    """An Optuna study needs objective.metric, and optimizes it in its own direction (`study`, if set)."""
-    from .ranges import OBJECTIVES, objective_direction
-
-    if metric is None:
-        raise DiffcliError("hydra/sweeper=optuna tunes a value each run returns: set objective.metric, e.g. "
-                           "objective.metric=sliced_wasserstein (2D) or objective.metric=cfid (labelled images)")
-    ours = objective_direction(metric, direction)
-    if metric in OBJECTIVES and study is not None and str(study).lower().split(".")[-1] != ours:
-        raise DiffcliError(f"hydra.sweeper.direction={study} but objective.metric={metric} is to {ours}: drop "
-                           "hydra.sweeper.direction (it follows objective.direction) or set both alike")
+    return run_train(cfg, _run_dir(), overrides=_overrides(), sweep=_sweep()).get("objective")
 
 
 @_user_errors_exit
@@ -239,7 +229,7 @@ def _eval(cfg) -> None:
     preflight("eval", cfg)
     from .evaluate import run_eval
 
-    run_eval(cfg, _run_dir(), overrides=_overrides(), sweep=_sweep(), swept=_swept())
+    run_eval(cfg, _run_dir(), overrides=_overrides(), sweep=_sweep())
 
 
 @_user_errors_exit
@@ -255,7 +245,7 @@ def _distill(cfg) -> None:
     preflight("distill", cfg)
     from .distill import run_distill
 
-    run_distill(cfg, _run_dir(), overrides=_overrides(), sweep=_sweep(), swept=_swept())
+    run_distill(cfg, _run_dir(), overrides=_overrides(), sweep=_sweep())
 
 
 # subcommand -> (primary config, task function); Hydra is imported only once one is chosen
@@ -269,18 +259,18 @@ def _run_dir() -> str:
     return HydraConfig.get().runtime.output_dir
 
 
-def _sweep() -> str | None:
-    """A multirun job's sweep folder (its trackers' experiment or group); None for a single run."""
+def _sweep():
+    """A multirun job's sweep: its folder and the keys its command line varies (model=ddpm,flow;
+    train.lr=interval(...)), which name its jobs to the trackers; None for a single run."""
     from hydra.core.hydra_config import HydraConfig
 
-    return str(HydraConfig.get().sweep.dir) if _multirun() else None
-
-
-def _swept() -> tuple:
-    """The keys a sweep's command line varies (model=ddpm,flow; train.lr=interval(...)): they name its jobs."""
+    from .loggers import Sweep
     from .schema import parse_overrides
 
-    return tuple(o.key_or_group for o in parse_overrides(sys.argv[1:]) if o.is_sweep_override()) if _multirun() else ()
+    if not _multirun():
+        return None
+    varies = tuple(o.key_or_group for o in parse_overrides(sys.argv[1:]) if o.is_sweep_override())
+    return Sweep(str(HydraConfig.get().sweep.dir), varies)
 
 
 def _overrides() -> list[str]:

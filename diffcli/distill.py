@@ -19,18 +19,19 @@ from omegaconf import DictConfig
 from .distilling import (check_method, check_pair_sampler, student_config, student_init, teacher_record)
 from .fitting import fit
 from .loading import load_model, pick_device
+from .loggers import Sweep
 from .pairs import draw_pairs
+from .ranges import check_distill_ranges
 from .runs import claim_run_dir, release_run_dir
 from .sampling import sampler_config, sampler_description, sampler_from_config
-from .ranges import check_distill_ranges
 from .schema import DistillApp, validate
 
 log = logging.getLogger("diffcli")
 
 
-def run_distill(cfg: DictConfig, out_dir, overrides=(), sweep: str | None = None, swept=()) -> dict:
-    """Distil cfg.teacher by cfg.method into out_dir; returns fit's summary with the student's config (`overrides`,
-    `sweep` and `swept` name the run to its trackers, logger=...)."""
+def run_distill(cfg: DictConfig, out_dir, overrides=(), sweep: Sweep | None = None) -> dict:
+    """Distil cfg.teacher by cfg.method into out_dir; returns fit's summary with the student's config (`overrides`
+    and `sweep` name the run to its trackers, logger=...)."""
     cfg = validate(cfg, DistillApp, "diffcli distill")
     check_distill_ranges(cfg)
     out_dir = Path(out_dir)
@@ -44,7 +45,7 @@ def run_distill(cfg: DictConfig, out_dir, overrides=(), sweep: str | None = None
              cfg.method, out_dir)
     init = student_init(cfg, teacher, student)
     out = fit(student, out_dir, None, user_class=cfg.net_class, init=init, overrides=overrides, sweep=sweep,
-              swept=swept, command="distill")
+              command="distill")
     return out | {"config": student}
 
 

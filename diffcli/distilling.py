@@ -155,7 +155,7 @@ def student_init(cfg: DictConfig, teacher: LoadedModel, student: DictConfig) -> 
     if cfg.init == "random" or (cfg.init == "auto" and not (same and trainable)):
         return None
     if not same:
-        raise DiffcliError(f"init=teacher needs the teacher's network, and net= names another: use init=random or "
+        raise DiffcliError("init=teacher needs the teacher's network, and net= names another: use init=random or "
                            "drop net=")
     return {k: v.detach().clone() for k, v in teacher.denoiser.net.state_dict().items()}
 

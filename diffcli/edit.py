@@ -17,10 +17,10 @@ from .guidance import CountNFE, condition
 from .inputs import image_mask, read_inputs
 from .loading import LoadedModel, load_model, pick_device
 from .plots import save_edit_picture
-from .runs import progress, write_npz
-from .sampling import Plan, batch_seed, plan
-from .samplers import is_deterministic
 from .ranges import check_ranges
+from .runs import progress, write_npz
+from .samplers import is_deterministic
+from .sampling import Plan, batch_seed, plan
 
 log = logging.getLogger("diffcli")
 

@@ -17,17 +17,18 @@ from omegaconf import DictConfig, OmegaConf
 from . import DiffcliError, distributed
 from .data import build_data, located
 from .loading import load_model, pick_device
-from .loggers import RunInfo, Trackers, check_installed
+from .loggers import RunInfo, Sweep, Trackers, check_installed
 from .plots import PICTURE_IMAGES, save_picture
+from .ranges import check_ranges
 from .runs import fmt, progress, write_text
 from .sampling import Plan, SampleResult, collect, given_conditions, plan
-from .ranges import check_ranges
-from .scoring import MODEL_METRICS, ImageScores, nll_2d, resolve_names, straightness_score, toy_agreement, toy_metrics
+from .scoring import (MODEL_METRICS, ImageScores, nll_2d, reference_points, resolve_names, straightness_score,
+                      toy_agreement, toy_metrics)
 
 log = logging.getLogger("diffcli")
 
 
-def run_eval(cfg: DictConfig, out_dir, overrides=(), sweep: str | None = None, swept=()) -> dict | None:
+def run_eval(cfg: DictConfig, out_dir, overrides=(), sweep: Sweep | None = None) -> dict | None:
     """Writes metrics.json and samples.png into out_dir and prints the metrics as a table (rank 0 under torchrun,
     the ranks splitting the sampling: sampling.sample_batches; the other ranks return None); logger=... hands the
     metrics to the trackers, joining the training run's own tracker run where there is one."""
@@ -41,22 +42,22 @@ def run_eval(cfg: DictConfig, out_dir, overrides=(), sweep: str | None = None, s
         raise
     distributed.teardown(world)
     if record is not None:
-        _track(cfg, Path(out_dir), record, list(overrides), sweep, tuple(swept))
+        _track(cfg, Path(out_dir), record, list(overrides), sweep)
     return record
 
 
-def _track(cfg: DictConfig, out_dir: Path, record: dict, overrides: list, sweep: str | None, swept: tuple) -> None:
+def _track(cfg: DictConfig, out_dir: Path, record: dict, overrides: list, sweep: Sweep | None) -> None:
     """The evaluation's metrics at its checkpoint's step (eval/<name>), its picture and metrics.json, to the
     trackers; the training run's folder (a checkpoint under <run>/checkpoints/) names the tracker run to join."""
     run_dir = Path(record["ckpt"]).parent.parent
     joins = run_dir if (run_dir / "log.jsonl").exists() else None
     trackers = Trackers(cfg.get("logger"), RunInfo(out_dir, "eval", OmegaConf.to_container(cfg, resolve=True),
-                                                   overrides, sweep, swept, joins=joins))
+                                                   overrides, sweep, joins=joins))
     step = record["step"] or 0
     trackers.scalars(step, {f"eval/{k}": v for k, v in record["metrics"].items()})
-    for file in (out_dir / "samples.png", out_dir / "metrics.json"):
-        if file.exists():
-            (trackers.picture(step, "eval_samples", file) if file.suffix == ".png" else trackers.artifact(file))
+    if (out_dir / "samples.png").exists():  # none for a likelihood alone
+        trackers.picture(step, "eval_samples", out_dir / "samples.png")
+    trackers.artifact(out_dir / "metrics.json")
     trackers.close()
 
 
@@ -96,7 +97,7 @@ def _eval(cfg: DictConfig, out_dir: Path, world) -> dict | None:
     else:
         if shown is not None:
             samples, labels = shown.samples, shown.labels
-            reference = data.sample(cfg.n, torch.Generator().manual_seed(cfg.seed + 1))  # as sample's reference
+            reference = reference_points(data, cfg.n, cfg.seed)  # as sample's and train's reference
             metrics |= toy_metrics(samples, reference, data, names)
             if labels is not None:
                 metrics |= toy_agreement(train_cfg.data, samples, labels)

@@ -21,12 +21,12 @@ from .checkpoint import load_weights, prune, remove_temporaries, save_ema, save_
 from .data import config_kind
 from .distilling import ConsistencyObjective, pair_data
 from .loading import load_model, model_denoiser, pick_device
-from .loggers import RunInfo, Trackers, check_installed
+from .loggers import RunInfo, Sweep, Trackers, check_installed
 from .plots import plot_loss, save_picture
+from .ranges import objective_direction
 from .runs import Logger, Silent, StopFlag, claim_run_dir, read_jsonl, release_run_dir, write_text
 from .sampling import (at_speed, even_labels, generate, inference_speed, sampler_config, sampler_description,
                        sampler_from_config)
-from .ranges import objective_direction
 from .scoring import check_objective, final_metrics, quick_metric
 from .training import (Tally, TrainState, build_model, build_state, check_train_config, noisy_accuracy,
                        schedule_warnings, step_generator, train_step)
@@ -35,10 +35,10 @@ log = logging.getLogger("diffcli")
 
 
 def fit(cfg: DictConfig, out_dir, saved: dict | None = None, user_class: str | None = None,
-        init: dict | None = None, overrides=(), sweep: str | None = None, swept=(), command: str = "train") -> dict:
+        init: dict | None = None, overrides=(), sweep: Sweep | None = None, command: str = "train") -> dict:
     """Train the run `cfg` describes into out_dir (from the training state `saved`, if resumed; else from the
-    weights `init`, a distilled student's teacher's, if given); the `command` that asks, its `overrides`, `sweep`
-    and the keys it varies (`swept`) name it to the trackers."""
+    weights `init`, a distilled student's teacher's, if given); the `command` that asks, its `overrides` and its
+    `sweep` name it to the trackers."""
     out_dir = Path(out_dir)
     path = build_path(cfg.model.path)
     check_train_config(cfg, path)
@@ -52,7 +52,7 @@ def fit(cfg: DictConfig, out_dir, saved: dict | None = None, user_class: str | N
     out_dir = Path(distributed.shared(world, str(out_dir)))
     try:
         out = _train(cfg, out_dir, saved, path, world, user_class, init, RunInfo(
-            out_dir, command, OmegaConf.to_container(cfg, resolve=True), list(overrides), sweep, tuple(swept)))
+            out_dir, command, OmegaConf.to_container(cfg, resolve=True), list(overrides), sweep))
     except BaseException:
         distributed.teardown(world, wait=False)  # no barrier: the other ranks may never reach it
         raise

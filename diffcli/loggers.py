@@ -29,10 +29,16 @@ log = logging.getLogger("diffcli")
 QUEUE = 10_000  # records waiting for the thread: a log row every log_every steps never comes near it
 PACE = 1.0  # seconds a tracker's thread rests between writes: what queued meanwhile goes in one batch, and the
 # step loop's thread is not kept waiting for the GIL by a busy writer (each torch op releases and retakes it)
-# logger -> (the module it needs, the extra that installs it)
-NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb"),
-         "csv": (None, None)}
 RECORD = "loggers.json"  # in the run folder: the tracker runs it was logged to (resume and eval continue them)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The multirun sweep a job belongs to: its folder (one MLflow experiment, one W&B group) and the keys it varies
+    (a job is named by its values of them)."""
+
+    dir: str
+    varies: tuple = ()
 
 
 @dataclass
@@ -43,8 +49,7 @@ class RunInfo:
     command: str                       # train | eval | distill
     config: dict                       # the resolved config, plain data
     overrides: list = field(default_factory=list)
-    sweep: str | None = None           # the multirun sweep's folder: one MLflow experiment, one W&B group
-    swept: tuple = ()                  # the keys the sweep varies: a job is named by its values of them
+    sweep: Sweep | None = None         # None: a single run
     start: int = 0                     # a resumed run's first step: later rows of an earlier attempt are dropped
     joins: Path | None = None          # eval: the training run whose tracker runs its metrics join
 
@@ -52,14 +57,19 @@ class RunInfo:
     def name(self) -> str:
         """A sweep's job: its number and the values it tries; a single run: its overrides (or its folder)."""
         if self.sweep is not None:
-            tried = [o for o in self.overrides if o.split("=", 1)[0].lstrip("+~") in self.swept]
+            tried = [o for o in self.overrides if o.split("=", 1)[0].lstrip("+~") in self.sweep.varies]
             return " ".join([f"{self.out_dir.name}:", *tried])
         return " ".join(self.overrides) or self.out_dir.name
 
+    @property
+    def group(self) -> str | None:
+        """The sweep's folder (its MLflow experiment, its W&B group), or None."""
+        return None if self.sweep is None else self.sweep.dir
+
 
 def chosen(settings) -> list[str]:
-    """The loggers a `logger` node selects, in NEEDS's order."""
-    return [name for name in NEEDS if settings is not None and settings.get(name) is not None]
+    """The loggers a `logger` node selects, in BACKENDS's order."""
+    return [name for name in BACKENDS if settings is not None and settings.get(name) is not None]
 
 
 def installed(module: str) -> bool:
@@ -73,10 +83,10 @@ def installed(module: str) -> bool:
 def check_installed(settings) -> None:
     """A chosen logger whose library is missing is refused before any work, naming the pip install."""
     for name in chosen(settings):
-        module, extra = NEEDS[name]
+        module = BACKENDS[name].module  # its package and diffcli's extra of the same name
         if module is not None and not installed(module):
             raise DiffcliError(f"logger={name} needs the {module} package, which is not installed: "
-                               f"pip install 'diffcli[{extra}]'")
+                               f"pip install 'diffcli[{module}]'")
 
 
 def flat(config, prefix: str = "") -> dict:
@@ -97,7 +107,7 @@ class Trackers:
 
     def __init__(self, settings, run: RunInfo):
         self.names = chosen(settings)
-        self.flush_timeout = float(settings.get("flush_timeout", 30.0)) if settings is not None else 0.0
+        self.flush_timeout = float(settings.flush_timeout) if settings is not None else 0.0
         self.workers = [Worker(BACKENDS[name](settings[name], run)) for name in self.names]
 
     def wait_open(self) -> None:
@@ -129,8 +139,8 @@ class Trackers:
         self._put("artifact", Path(file))
 
     def finish(self, metrics: dict) -> None:
-        """The run's final metrics (TensorBoard's hparams, W&B's summary)."""
-        self._put("finish", {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        """The run's final metrics, as final/<name> (TensorBoard's hparams, MLflow's metrics, W&B's summary)."""
+        self._put("finish", {f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
 
     def close(self, status: str = "FINISHED") -> None:
         """Write what is queued (at most logger.flush_timeout seconds in all) and end the tracker runs."""
@@ -196,8 +206,10 @@ def _safely(backend, method: str, *args) -> bool:
         getattr(backend, method)(*args)
         return True
     except Exception as e:  # a tracker's errors are many (network, disk, its own checks): none stops the run
-        text = " ".join(str(e).split())[:300] or type(e).__name__
-        log.warning("logger %s failed (%s: %s); the run goes on without it", backend.name, type(e).__name__, text)
+        from .data import one_line
+
+        log.warning("logger %s failed (%s: %s); the run goes on without it", backend.name, type(e).__name__,
+                    one_line(e) or type(e).__name__)
         if method != "close":
             try:
                 backend.close("FAILED")
@@ -226,13 +238,41 @@ def _remember(run_dir: Path, name: str, value: dict) -> None:
         write_text(run_dir / RECORD, json.dumps(read_record(run_dir) | {name: value}, indent=2))
 
 
-class TensorBoard:
-    """Event files in the run folder (`tensorboard --logdir outputs/` compares every run)."""
+class Tracker:
+    """What a tracker does with each call; one that has no use for a call leaves it as this does nothing."""
 
-    name = "tensorboard"
+    name: str
+    module: str | None  # the package it needs (and diffcli's extra of the same name); None: none
 
     def __init__(self, settings, run: RunInfo):
-        self.settings, self.run, self.writer = settings, run, None
+        self.settings, self.run = settings, run
+
+    def open(self) -> None:
+        pass
+
+    def scalars(self, rows: list) -> None:
+        """[(step, {name: value})] in order."""
+
+    def picture(self, step: int, tag: str, file: Path) -> None:
+        pass
+
+    def artifact(self, file: Path) -> None:
+        pass
+
+    def finish(self, metrics: dict) -> None:
+        pass
+
+    def close(self, status: str) -> None:
+        pass
+
+
+class TensorBoard(Tracker):
+    """Event files in the run folder (`tensorboard --logdir outputs/` compares every run); its files are there
+    already, so artifacts are left as they are."""
+
+    name = module = "tensorboard"
+
+    writer = None
 
     def open(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -248,42 +288,30 @@ class TensorBoard:
                 self.writer.add_scalar(key, value, step)
 
     def picture(self, step: int, tag: str, file: Path) -> None:
-        if self.settings.get("images", True):
-            self.writer.add_image(tag, _pixels(file), step, dataformats="HWC")
+        from .data import read_image
 
-    def artifact(self, file: Path) -> None:
-        pass  # the files are in the run folder already
+        if self.settings.images:
+            self.writer.add_image(tag, read_image(file, "RGB"), step, dataformats="HWC")
 
     def finish(self, metrics: dict) -> None:
         """The config as hyperparameters against the final metrics (TensorBoard's HPARAMS tab)."""
         from torch.utils.tensorboard.summary import hparams
 
         params = {k: v for k, v in flat(self.run.config).items() if not k.startswith(("logger.", "hydra."))}
-        for summary in hparams(params, {f"final/{k}": v for k, v in metrics.items()}):
+        for summary in hparams(params, metrics):
             self.writer.file_writer.add_summary(summary)
-        self.scalars([(0, {f"final/{k}": v for k, v in metrics.items()})])
+        self.scalars([(0, metrics)])
 
     def close(self, status: str) -> None:
         if self.writer is not None:
             self.writer.close()
 
 
-def _pixels(file: Path):
-    """A PNG as an HxWx3 uint8 array."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(file) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-class MLflow:
+class MLflow(Tracker):
     """One MLflow run per diffcli run (a sweep: one experiment, a run per job) in a tracking store."""
 
-    name = "mlflow"
-
-    def __init__(self, settings, run: RunInfo):
-        self.settings, self.run, self.client, self.run_id = settings, run, None, None
+    name = module = "mlflow"
+    client = run_id = None
 
     def open(self) -> None:
         uri = tracking_uri(self.settings.tracking_uri)
@@ -309,7 +337,7 @@ class MLflow:
     def _new_run(self, uri: str) -> str:
         from mlflow.entities import Param
 
-        name = self.settings.get("experiment") or (self.run.sweep or f"diffcli {self.run.command}")
+        name = self.settings.experiment or self.run.group or f"diffcli {self.run.command}"
         found = self.client.get_experiment_by_name(name)
         experiment = found.experiment_id if found else self.client.create_experiment(name, _artifacts_beside(uri))
         tags = {"diffcli.run_dir": str(self.run.out_dir), "diffcli.command": self.run.command,
@@ -332,7 +360,7 @@ class MLflow:
         self.client.log_artifact(self.run_id, str(file), artifact_path=self._folder(tag))
 
     def artifact(self, file: Path) -> None:
-        if file.suffix != ".safetensors" or self.settings.get("checkpoint", True):
+        if file.suffix != ".safetensors" or self.settings.checkpoint:
             self.client.log_artifact(self.run_id, str(file), artifact_path=self._folder(None))
 
     def _folder(self, tag: str | None) -> str | None:
@@ -341,7 +369,7 @@ class MLflow:
         return "/".join([*where, *([tag] if tag else [])]) or None
 
     def finish(self, metrics: dict) -> None:
-        self.scalars([(0, {f"final/{k}": v for k, v in metrics.items()})])
+        self.scalars([(0, metrics)])
 
     def close(self, status: str) -> None:
         if self.run_id is not None and not self.run.joins:
@@ -370,22 +398,20 @@ def _artifacts_beside(uri: str) -> str | None:
     return None
 
 
-class Wandb:
+class Wandb(Tracker):
     """A Weights & Biases run, offline by default (logger.wandb.mode): `wandb sync <run>/wandb/offline-run-*`."""
 
-    name = "wandb"
-
-    def __init__(self, settings, run: RunInfo):
-        self.settings, self.run, self.wandb_run = settings, run, None
+    name = module = "wandb"
+    wandb_run = None
 
     def open(self) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")  # its banner and warnings would land on the run's console
         import wandb
 
         record = read_record(self.run.out_dir).get("wandb", {}) if self.run.start else {}
-        group = self.run.sweep or (str(self.run.joins) if self.run.joins else None)
+        group = self.run.group or (str(self.run.joins) if self.run.joins else None)
         self.wandb_run = wandb.init(
-            project=self.settings.project, entity=self.settings.get("entity"), mode=self.settings.mode,
+            project=self.settings.project, entity=self.settings.entity, mode=self.settings.mode,
             dir=str(self.run.out_dir), name=self.run.name, group=group, job_type=self.run.command,
             config=self.run.config, id=record.get("id"), resume="allow" if record.get("id") else None,
             settings=wandb.Settings(silent=True, console="off"))
@@ -398,7 +424,7 @@ class Wandb:
     def picture(self, step: int, tag: str, file: Path) -> None:
         import wandb
 
-        if self.settings.get("images", True):
+        if self.settings.images:
             self.wandb_run.log({tag: wandb.Image(str(file))}, step=step)
 
     def artifact(self, file: Path) -> None:
@@ -406,27 +432,27 @@ class Wandb:
             self.wandb_run.save(str(file), base_path=str(file.parent), policy="now")
 
     def finish(self, metrics: dict) -> None:
-        self.wandb_run.summary.update({f"final/{k}": v for k, v in metrics.items()})
+        self.wandb_run.summary.update(metrics)
 
     def close(self, status: str) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=0 if status == "FINISHED" else 1)
 
 
-class Csv:
+class Csv(Tracker):
     """metrics.csv in the run folder: a row per step, a column per scalar (a new scalar rewrites the header)."""
 
-    name = "csv"
+    name, module = "csv", None
 
     def __init__(self, settings, run: RunInfo):
-        self.file = run.out_dir / "metrics.csv"
-        self.start, self.rows, self.columns = run.start, [], ["step"]
+        super().__init__(settings, run)
+        self.file, self.rows, self.columns = run.out_dir / "metrics.csv", [], ["step"]
 
     def open(self) -> None:
-        if self.start and self.file.exists():  # a resumed run keeps the rows up to its checkpoint
+        if self.run.start and self.file.exists():  # a resumed run keeps the rows up to its checkpoint
             with open(self.file, newline="") as fh:
-                self.rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= self.start]
-            self.columns = list(dict.fromkeys(k for r in [{"step": 0}, *self.rows] for k in r))
+                self.rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= self.run.start]
+            self.columns = list(dict.fromkeys(["step", *(k for r in self.rows for k in r)]))
         self._write()
 
     def scalars(self, rows: list) -> None:
@@ -447,18 +473,6 @@ class Csv:
             writer = csv.DictWriter(fh, self.columns)
             writer.writeheader()
             writer.writerows(self.rows)
-
-    def picture(self, step: int, tag: str, file: Path) -> None:
-        pass
-
-    def artifact(self, file: Path) -> None:
-        pass
-
-    def finish(self, metrics: dict) -> None:
-        pass
-
-    def close(self, status: str) -> None:
-        pass
 
 
 BACKENDS = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": Wandb, "csv": Csv}

@@ -14,9 +14,10 @@ from . import DiffcliError, distributed, short
 from .data import build_data
 from .loading import load_model, pick_device
 from .plots import PICTURE_IMAGES, save_field_picture, save_picture, save_trajectory_picture
+from .ranges import check_ranges
 from .runs import StreamedNpz, progress
 from .sampling import Plan, SampleResult, collect, plan
-from .ranges import check_ranges
+from .scoring import reference_points
 
 log = logging.getLogger("diffcli")
 
@@ -27,7 +28,7 @@ def reference_data(train_cfg: DictConfig, n: int, seed: int) -> torch.Tensor | N
     if train_cfg.data.get("kind") != "toy":
         return None
     data = build_data(train_cfg.data, torch.device("cpu"), seed=seed)
-    return None if data.is_image else data.sample(n, torch.Generator().manual_seed(seed + 1))
+    return None if data.is_image else reference_points(data, n, seed)
 
 
 def run_sample(cfg: DictConfig, out_dir) -> SampleResult:

@@ -127,23 +127,23 @@ class DistillRecord:
 
 
 @dataclass
-class TensorBoardLogger:
-    images: bool = True               # sample grids and 2D scatters as images
+class TensorBoardLogger:                # the values: configs/logger/<name>.yaml, as every group's
+    images: bool = MISSING
 
 
 @dataclass
 class MLflowLogger:
-    tracking_uri: str = "sqlite:///outputs/mlflow.db"  # a local SQLite store, artifacts beside it; or a server
-    experiment: Optional[str] = None  # null: the sweep's folder (multirun), else "diffcli <command>"
-    checkpoint: bool = True           # the final EMA checkpoint as an artifact
+    tracking_uri: str = MISSING
+    experiment: Optional[str] = MISSING
+    checkpoint: bool = MISSING
 
 
 @dataclass
 class WandbLogger:
-    project: str = "diffcli"
-    entity: Optional[str] = None
-    mode: str = "offline"             # offline | online | disabled
-    images: bool = True
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    mode: str = MISSING
+    images: bool = MISSING
 
 
 @dataclass
@@ -416,6 +416,11 @@ def parse_overrides(args: list[str]) -> list:
         return OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
     except HydraException:
         return []
+
+
+def override_values(args: list[str]) -> dict:
+    """{key or group: value} of the command line's overrides (the last of a repeated key, as Hydra takes it)."""
+    return {o.key_or_group: o.value() for o in parse_overrides(args)}
 
 
 def check_overrides(command: str, args: list[str]) -> None:

@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import DiffcliError
 from .data import build_data, file_label, to_float
-from .toys import mixture_distribution
 from .metrics import energy_distance, mmd_rbf, sliced_wasserstein
+from .toys import mixture_distribution
 
 log = logging.getLogger("diffcli")
 # 2D sample-vs-data distances: metric name -> (key in metrics.json, function of (samples, reference))
@@ -226,11 +226,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DIFFCLI_CACHE", "~/.cache/diffcli")).expanduser()
 
 
+def reference_points(data, n: int, seed: int) -> torch.Tensor:
+    """n fresh points of a 2D toy (on the CPU) that samples drawn with `seed` are scored against: the same draw in
+    train.eval_every, train's final evaluation and diffcli eval, so their figures agree at equal n and seed."""
+    return data.sample(n, torch.Generator(data.device).manual_seed(seed + 1)).cpu()
+
+
 def quick_metric(samples: torch.Tensor, data, data_cfg: DictConfig, seed: int, device) -> dict:
     """The cheap metric of train.eval_every: sliced Wasserstein (2D) or classifier-FID (labelled images)."""
     if not data.is_image:
-        reference = data.sample(len(samples), torch.Generator(data.device).manual_seed(seed + 1))
-        return {"sliced_wasserstein": sliced_wasserstein(samples, reference.cpu())}
+        return {"sliced_wasserstein": sliced_wasserstein(samples, reference_points(data, len(samples), seed))}
     from .cfid import classifier_fid, classifier_for
 
     classifier, _ = classifier_for(data_cfg, cache_dir=default_cache_dir(), device=device, seed=seed, log=log)
@@ -243,8 +248,7 @@ def final_metrics(samples: torch.Tensor, data, data_cfg: DictConfig, seed: int, 
     against fresh data of the same size for 2D points, classifier-FID with class balance for labelled images."""
     if data.is_image:
         return quick_metric(samples, data, data_cfg, seed, device)
-    reference = data.sample(len(samples), torch.Generator(data.device).manual_seed(seed + 1)).cpu()
-    scores = toy_metrics(samples.cpu(), reference, data, (*POINT_DISTANCES, "modes"))
+    scores = toy_metrics(samples.cpu(), reference_points(data, len(samples), seed), data, (*POINT_DISTANCES, "modes"))
     return {k: v for k, v in scores.items() if isinstance(v, (int, float))}
 
 

@@ -127,11 +127,17 @@ def _in_job_order(files) -> list[Path]:
     return sorted(files, key=key)
 
 
-def _eval_row(f: Path, root: Path, notes: list) -> dict:
-    """One evaluation's row from its metrics.json; a damaged file raises Damaged."""
+def _metrics_record(f: Path) -> dict:
+    """A metrics.json (of diffcli eval, or of a training run's end); a damaged file raises Damaged."""
     record = _json(f)
     if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
         raise Damaged("not a metrics record (no 'metrics' object)")
+    return record
+
+
+def _eval_row(f: Path, root: Path, notes: list) -> dict:
+    """One evaluation's row from its metrics.json; a damaged file raises Damaged."""
+    record = _metrics_record(f)
     settings = {k: _text(record.get(k)) if k in TEXT_SETTINGS else _number(record.get(k), positive=k == "nfe")
                 for k in SETTINGS[2:-1]}
     return {"run": _name(f.parent, root), "overrides": _overrides_of(f.parent, root, notes), **settings,
@@ -203,9 +209,7 @@ def _final_metrics(run: Path, root: Path, notes: list) -> dict:
     if not file.exists():
         return {}
     try:
-        record = _json(file)
-        if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
-            raise Damaged("not a metrics record (no 'metrics' object)")
+        record = _metrics_record(file)
         objective = record.get("objective")
         value = _number(objective.get("value")) if isinstance(objective, dict) else None
         return _metrics(record["metrics"]) | ({"objective": float(value)} if value is not None else {})

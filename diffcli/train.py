@@ -7,13 +7,14 @@ import logging
 from omegaconf import DictConfig
 
 from .fitting import fit
+from .loggers import Sweep
 from .schema import TrainApp, validate
 from .training import resume_config
 
 log = logging.getLogger("diffcli")
 
 
-def run_train(cfg: DictConfig, out_dir, overrides: list[str] = (), sweep: str | None = None, swept=()) -> dict:
+def run_train(cfg: DictConfig, out_dir, overrides: list[str] = (), sweep: Sweep | None = None) -> dict:
     """Train; checkpoints, log.jsonl, loss.png and sample grids go to out_dir (or the resumed run); with an
     objective.metric also metrics.json, whose value the result's "objective" holds (for Hydra's sweeper)."""
     saved = None
@@ -22,4 +23,4 @@ def run_train(cfg: DictConfig, out_dir, overrides: list[str] = (), sweep: str | 
     if cfg.train.get("resume"):
         cfg, saved, out_dir, user_class = resume_config(cfg, list(overrides))
         log.info("resuming %s from step %d", out_dir, saved["step"])
-    return fit(cfg, out_dir, saved, user_class, overrides=overrides, sweep=sweep, swept=swept)
+    return fit(cfg, out_dir, saved, user_class, overrides=overrides, sweep=sweep)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from diffcli.distill import run_distill
+from diffcli.hardware import cpu_name
 from diffcli.likelihood import straightness
 from diffcli.loading import load_model
 from diffcli.metrics import sliced_wasserstein
@@ -77,8 +77,7 @@ def main() -> None:
         endpoint = dopri5(oracle, oracle.path, x, torch.tensor([t_top, 1e-3, 0.0], dtype=torch.float64))
         mse = (cm.denoiser(x.float(), torch.tensor(t_top)).double() - endpoint).pow(2).sum(1).mean().item()
     variance = eight_gaussians(20000, generator=torch.Generator().manual_seed(8), device=CPU).var(0).sum().item()
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    print(next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?"))
+    print(cpu_name())
     print("| model | sampler | NFE | sliced Wasserstein | distillation time |\n|---|---|---|---|---|")
     for name, sampler, nfe, value, wall in rows:
         print(f"| {name} | {sampler} | {nfe} | {value:.3f} | {wall} |")

@@ -12,25 +12,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
+from diffcli.hardware import cpu_kind, cpu_name
 from diffcli.loggers import RunInfo, Trackers
 from diffcli.runs import read_jsonl
 from diffcli.train import run_train
 
 ALL = "logger=[tensorboard,mlflow,wandb,csv]"
-
-
-def cpu() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    flags = next((line for line in out.splitlines() if line.startswith("Flags")), "")
-    return f"{name} ({'AMX' if 'amx_bf16' in flags else 'no AMX'}, {'AVX-512' if 'avx512f' in flags else 'AVX2'})"
 
 
 def loop_seconds(folder: Path, steps: int, log_every: int, loggers: str) -> float:
@@ -67,7 +60,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--each", action="store_true", help="also each tracker alone")
     args = parser.parse_args()
-    print(f"CPU: {cpu()}; {args.steps} steps of eight_gaussians (net=mlp, batch 512), a log row every "
+    print(f"CPU: {cpu_name()} ({cpu_kind()}); {args.steps} steps of eight_gaussians (net=mlp, batch 512), a log row every "
           f"{args.log_every} steps")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -17,12 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from diffcli.hardware import cpu_name
+
 DIFFCLI = str(Path(sys.executable).with_name("diffcli"))
-
-
-def cpu() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def diffcli(*args, cwd: Path) -> None:
@@ -103,7 +100,7 @@ def main() -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    print(f"CPU: {cpu()}")
+    print(f"CPU: {cpu_name()}")
     sweep = formulation_sweep(out, args.steps)
     tensorboard_picture(sweep, out / "tensorboard.png")
     print(mlflow_table(out / "mlflow.db", sweep))
